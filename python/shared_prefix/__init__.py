@@ -1,0 +1,21 @@
+"""shared_prefix: forward each GRPO prompt once for all its completions, with exact outputs and gradients.
+
+Import order matters: torch first, so the Rust extension links against the libtorch already loaded.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from ._plan import Plan, plan
+from ._attention import attention
+
+__all__ = ["Plan", "plan", "attention", "register", "completion_logprobs"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # transformers is imported only when an HF entry point is used.
+    if name in ("register", "completion_logprobs"):
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'shared_prefix' has no attribute {name!r}")

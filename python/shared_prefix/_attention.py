@@ -1,0 +1,49 @@
+"""Shared-prefix attention as a differentiable op. The forward and the exact backward both run in Rust."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _core
+from ._plan import Plan
+
+
+class _SharedPrefixAttention(torch.autograd.Function):
+    # The log-sum-exp of flash kernels is not differentiable, so autograd through the merge would be silently
+    # wrong; the backward here calls each kernel's backward with the merged out/lse instead (DESIGN: exact backward).
+    @staticmethod
+    def forward(ctx, q, k, v, core_plan, scale):  # type: ignore[override]
+        out, lse = _core.attention_forward(q, k, v, core_plan, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.core_plan = core_plan
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _core.attention_backward(dout, q, k, v, out, lse, ctx.core_plan, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, scale: Optional[float] = None
+) -> torch.Tensor:
+    """Shared-prefix attention on packed tensors.
+
+    ``q`` is ``[T, Hq, D]``, ``k`` and ``v`` are ``[T, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA without repeating K/V).
+    Prompt tokens attend causally within their prompt; completion tokens attend to their group's whole prompt and
+    causally to their own completion. Returns ``[T, Hq, D]``; forward and backward are exact.
+    """
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan: expected a shared_prefix.Plan, got {type(plan).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if scale is None:
+        if q.dim() != 3:
+            raise ValueError(f"q: expected a packed [T, H, D] tensor, got shape {tuple(q.shape)}")
+        scale = q.shape[-1] ** -0.5
+    return _SharedPrefixAttention.apply(q, k, v, plan._core, float(scale))

@@ -1,0 +1,187 @@
+"""The plan: how one micro-batch packs into a single shared-prefix stream.
+
+All indices come from the Rust planner in one pass on the host, with one device→host read of the masks and one
+host→device copy of the index tensors. Nothing here loops over rows or tokens in Python.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Optional, Sequence, Union
+
+import torch
+
+from . import _core
+
+_FLOAT_KINDS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_ids(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor of token ids, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D [B, L] tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_mask(name: str, t: object, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        raise TypeError(f"{name}: expected a bool or integer mask, got {t.dtype}")
+    if t.shape != like.shape:
+        raise ValueError(f"{name}: shape {tuple(t.shape)} differs from {like_name}'s {tuple(like.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name}: is on {t.device} but {like_name} is on {like.device}")
+    return t
+
+
+class Plan:
+    """One micro-batch packed as ``[prefix_0 | … | prefix_{n-1} | completions of group 0 | …]``.
+
+    Make it with :func:`shared_prefix.plan`. It is immutable and reused by every layer, forward and backward.
+    """
+
+    def __init__(self, core: "_core.CorePlan", input_ids: torch.Tensor):
+        self._core = core
+        self._rows = core.rows
+        self._lp = core.prompt_width
+        self._lc = core.completion_width
+        src = core.src_index
+        n_prompt_flat = self._rows * self._lp
+        self._src_prompt = src[: core.prefix_tokens]
+        self._src_completion = src[core.prefix_tokens :] - n_prompt_flat
+        self._predictor = core.predictor
+        self._completion_flat = core.completion_flat
+        self.position_ids = core.position_ids.unsqueeze(0)
+        self.input_ids = self.pack(input_ids[0], input_ids[1])
+        # An all-ones 2-D mask: with it transformers skips its packed-sequence detection (a host sync) and our
+        # mask function never builds a dense mask.
+        self.attention_mask = torch.ones_like(self.input_ids, dtype=torch.bool)
+
+    # -- sizes -------------------------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the packed stream: one copy of each prompt plus every completion token."""
+        return self._core.num_tokens
+
+    @property
+    def stock_tokens(self) -> int:
+        """Tokens the stock per-row computation forwards (each row's prompt and completion)."""
+        return self._core.stock_tokens
+
+    @property
+    def prefix_tokens(self) -> int:
+        return self._core.prefix_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self._core.completion_tokens
+
+    @property
+    def max_seqlen(self) -> int:
+        """Longest per-row sequence (prompt + completion) of the stock computation."""
+        return self._core.max_seqlen
+
+    @property
+    def group_sizes(self) -> list:
+        """Group sizes in plan order."""
+        return self._core.group_sizes
+
+    @property
+    def row_group(self) -> list:
+        """Plan-order group index of every input row."""
+        return self._core.row_group
+
+    @property
+    def device(self) -> torch.device:
+        return self.position_ids.device
+
+    # -- per-token maps ----------------------------------------------------------------------------------------
+    def pack(self, prompt_x: torch.Tensor, completion_x: torch.Tensor) -> torch.Tensor:
+        """Pack per-token tensors ``[B, Lp, ...]`` and ``[B, Lc, ...]`` into ``[1, T, ...]`` (differentiable)."""
+        b, lp, lc = self._rows, self._lp, self._lc
+        if tuple(prompt_x.shape[:2]) != (b, lp):
+            raise ValueError(f"prompt_x: expected leading shape ({b}, {lp}), got {tuple(prompt_x.shape)}")
+        if tuple(completion_x.shape[:2]) != (b, lc):
+            raise ValueError(f"completion_x: expected leading shape ({b}, {lc}), got {tuple(completion_x.shape)}")
+        if prompt_x.shape[2:] != completion_x.shape[2:]:
+            raise ValueError(
+                f"completion_x: trailing shape {tuple(completion_x.shape[2:])} differs from prompt_x's "
+                f"{tuple(prompt_x.shape[2:])}"
+            )
+        rest = prompt_x.shape[2:]
+        prefix = prompt_x.reshape(b * lp, *rest).index_select(0, self._src_prompt)
+        completions = completion_x.reshape(b * lc, *rest).index_select(0, self._src_completion)
+        return torch.cat([prefix, completions.to(prefix.dtype)]).unsqueeze(0)
+
+    def predictor_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """For each completion token in packed order, the row of ``hidden`` that predicts it: ``[Nc, ...]``."""
+        h = hidden[0] if hidden.dim() >= 2 and hidden.shape[0] == 1 and hidden.shape[1] == self.num_tokens else hidden
+        if h.shape[0] != self.num_tokens:
+            raise ValueError(f"hidden: expected {self.num_tokens} packed rows, got shape {tuple(hidden.shape)}")
+        return h.index_select(0, self._predictor)
+
+    def unpack_completions(self, values: torch.Tensor) -> torch.Tensor:
+        """Scatter per-completion-token values ``[Nc, ...]`` (packed order) to ``[B, Lc, ...]``, 0 at padding."""
+        out = values.new_zeros((self._rows * self._lc, *values.shape[1:]))
+        return out.index_copy(0, self._completion_flat, values).view(self._rows, self._lc, *values.shape[1:])
+
+    def predictors(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, Lc, ...]``: for every completion token, the row of ``hidden`` (``[1, T, ...]`` or ``[T, ...]``)
+        that predicts it (the previous completion token, or the group's last prompt token). 0 at padding."""
+        return self.unpack_completions(self.predictor_rows(hidden))
+
+    def completion_targets(self) -> torch.Tensor:
+        """Token ids of the completion tokens in packed order ``[Nc]``."""
+        return self.input_ids[0, self.prefix_tokens :]
+
+    def __repr__(self) -> str:
+        return (
+            f"Plan(rows={self._rows}, groups={len(self.group_sizes)}, tokens={self.num_tokens}, "
+            f"stock_tokens={self.stock_tokens}, device={self.device})"
+        )
+
+
+def plan(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    group_sizes: Optional[Union[int, Sequence[int]]] = None,
+    group_ids: Optional[Union[torch.Tensor, Sequence[Hashable]]] = None,
+) -> Plan:
+    """Plan one micro-batch. See the README for the grouping rules."""
+    _check_ids("prompt_ids", prompt_ids)
+    _check_mask("prompt_mask", prompt_mask, prompt_ids, "prompt_ids")
+    _check_ids("completion_ids", completion_ids)
+    _check_mask("completion_mask", completion_mask, completion_ids, "completion_ids")
+    b = prompt_ids.shape[0]
+    if completion_ids.shape[0] != b:
+        raise ValueError(
+            f"completion_ids: has {completion_ids.shape[0]} rows but prompt_ids has {b} (one completion per row)"
+        )
+    if completion_ids.device != prompt_ids.device:
+        raise ValueError(f"completion_ids: is on {completion_ids.device} but prompt_ids is on {prompt_ids.device}")
+    if group_sizes is not None and group_ids is not None:
+        raise ValueError("group_sizes and group_ids: pass at most one")
+    sizes = None
+    if group_sizes is not None:
+        if isinstance(group_sizes, bool) or not isinstance(group_sizes, (int, list, tuple)):
+            raise TypeError(f"group_sizes: expected an int or a list of ints, got {type(group_sizes).__name__}")
+        if isinstance(group_sizes, int):
+            if group_sizes < 1 or b % group_sizes:
+                raise ValueError(f"group_sizes: {group_sizes} does not divide the batch of {b} rows")
+            sizes = [group_sizes] * (b // group_sizes)
+        else:
+            if not all(isinstance(s, int) and not isinstance(s, bool) for s in group_sizes):
+                raise TypeError("group_sizes: every entry must be an int")
+            if any(s < 1 for s in group_sizes):
+                raise ValueError("group_sizes: every group size must be at least 1")
+            sizes = list(group_sizes)
+    if isinstance(group_ids, torch.Tensor) and group_ids.dtype.is_floating_point:
+        raise TypeError(f"group_ids: expected integer ids, got {group_ids.dtype}")
+    core = _core.make_plan(prompt_ids, prompt_mask, completion_mask, sizes, group_ids)
+    return Plan(core, (prompt_ids, completion_ids))

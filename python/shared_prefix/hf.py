@@ -1,0 +1,233 @@
+"""Hugging Face transformers integration: the ``"shared_prefix"`` attention implementation and completion log-probs.
+
+A model set to ``"shared_prefix"`` and called without ``shared_prefix_plan=`` behaves exactly like ``"sdpa"``
+(so ``generate`` works). Called with ``shared_prefix_plan=plan`` on the packed stream, it runs our attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any, Callable, Hashable, Optional, Sequence, Union
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+from ._attention import attention
+from ._plan import Plan, plan as make_plan
+
+NAME = "shared_prefix"
+PLAN_KWARG = "shared_prefix_plan"
+logger = logging.getLogger("shared_prefix")
+
+_lock = threading.Lock()
+_registered = False
+_plan_aware: set = set()
+
+
+class _DeferredMask:
+    """What our mask function returns: the sdpa mask, built only if an attention call without a plan needs it.
+
+    With a plan the dense mask is never built. The object is shared by all layers of one forward, so the sdpa mask
+    is built at most once. It is deliberately not a tensor: any other attention function receiving it fails loudly.
+    """
+
+    __slots__ = ("_args", "_kwargs", "_mask", "_built")
+
+    def __init__(self, args: tuple, kwargs: dict):
+        self._args = args
+        self._kwargs = kwargs
+        self._mask = None
+        self._built = False
+
+    def materialize(self):
+        if not self._built:
+            self._mask = sdpa_mask(*self._args, **self._kwargs)
+            self._built = True
+        return self._mask
+
+
+def _deferred_mask(*args, **kwargs) -> _DeferredMask:
+    return _DeferredMask(args, kwargs)
+
+
+def _unsupported(module: torch.nn.Module, p: Plan, dropout: float, kwargs: dict) -> Optional[str]:
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    if window is not None and window < p.max_seqlen:
+        return (
+            f"sliding_window={window} is shorter than the longest sequence ({p.max_seqlen} tokens); "
+            "shared-prefix attention covers full causal attention only"
+        )
+    if kwargs.get("softcap") is not None:
+        return "attention logit softcapping is not supported"
+    if dropout and dropout > 0:
+        return f"attention dropout ({dropout}) in train mode is not supported; set attention_dropout=0"
+    return None
+
+
+def _plan_attention(module, query, key, value, p: Plan, scaling, dropout, kwargs):
+    if not isinstance(p, Plan):
+        raise TypeError(f"{PLAN_KWARG}: expected a shared_prefix.Plan, got {type(p).__name__}")
+    why = _unsupported(module, p, dropout, kwargs)
+    if why is not None:
+        raise NotImplementedError(f"shared_prefix ({type(module).__name__}): {why}")
+    if query.shape[0] != 1:
+        raise ValueError(
+            f"{PLAN_KWARG}: the model must run on the packed stream [1, T] (plan.input_ids), got batch {query.shape[0]}"
+        )
+    # HF hands [1, H, T, D]; ours is [T, H, D] (a view, no copy).
+    out = attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), p, scale=scaling)
+    return out.unsqueeze(0), None
+
+
+def shared_prefix_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    """The ``"shared_prefix"`` entry of transformers' ``AttentionInterface``."""
+    p = kwargs.pop(PLAN_KWARG, None)
+    if p is not None:
+        return _plan_attention(module, query, key, value, p, scaling, dropout, kwargs)
+    if isinstance(attention_mask, _DeferredMask):
+        attention_mask = attention_mask.materialize()
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _make_plan_aware(fn: Callable) -> Callable:
+    # A plan kwarg is authoritative whatever the implementation: gradient checkpointing recomputes layers during
+    # backward, after completion_logprobs has restored the model's own implementation.
+    def wrapped(module, query, key, value, attention_mask, *args, **kwargs):
+        p = kwargs.pop(PLAN_KWARG, None)
+        if p is not None:
+            scaling = kwargs.pop("scaling", args[0] if args else None)
+            dropout = kwargs.pop("dropout", 0.0)
+            return _plan_attention(module, query, key, value, p, scaling, dropout, kwargs)
+        return fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+    wrapped.__wrapped__ = fn  # type: ignore[attr-defined]
+    wrapped.__name__ = getattr(fn, "__name__", "attention")
+    return wrapped
+
+
+def register() -> None:
+    """Register ``"shared_prefix"`` in transformers' ``AttentionInterface`` and ``AttentionMaskInterface``.
+
+    Idempotent. Also makes the stock implementations dispatch to ours when a plan is passed.
+    """
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        for name, fn in list(AttentionInterface._global_mapping.items()):
+            if name != NAME and not name.startswith("paged|"):
+                AttentionInterface._global_mapping[name] = _make_plan_aware(fn)
+                _plan_aware.add(name)
+        AttentionInterface.register(NAME, shared_prefix_attention_forward)
+        AttentionMaskInterface.register(NAME, _deferred_mask)
+        _plan_aware.add(NAME)
+        _registered = True
+
+
+def _check_model(model: torch.nn.Module) -> None:
+    cfg = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(cfg, attr, None) is not None:
+            raise NotImplementedError(f"shared_prefix: model config sets {attr}, which is not supported")
+
+
+@contextlib.contextmanager
+def _attn_implementation(model: torch.nn.Module, name: str):
+    """Switch the model to ``name`` and restore its own implementation afterwards."""
+    previous = model.config._attn_implementation
+    if previous == name:
+        yield
+        return
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        keep = (
+            previous not in _plan_aware
+            and getattr(model, "is_gradient_checkpointing", False)
+            and torch.is_grad_enabled()
+            and model.training
+        )
+        if keep:
+            # Its own implementation (eager or a custom one) cannot take a plan during the checkpoint recompute
+            # in backward; "shared_prefix" without a plan is exactly sdpa.
+            logger.warning(
+                "shared_prefix: leaving the model on 'shared_prefix' (sdpa without a plan) instead of %r, because "
+                "gradient checkpointing recomputes attention during backward",
+                previous,
+            )
+        else:
+            model.set_attn_implementation(previous)
+
+
+def _lm_head(model: torch.nn.Module) -> torch.nn.Module:
+    head = model.get_output_embeddings()
+    if head is None:
+        raise TypeError(f"model: {type(model).__name__} has no output embeddings (LM head)")
+    return head
+
+
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """log_softmax(logits / temperature) at ``targets``, in fp32 (fp64 for fp64 logits); optionally the entropy."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
+    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
+    return picked, entropy
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    group_sizes: Optional[Union[int, Sequence[int]]] = None,
+    group_ids: Optional[Union[torch.Tensor, Sequence[Hashable]]] = None,
+    return_entropy: bool = False,
+):
+    """Per-token log-probs of the completions, ``[B, Lc]``, computed with each prompt forwarded once per group.
+
+    Each value equals what the row gives alone through the stock model, ``log_softmax(logits / temperature)`` at
+    the completion token, and 0 at completion padding. Gradients reach the model's parameters. Returns
+    ``(logprobs, entropy)`` when ``return_entropy``.
+    """
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_decoder"):
+        raise TypeError(f"model: expected a transformers causal LM, got {type(model).__name__}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature: must be a positive number, got {temperature!r}")
+    _check_model(model)
+    register()
+    p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, group_sizes=group_sizes, group_ids=group_ids)
+    with _attn_implementation(model, NAME):
+        out = model.get_decoder()(
+            input_ids=p.input_ids,
+            position_ids=p.position_ids,
+            attention_mask=p.attention_mask,
+            use_cache=False,
+            **{PLAN_KWARG: p},
+        )
+    hidden = p.predictor_rows(out.last_hidden_state)
+    logits = _lm_head(model)(hidden)
+    picked, entropy = token_logprobs(logits, p.completion_targets(), float(temperature), return_entropy)
+    logprobs = p.unpack_completions(picked)
+    if return_entropy:
+        return logprobs, p.unpack_completions(entropy)
+    return logprobs

@@ -1,0 +1,111 @@
+//! The plan on the inputs' device: every index tensor the layers use, made with one host→device copy and reused
+//! by every layer, forward and backward. Host integers (max lengths, runs) stay on the host, so no layer ever
+//! reads a device value back.
+
+use crate::executor::{Result, Segments};
+use planner::{runs_from_lengths, Plan, Run};
+use tch::{Device, Kind, Tensor};
+
+pub struct DevicePlan {
+    pub host: Plan,
+    pub device: Device,
+    pub src_index: Tensor,
+    pub position_ids: Tensor,
+    pub predictor: Tensor,
+    pub completion_flat: Tensor,
+    pub completion_slot: Tensor,
+    pub cu_prefix: Tensor,
+    pub cu_group_completions: Tensor,
+    pub cu_completions: Tensor,
+    runs_prefix: Vec<Run>,
+    runs_group: Vec<Run>,
+    runs_completion: Vec<Run>,
+}
+
+// SAFETY: the tensors are created once and only read afterwards (autograd may run backward on another thread);
+// libtorch permits concurrent reads of a tensor.
+unsafe impl Sync for DevicePlan {}
+
+impl DevicePlan {
+    pub fn new(host: Plan, device: Device) -> Result<DevicePlan> {
+        let parts: [&[i64]; 5] = [
+            &host.src_index,
+            &host.position_ids,
+            &host.predictor,
+            &host.completion_flat,
+            &host.completion_slot,
+        ];
+        let cus: [&[i32]; 3] = [&host.cu_prefix, &host.cu_group_completions, &host.cu_completions];
+        let mut buf: Vec<i64> = Vec::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + 32);
+        for p in parts {
+            buf.extend_from_slice(p);
+        }
+        for c in cus {
+            buf.extend(c.iter().map(|&x| x as i64));
+        }
+        // The one host→device copy of this plan.
+        let all = Tensor::f_from_slice(&buf)?.f_to_device(device)?;
+        let mut at = 0i64;
+        let mut take = |n: usize| -> Result<Tensor> {
+            let t = all.f_narrow(0, at, n as i64)?;
+            at += n as i64;
+            Ok(t)
+        };
+        let src_index = take(parts[0].len())?;
+        let position_ids = take(parts[1].len())?;
+        let predictor = take(parts[2].len())?;
+        let completion_flat = take(parts[3].len())?;
+        let completion_slot = take(parts[4].len())?;
+        let cu_prefix = take(cus[0].len())?.f_to_kind(Kind::Int)?;
+        let cu_group_completions = take(cus[1].len())?.f_to_kind(Kind::Int)?;
+        let cu_completions = take(cus[2].len())?.f_to_kind(Kind::Int)?;
+        Ok(DevicePlan {
+            runs_prefix: runs_from_lengths(&host.cu_prefix, &host.cu_prefix),
+            runs_group: runs_from_lengths(&host.cu_group_completions, &host.cu_prefix),
+            runs_completion: runs_from_lengths(&host.cu_completions, &host.cu_completions),
+            host,
+            device,
+            src_index,
+            position_ids,
+            predictor,
+            completion_flat,
+            completion_slot,
+            cu_prefix,
+            cu_group_completions,
+            cu_completions,
+        })
+    }
+
+    /// Call 1: each prefix attends causally to itself.
+    pub fn seg_prefix(&self) -> Segments<'_> {
+        Segments {
+            cu_q: &self.cu_prefix,
+            cu_k: &self.cu_prefix,
+            max_q: self.host.max_prefix,
+            max_k: self.host.max_prefix,
+            runs: &self.runs_prefix,
+        }
+    }
+
+    /// Call 2: all completion tokens of a group attend to the group's whole prefix.
+    pub fn seg_group(&self) -> Segments<'_> {
+        Segments {
+            cu_q: &self.cu_group_completions,
+            cu_k: &self.cu_prefix,
+            max_q: self.host.max_group_completions,
+            max_k: self.host.max_prefix,
+            runs: &self.runs_group,
+        }
+    }
+
+    /// Call 3: each completion attends causally to itself.
+    pub fn seg_completion(&self) -> Segments<'_> {
+        Segments {
+            cu_q: &self.cu_completions,
+            cu_k: &self.cu_completions,
+            max_q: self.host.max_completion,
+            max_k: self.host.max_completion,
+            runs: &self.runs_completion,
+        }
+    }
+}

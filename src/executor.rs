@@ -1,0 +1,111 @@
+//! Shared-prefix attention on packed q/k/v `[T, H, D]`: DESIGN's three calls, the log-sum-exp merge and the exact
+//! backward. Backends only supply varlen attention kernels that return (and accept) the log-sum-exp; everything
+//! else here is shared, so the CPU tests exercise the same merge and backward the CUDA path runs.
+
+use crate::device_plan::DevicePlan;
+use planner::Run;
+use tch::{Kind, Tensor};
+
+pub type Result<T> = std::result::Result<T, tch::TchError>;
+
+/// One attention call's segments: the device tables (flash-attention convention) and the host view of them.
+pub struct Segments<'a> {
+    pub cu_q: &'a Tensor,
+    pub cu_k: &'a Tensor,
+    pub max_q: usize,
+    pub max_k: usize,
+    /// Consecutive equal-length segments, for kernels that take dense batches.
+    pub runs: &'a [Run],
+}
+
+/// The backend seam. `out` is `[Tq, Hq, D]` in the input dtype; `lse` is `[Tq, Hq]` (fp32, or fp64 for fp64).
+/// Rows of segments with no keys never occur (every completion sees its prompt, prompts are non-empty).
+pub trait Kernels {
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, seg: &Segments, causal: bool, scale: f64)
+        -> Result<(Tensor, Tensor)>;
+
+    /// Gradients for this call's keys given the *final* (merged) `out` and `lse` of its query rows.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        dout: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        seg: &Segments,
+        causal: bool,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)>;
+}
+
+/// The dtype the merge computes in: fp32, or fp64 for fp64 inputs.
+fn accum_kind(kind: Kind) -> Kind {
+    if kind == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
+}
+
+/// Combine two partial attentions over disjoint key sets into the attention over their union.
+fn merge(o2: &Tensor, l2: &Tensor, o3: &Tensor, l3: &Tensor) -> Result<(Tensor, Tensor)> {
+    let acc = accum_kind(o2.kind());
+    let (l2, l3) = (l2.f_to_kind(acc)?, l3.f_to_kind(acc)?);
+    let lse = l2.f_logaddexp(&l3)?;
+    let w2 = (&l2 - &lse).f_exp()?.f_unsqueeze(-1)?;
+    let w3 = (&l3 - &lse).f_exp()?.f_unsqueeze(-1)?;
+    let out = (o2.f_to_kind(acc)? * w2 + o3.f_to_kind(acc)? * w3).f_to_kind(o2.kind())?;
+    Ok((out, lse))
+}
+
+fn split(x: &Tensor, n_prefix: i64) -> Result<(Tensor, Tensor)> {
+    let total = x.size()[0];
+    Ok((x.f_narrow(0, 0, n_prefix)?, x.f_narrow(0, n_prefix, total - n_prefix)?))
+}
+
+/// Forward: returns `out [T, Hq, D]` and `lse [T, Hq]` (what backward needs).
+pub fn forward(kern: &dyn Kernels, p: &DevicePlan, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64)
+    -> Result<(Tensor, Tensor)> {
+    let np = p.host.prefix_tokens as i64;
+    let ((qp, qc), (kp, kc), (vp, vc)) = (split(q, np)?, split(k, np)?, split(v, np)?);
+    let (o1, l1) = kern.forward(&qp, &kp, &vp, &p.seg_prefix(), true, scale)?;
+    if p.host.completion_tokens == 0 {
+        return Ok((o1, l1.f_to_kind(accum_kind(q.kind()))?));
+    }
+    let (o2, l2) = kern.forward(&qc, &kp, &vp, &p.seg_group(), false, scale)?;
+    let (o3, l3) = kern.forward(&qc, &kc, &vc, &p.seg_completion(), true, scale)?;
+    let (oc, lc) = merge(&o2, &l2, &o3, &l3)?;
+    Ok((Tensor::f_cat(&[o1, oc], 0)?, Tensor::f_cat(&[l1.f_to_kind(lc.kind())?, lc], 0)?))
+}
+
+/// Exact backward: each call's kernel backward runs with the merged `out`/`lse` of the rows it served, then the
+/// pieces add up. Exact because the softmax probabilities and rowsum(dO∘O) depend only on merged quantities.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    kern: &dyn Kernels,
+    p: &DevicePlan,
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let np = p.host.prefix_tokens as i64;
+    let ((qp, qc), (kp, kc), (vp, vc)) = (split(q, np)?, split(k, np)?, split(v, np)?);
+    let ((dop, doc), (op, oc), (lp, lc)) = (split(dout, np)?, split(out, np)?, split(lse, np)?);
+    let (dq1, dk1, dv1) = kern.backward(&dop, &qp, &kp, &vp, &op, &lp, &p.seg_prefix(), true, scale)?;
+    if p.host.completion_tokens == 0 {
+        return Ok((dq1, dk1, dv1));
+    }
+    let (dq2, dk2, dv2) = kern.backward(&doc, &qc, &kp, &vp, &oc, &lc, &p.seg_group(), false, scale)?;
+    let (dq3, dk3, dv3) = kern.backward(&doc, &qc, &kc, &vc, &oc, &lc, &p.seg_completion(), true, scale)?;
+    Ok((
+        Tensor::f_cat(&[dq1, dq2 + dq3], 0)?,
+        Tensor::f_cat(&[dk1 + dk2, dk3], 0)?,
+        Tensor::f_cat(&[dv1 + dv2, dv3], 0)?,
+    ))
+}

@@ -1,0 +1,311 @@
+//! `shared_prefix._core`: the planner and the attention executor, exposed to Python.
+//! Tensors cross through pyo3-tch and share libtorch with the `torch` package (import torch first).
+
+mod cpu;
+mod device_plan;
+mod executor;
+
+use device_plan::DevicePlan;
+use executor::Kernels;
+use pyo3::exceptions::{PyNotImplementedError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use pyo3_tch::PyTensor;
+use tch::{Device, Kind, Tensor};
+
+fn torch_err(e: tch::TchError) -> PyErr {
+    PyRuntimeError::new_err(format!("shared_prefix: libtorch error: {e}"))
+}
+
+/// A plan on its device. Immutable; shared by every layer of a forward and backward.
+#[pyclass(frozen, module = "shared_prefix._core", name = "CorePlan")]
+struct PyPlan {
+    inner: DevicePlan,
+}
+
+fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}"),
+    }
+}
+
+#[pymethods]
+impl PyPlan {
+    #[getter]
+    fn num_tokens(&self) -> usize {
+        self.inner.host.num_tokens()
+    }
+    #[getter]
+    fn prefix_tokens(&self) -> usize {
+        self.inner.host.prefix_tokens
+    }
+    #[getter]
+    fn completion_tokens(&self) -> usize {
+        self.inner.host.completion_tokens
+    }
+    #[getter]
+    fn stock_tokens(&self) -> usize {
+        self.inner.host.stock_tokens()
+    }
+    #[getter]
+    fn rows(&self) -> usize {
+        self.inner.host.rows
+    }
+    #[getter]
+    fn prompt_width(&self) -> usize {
+        self.inner.host.prompt_width
+    }
+    #[getter]
+    fn completion_width(&self) -> usize {
+        self.inner.host.completion_width
+    }
+    #[getter]
+    fn group_sizes(&self) -> Vec<usize> {
+        self.inner.host.group_sizes.clone()
+    }
+    #[getter]
+    fn row_group(&self) -> Vec<i64> {
+        self.inner.host.row_group.clone()
+    }
+    #[getter]
+    fn max_seqlen(&self) -> usize {
+        // Longest per-row sequence (prompt + completion) the stock computation would see.
+        let h = &self.inner.host;
+        let mut best = 0;
+        let mut k = 0;
+        for (g, &size) in h.group_sizes.iter().enumerate() {
+            let p = (h.cu_prefix[g + 1] - h.cu_prefix[g]) as usize;
+            for i in k..k + size {
+                best = best.max(p + (h.cu_completions[i + 1] - h.cu_completions[i]) as usize);
+            }
+            k += size;
+        }
+        best
+    }
+    #[getter]
+    fn device(&self) -> String {
+        device_name(self.inner.device)
+    }
+    #[getter]
+    fn src_index(&self) -> PyTensor {
+        PyTensor(self.inner.src_index.shallow_clone())
+    }
+    #[getter]
+    fn position_ids(&self) -> PyTensor {
+        PyTensor(self.inner.position_ids.shallow_clone())
+    }
+    #[getter]
+    fn predictor(&self) -> PyTensor {
+        PyTensor(self.inner.predictor.shallow_clone())
+    }
+    #[getter]
+    fn completion_flat(&self) -> PyTensor {
+        PyTensor(self.inner.completion_flat.shallow_clone())
+    }
+    #[getter]
+    fn completion_slot(&self) -> PyTensor {
+        PyTensor(self.inner.completion_slot.shallow_clone())
+    }
+    #[getter]
+    fn cu_seqlens(&self) -> (PyTensor, PyTensor, PyTensor) {
+        let p = &self.inner;
+        (
+            PyTensor(p.cu_prefix.shallow_clone()),
+            PyTensor(p.cu_group_completions.shallow_clone()),
+            PyTensor(p.cu_completions.shallow_clone()),
+        )
+    }
+}
+
+/// Dense labels for arbitrary hashable group ids (equality as Python defines it).
+fn dense_labels(py: Python<'_>, ids: &Bound<'_, PyAny>, rows: usize) -> PyResult<Vec<u64>> {
+    if let Ok(t) = ids.extract::<PyTensor>() {
+        if t.dim() != 1 || t.size()[0] as usize != rows {
+            return Err(PyValueError::new_err(format!(
+                "group_ids: expected one id per row ({rows}), got a tensor of shape {:?}",
+                t.size()
+            )));
+        }
+        if t.is_floating_point() {
+            return Err(PyTypeError::new_err("group_ids: expected integer ids, got a floating-point tensor"));
+        }
+        let v: Vec<i64> = Vec::try_from(t.f_to_kind(Kind::Int64).map_err(torch_err)?.to_device(Device::Cpu))
+            .map_err(torch_err)?;
+        return Ok(v.into_iter().map(|x| x as u64).collect());
+    }
+    let seen = PyDict::new(py);
+    let mut out = Vec::with_capacity(rows);
+    let iter = ids.try_iter().map_err(|_| {
+        PyTypeError::new_err(format!("group_ids: expected a sequence or tensor of ids, got {}", ids.get_type()))
+    })?;
+    for item in iter {
+        let item = item?;
+        let next = seen.len();
+        let label = match seen.get_item(&item).map_err(|e| {
+            PyTypeError::new_err(format!("group_ids: ids must be hashable ({e})"))
+        })? {
+            Some(l) => l.extract::<usize>()?,
+            None => {
+                seen.set_item(&item, next)?;
+                next
+            }
+        };
+        out.push(label as u64);
+    }
+    Ok(out)
+}
+
+/// Plan a micro-batch. Shapes and dtypes are checked by the Python wrapper; the planner re-checks lengths.
+#[pyfunction]
+#[pyo3(signature = (prompt_ids, prompt_mask, completion_mask, group_sizes=None, group_ids=None))]
+fn make_plan(
+    py: Python<'_>,
+    prompt_ids: PyTensor,
+    prompt_mask: PyTensor,
+    completion_mask: PyTensor,
+    group_sizes: Option<Vec<usize>>,
+    group_ids: Option<Bound<'_, PyAny>>,
+) -> PyResult<PyPlan> {
+    let (ps, cs) = (prompt_ids.size(), completion_mask.size());
+    if ps.len() != 2 || cs.len() != 2 {
+        return Err(PyValueError::new_err("prompt_ids and completion_mask must be 2-D [B, L]"));
+    }
+    let (b, lp, lc) = (ps[0] as usize, ps[1] as usize, cs[1] as usize);
+    let device = prompt_ids.device();
+    // The one device→host transfer: ids and both masks in one buffer.
+    let flat = |t: &Tensor| -> Result<Tensor, tch::TchError> { t.f_reshape([-1])?.f_to_kind(Kind::Int64) };
+    let host = Tensor::f_cat(
+        &[flat(&prompt_ids).map_err(torch_err)?, flat(&prompt_mask).map_err(torch_err)?, flat(&completion_mask).map_err(torch_err)?],
+        0,
+    )
+    .map_err(torch_err)?
+    .to_device(Device::Cpu);
+    let host: Vec<i64> = Vec::try_from(host).map_err(torch_err)?;
+    let (ids, rest) = host.split_at(b * lp);
+    let (pm, cm) = rest.split_at((b * lp).min(rest.len()));
+    let pmask: Vec<bool> = pm.iter().map(|&x| x != 0).collect();
+    let cmask: Vec<bool> = cm.iter().map(|&x| x != 0).collect();
+    let labels = group_ids.as_ref().map(|g| dense_labels(py, g, b)).transpose()?;
+    let grouping = match (&group_sizes, &labels) {
+        (Some(_), Some(_)) => return Err(PyValueError::new_err("group_sizes and group_ids are mutually exclusive")),
+        (Some(s), None) => planner::Grouping::Sizes(s),
+        (None, Some(l)) => planner::Grouping::Labels(l),
+        (None, None) => planner::Grouping::ByPrompt,
+    };
+    let batch = planner::Batch {
+        rows: b,
+        prompt_width: lp,
+        completion_width: lc,
+        prompt_ids: ids,
+        prompt_mask: &pmask,
+        completion_mask: &cmask,
+    };
+    let host_plan = py.allow_threads(|| planner::plan(&batch, grouping)).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let inner = DevicePlan::new(host_plan, device).map_err(torch_err)?;
+    Ok(PyPlan { inner })
+}
+
+fn kernels_for(device: Device) -> PyResult<&'static dyn Kernels> {
+    match device {
+        Device::Cpu => Ok(&cpu::CpuKernels),
+        Device::Cuda(_) => Err(PyNotImplementedError::new_err(
+            "shared_prefix.attention: the CUDA backend is not built yet; move q/k/v to the CPU or use a stock \
+             attention implementation. No silent fallback is made.",
+        )),
+        other => Err(PyNotImplementedError::new_err(format!("shared_prefix.attention: no backend for {other:?}"))),
+    }
+}
+
+/// Check packed q/k/v against the plan; every message names the argument.
+fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, plan: &DevicePlan) -> PyResult<()> {
+    for (name, t) in [("q", q), ("k", k), ("v", v)] {
+        if t.dim() != 3 {
+            return Err(PyValueError::new_err(format!("{name}: expected a packed [T, H, D] tensor, got shape {:?}", t.size())));
+        }
+        if t.size()[0] as usize != plan.host.num_tokens() {
+            return Err(PyValueError::new_err(format!(
+                "{name}: has {} tokens but the plan packs {}",
+                t.size()[0],
+                plan.host.num_tokens()
+            )));
+        }
+        if !matches!(t.kind(), Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double) {
+            return Err(PyTypeError::new_err(format!("{name}: expected a floating-point tensor, got {:?}", t.kind())));
+        }
+        if t.kind() != q.kind() {
+            return Err(PyTypeError::new_err(format!("{name}: dtype {:?} differs from q's {:?}", t.kind(), q.kind())));
+        }
+        if t.device() != plan.device {
+            return Err(PyValueError::new_err(format!(
+                "{name}: is on {} but the plan was made on {}",
+                device_name(t.device()),
+                device_name(plan.device)
+            )));
+        }
+    }
+    let (qs, ks, vs) = (q.size(), k.size(), v.size());
+    if ks != vs {
+        return Err(PyValueError::new_err(format!("v: shape {vs:?} differs from k's {ks:?}")));
+    }
+    if qs[2] != ks[2] {
+        return Err(PyValueError::new_err(format!("k: head dim {} differs from q's {}", ks[2], qs[2])));
+    }
+    if ks[1] == 0 || qs[1] % ks[1] != 0 {
+        return Err(PyValueError::new_err(format!(
+            "k: {} key/value heads do not divide q's {} heads (GQA needs Hq % Hkv == 0)",
+            ks[1], qs[1]
+        )));
+    }
+    Ok(())
+}
+
+/// Forward of shared-prefix attention. Returns `(out [T, Hq, D], lse [T, Hq])`.
+#[pyfunction]
+fn attention_forward(
+    q: PyTensor,
+    k: PyTensor,
+    v: PyTensor,
+    plan: &PyPlan,
+    scale: f64,
+) -> PyResult<(PyTensor, PyTensor)> {
+    let p = &plan.inner;
+    check_qkv(&q, &k, &v, p)?;
+    let kern = kernels_for(p.device)?;
+    // The GIL stays held: libtorch ops here are short, and tch tensors are not Sync.
+    let (o, l) = executor::forward(kern, p, &q, &k, &v, scale).map_err(torch_err)?;
+    Ok((PyTensor(o), PyTensor(l)))
+}
+
+/// Exact backward of shared-prefix attention. Returns `(dq, dk, dv)`.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn attention_backward(
+    dout: PyTensor,
+    q: PyTensor,
+    k: PyTensor,
+    v: PyTensor,
+    out: PyTensor,
+    lse: PyTensor,
+    plan: &PyPlan,
+    scale: f64,
+) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
+    let p = &plan.inner;
+    check_qkv(&q, &k, &v, p)?;
+    if dout.size() != q.size() || out.size() != q.size() {
+        return Err(PyValueError::new_err("dout/out: shape must equal q's"));
+    }
+    let kern = kernels_for(p.device)?;
+    let (dq, dk, dv) = executor::backward(kern, p, &dout, &q, &k, &v, &out, &lse, scale).map_err(torch_err)?;
+    Ok((PyTensor(dq), PyTensor(dk), PyTensor(dv)))
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyPlan>()?;
+    m.add_function(wrap_pyfunction!(make_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(attention_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(attention_backward, m)?)?;
+    Ok(())
+}
