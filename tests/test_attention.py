@@ -1,0 +1,219 @@
+"""shared_prefix.attention against each row run alone with standard causal attention, fp64, values and grads."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import shared_prefix as sp
+from helpers import causal_attention, padded, rel
+
+
+def build_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle):
+    """Random prompts (one per group) and ragged completions, as leaves; rows optionally shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    hq = hkv * ratio
+
+    def leaf(n, h):
+        return torch.randn(n, h, dim, generator=g, dtype=torch.float64).requires_grad_()
+
+    prompts = [{"len": p, "q": leaf(p, hq), "k": leaf(p, hkv), "v": leaf(p, hkv)} for p, _ in groups]
+    rows = []
+    for gi, (_, comps) in enumerate(groups):
+        for s in comps:
+            rows.append({"group": gi, "q": leaf(s, hq), "k": leaf(s, hkv), "v": leaf(s, hkv)})
+    if shuffle:
+        random.Random(seed).shuffle(rows)
+    # Token ids: a prompt's ids identify its group, so default grouping recovers the groups.
+    prompt_ids = [torch.full((prompts[r["group"]]["len"],), r["group"] + 1) for r in rows]
+    for r, ids in zip(rows, prompt_ids):
+        ids[0] = 100 + r["group"]
+    return prompts, rows, prompt_ids, hq
+
+
+def run_case(prompts, rows, prompt_ids, left_prompt, left_completion, scale):
+    lp = max(p["len"] for p in prompts) + 1
+    lc = max([r["q"].shape[0] for r in rows] + [0]) + 1
+    pid, pmask = padded(prompt_ids, lp, left_prompt)
+    cid, cmask = padded([torch.arange(r["q"].shape[0]) + 7 for r in rows], lc, left_completion)
+    plan = sp.plan(pid, pmask, cid, cmask)
+
+    packed = {}
+    for name in ("q", "k", "v"):
+        px, _ = padded([prompts[r["group"]][name] for r in rows], lp, left_prompt)
+        cx, _ = padded([r[name] for r in rows], lc, left_completion)
+        packed[name] = plan.pack(px, cx)[0]
+    out = sp.attention(packed["q"], packed["k"], packed["v"], plan, scale=scale)
+    return plan, out, cmask
+
+
+def reference(prompts, rows, scale):
+    """Per row: [prompt, completion] alone; returns prompt outputs per group and completion outputs per row."""
+    prompt_out, comp_out = {}, []
+    for r in rows:
+        p = prompts[r["group"]]
+        q, k, v = (torch.cat([p[n], r[n]]) for n in ("q", "k", "v"))
+        o = causal_attention(q, k, v, scale)
+        prompt_out.setdefault(r["group"], o[: p["len"]])
+        comp_out.append(o[p["len"] :])
+    return prompt_out, comp_out
+
+
+def compare(prompts, rows, plan, out, cmask, prompt_out, comp_out, tol=1e-10):
+    # Prefix region: group order is the plan's (first appearance).
+    first_row_of_group = {}
+    for i, r in enumerate(rows):
+        first_row_of_group.setdefault(r["group"], i)
+    ours_prompts = torch.split(out[: plan.prefix_tokens], [prompts[g]["len"] for g in first_row_of_group])
+    for g, o in zip(first_row_of_group, ours_prompts):
+        assert rel(o, prompt_out[g]) < tol
+    ours_comp = plan.unpack_completions(out[plan.prefix_tokens :])
+    for i, ref in enumerate(comp_out):
+        got = ours_comp[i][cmask[i]]
+        assert got.shape == ref.shape
+        if ref.numel():
+            assert rel(got, ref) < tol
+    assert torch.all(ours_comp[~cmask] == 0)
+
+
+def leaves(prompts, rows):
+    return [p[n] for p in prompts for n in ("q", "k", "v")] + [r[n] for r in rows for n in ("q", "k", "v")]
+
+
+def check_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle):
+    prompts, rows, prompt_ids, _ = build_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle)
+    scale = dim**-0.5 * (1.3 if seed % 2 else 1.0)
+    plan, out, cmask = run_case(prompts, rows, prompt_ids, left_prompt, left_completion, scale)
+    prompt_out, comp_out = reference(prompts, rows, scale)
+    compare(prompts, rows, plan, out, cmask, prompt_out, comp_out)
+
+    # Gradients: the same scalar loss on both sides (each prompt output counted once, every completion output).
+    g = torch.Generator().manual_seed(seed + 1)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad((out * w).sum(), leaves(prompts, rows), allow_unused=True)
+    first_row_of_group = {}
+    for i, r in enumerate(rows):
+        first_row_of_group.setdefault(r["group"], i)
+    w_prompts = torch.split(w[: plan.prefix_tokens], [prompts[gi]["len"] for gi in first_row_of_group])
+    w_comp = plan.unpack_completions(w[plan.prefix_tokens :])
+    loss = sum((prompt_out[gi] * wp).sum() for gi, wp in zip(first_row_of_group, w_prompts))
+    loss = loss + sum((c * w_comp[i][cmask[i]]).sum() for i, c in enumerate(comp_out))
+    refs = torch.autograd.grad(loss, leaves(prompts, rows), allow_unused=True)
+    for a, b in zip(ours, refs):
+        a = torch.zeros_like(b) if a is None and b is not None else a
+        if b is None:
+            assert a is None or torch.all(a == 0)
+            continue
+        # Relative in norm, with an absolute floor for gradients that are exactly 0 in the reference
+        # (e.g. the key of a one-token prompt): there ours is rounding noise.
+        assert (a - b).norm() <= 1e-10 * b.norm() + 1e-13
+
+
+group_strategy = st.lists(
+    st.tuples(
+        st.one_of(st.integers(1, 12), st.integers(24, 72)),  # short prompts, and long prompts
+        st.lists(st.integers(0, 6), min_size=1, max_size=4),  # completion lengths; 0 = empty completion
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=220, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    groups=group_strategy,
+    hkv=st.sampled_from([1, 2]),
+    ratio=st.sampled_from([1, 2, 4]),
+    dim=st.sampled_from([4, 8]),
+    left_prompt=st.booleans(),
+    left_completion=st.booleans(),
+    shuffle=st.booleans(),
+)
+def test_matches_per_row_attention(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle):
+    check_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle)
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [
+        [(5, [3])],  # group of one
+        [(64, [1, 1, 1, 1, 1, 1, 1, 1])],  # long prompt, one-token completions
+        [(3, [0, 0]), (4, [2, 0])],  # a group with no completion tokens at all
+        [(7, [4, 4, 4]), (7, [4, 4])],  # equal lengths: batched runs
+    ],
+)
+def test_edge_shapes(groups):
+    check_case(3, groups, 2, 2, 8, True, False, True)
+
+
+def test_wrong_mask_is_caught():
+    """Negative control: plain causal attention over the packed stream (completions see each other) must fail."""
+    prompts, rows, prompt_ids, _ = build_case(11, [(6, [3, 4]), (5, [2])], 2, 2, 8, True, False, False)
+    scale = 8**-0.5
+    plan, out, cmask = run_case(prompts, rows, prompt_ids, True, False, scale)
+    # Same packed inputs, wrong mask.
+    lp = max(p["len"] for p in prompts) + 1
+    lc = max(r["q"].shape[0] for r in rows) + 1
+    qkv = []
+    for name in ("q", "k", "v"):
+        px, _ = padded([prompts[r["group"]][name] for r in rows], lp, True)
+        cx, _ = padded([r[name] for r in rows], lc, False)
+        qkv.append(plan.pack(px, cx)[0])
+    wrong = causal_attention(*qkv, scale)
+    prompt_out, comp_out = reference(prompts, rows, scale)
+    with pytest.raises(AssertionError):
+        compare(prompts, rows, plan, wrong, cmask, prompt_out, comp_out)
+    compare(prompts, rows, plan, out, cmask, prompt_out, comp_out)
+
+
+def test_float32_close_to_fp64():
+    prompts, rows, prompt_ids, _ = build_case(5, [(40, [8, 3, 5]), (9, [6])], 2, 2, 16, False, False, True)
+    plan, out64, cmask = run_case(prompts, rows, prompt_ids, False, False, 0.25)
+    for p in prompts:
+        for n in ("q", "k", "v"):
+            p[n] = p[n].detach().float().requires_grad_()
+    for r in rows:
+        for n in ("q", "k", "v"):
+            r[n] = r[n].detach().float().requires_grad_()
+    _, out32, _ = run_case(prompts, rows, prompt_ids, False, False, 0.25)
+    assert out32.dtype == torch.float32
+    assert rel(out32.double(), out64) < 1e-5
+
+
+class TestBadInputs:
+    def setup_method(self):
+        pid = torch.tensor([[1, 2, 3], [1, 2, 3]])
+        cid = torch.tensor([[4, 5], [6, 0]])
+        self.plan = sp.plan(pid, torch.ones_like(pid), cid, torch.tensor([[1, 1], [1, 0]]))
+        self.t = self.plan.num_tokens
+
+    def test_token_count(self):
+        q = torch.randn(self.t + 1, 2, 4)
+        with pytest.raises(ValueError, match="q: has"):
+            sp.attention(q, q, q, self.plan)
+
+    def test_heads(self):
+        q = torch.randn(self.t, 3, 4)
+        k = torch.randn(self.t, 2, 4)
+        with pytest.raises(ValueError, match="k: 2 key/value heads"):
+            sp.attention(q, k, k, self.plan)
+
+    def test_dims_and_types(self):
+        q = torch.randn(self.t, 2, 4)
+        with pytest.raises(ValueError, match="k: head dim"):
+            sp.attention(q, torch.randn(self.t, 2, 8), torch.randn(self.t, 2, 8), self.plan)
+        with pytest.raises(ValueError, match="v: shape"):
+            sp.attention(q, q, torch.randn(self.t, 1, 4), self.plan)
+        with pytest.raises(TypeError, match="v: dtype"):
+            sp.attention(q, q, q.double(), self.plan)
+        with pytest.raises(TypeError, match="q: expected a floating-point"):
+            sp.attention(q.long(), q.long(), q.long(), self.plan)
+        with pytest.raises(TypeError, match="plan:"):
+            sp.attention(q, q, q, "plan")
+        with pytest.raises(ValueError, match="q: expected a packed"):
+            sp.attention(q[None], q, q, self.plan)

@@ -1,0 +1,216 @@
+"""completion_logprobs against each row run alone through the stock model (fp64), for five model families."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import transformers
+
+import shared_prefix as sp
+from helpers import padded
+
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": 4096}),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {}),
+}
+VOCAB = 61
+
+
+def tiny_model(family: str, dtype=torch.float64, attn="sdpa", **extra):
+    cfg_cls, model_cls, kw = FAMILIES[family]
+    args = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # GQA
+        head_dim=8,
+        max_position_embeddings=256,
+        attention_dropout=0.0,
+        tie_word_embeddings=family == "gemma",
+    )
+    cfg = cfg_cls(**{**args, **kw, **extra})
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    return model_cls(cfg).to(dtype)
+
+
+def make_batch(seed=0, left_pad_prompt=True, groups=((9, (5, 3, 0)), (4, (2,)), (17, (6, 6)))):
+    """Rows for several groups, shuffled; one empty completion; prompts left-padded, completions right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for plen, comps in groups:
+        prompt = torch.randint(1, VOCAB, (plen,), generator=g)
+        rows += [(prompt, torch.randint(1, VOCAB, (s,), generator=g)) for s in comps]
+    order = torch.randperm(len(rows), generator=g).tolist()
+    rows = [rows[i] for i in order]
+    lp = max(p.shape[0] for p, _ in rows) + 2
+    lc = max(c.shape[0] for _, c in rows) + 1
+    pid, pmask = padded([p for p, _ in rows], lp, left_pad_prompt)
+    cid, cmask = padded([c for _, c in rows], lc, False)
+    return rows, pid, pmask.long(), cid, cmask
+
+
+def stock_logprobs(model, rows, lc, temperature):
+    """Each row alone: [prompt, completion] through the stock model, log_softmax(logits / T) at the completion."""
+    out = []
+    for prompt, comp in rows:
+        ids = torch.cat([prompt, comp])[None]
+        logits = model(input_ids=ids).logits[0].double()
+        logp = torch.log_softmax(logits / temperature, -1)
+        p = prompt.shape[0]
+        pred = logp[p - 1 : p - 1 + comp.shape[0]]
+        lp = pred.gather(-1, comp[:, None])[:, 0]
+        ent = -(pred.exp() * pred).sum(-1)
+        pad = lc - comp.shape[0]
+        out.append((torch.cat([lp, lp.new_zeros(pad)]), torch.cat([ent, ent.new_zeros(pad)])))
+    return torch.stack([a for a, _ in out]), torch.stack([b for _, b in out])
+
+
+def param_grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check_family(family, grad_ckpt, temperature=0.7, attn="sdpa"):
+    model = tiny_model(family, attn=attn)
+    if grad_ckpt:
+        model.gradient_checkpointing_enable()
+        model.train()
+    rows, pid, pmask, cid, cmask = make_batch()
+    w = torch.randn(cid.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    ref_lp, ref_ent = stock_logprobs(model, rows, cid.shape[1], temperature)
+    ref_grads = param_grads(model, (ref_lp * w).sum() + 0.1 * (ref_ent * w).sum())
+
+    lp, ent = sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=temperature, return_entropy=True)
+    assert lp.dtype == torch.float64 and lp.shape == cid.shape
+    assert model.config._attn_implementation == attn, "the model's implementation is restored"
+    assert (lp - ref_lp).abs().max().item() <= 1e-9
+    assert (ent - ref_ent).abs().max().item() <= 1e-9
+    assert torch.all(lp[~cmask] == 0) and torch.all(ent[~cmask] == 0)
+    grads = param_grads(model, (lp * w).sum() + 0.1 * (ent * w).sum())
+    assert grads.keys() == ref_grads.keys()
+    worst = max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in grads)
+    assert worst <= 1e-6, worst
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("grad_ckpt", [False, True], ids=["no-ckpt", "ckpt"])
+def test_family_matches_stock(family, grad_ckpt):
+    check_family(family, grad_ckpt)
+
+
+def test_eager_model_with_checkpointing(caplog):
+    """An eager model cannot take a plan during the checkpoint recompute; it is left on shared_prefix (= sdpa)."""
+    with caplog.at_level(logging.WARNING, logger="shared_prefix"):
+        model = tiny_model("qwen2", attn="eager")
+        model.gradient_checkpointing_enable()
+        model.train()
+        rows, pid, pmask, cid, cmask = make_batch(seed=4)
+        # Reference through sdpa: eager's softmax runs in fp32, too coarse for an fp64 comparison.
+        model.set_attn_implementation("sdpa")
+        ref_lp, _ = stock_logprobs(model, rows, cid.shape[1], 1.0)
+        ref_grads = param_grads(model, ref_lp.sum())
+        model.set_attn_implementation("eager")
+        lp = sp.completion_logprobs(model, pid, pmask, cid, cmask)
+        grads = param_grads(model, lp.sum())
+    assert "leaving the model on 'shared_prefix'" in caplog.text
+    assert (lp - ref_lp).abs().max().item() <= 1e-9
+    assert max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in grads) <= 1e-6
+
+
+def test_fp32_model_and_grouping_options():
+    model = tiny_model("llama", dtype=torch.float32)
+    rows, pid, pmask, cid, cmask = make_batch(seed=1, left_pad_prompt=False, groups=((6, (3, 4)), (6, (2, 2))))
+    ref_lp, _ = stock_logprobs(model, rows, cid.shape[1], 1.0)
+    by_prompt = sp.completion_logprobs(model, pid, pmask, cid, cmask)
+    assert by_prompt.dtype == torch.float32
+    assert (by_prompt.double() - ref_lp).abs().max().item() < 1e-5
+    # Same prompt twice but declared as groups of one: identical values, no sharing.
+    ones = sp.completion_logprobs(model, pid, pmask, cid, cmask, group_sizes=[1] * len(rows))
+    assert (ones - by_prompt).abs().max().item() < 1e-5
+    ids = sp.completion_logprobs(model, pid, pmask, cid, cmask, group_ids=[str(pid[i].tolist()) for i in range(len(rows))])
+    assert (ids - by_prompt).abs().max().item() < 1e-5
+
+
+def test_wrong_mask_fails_the_model_comparison():
+    """Negative control: the packed stream through plain causal sdpa (completions see each other) is wrong."""
+    model = tiny_model("qwen2")
+    rows, pid, pmask, cid, cmask = make_batch()
+    ref_lp, _ = stock_logprobs(model, rows, cid.shape[1], 1.0)
+    p = sp.plan(pid, pmask, cid, cmask)
+    hidden = model.model(input_ids=p.input_ids, position_ids=p.position_ids).last_hidden_state
+    logits = model.lm_head(p.predictor_rows(hidden)).double()
+    wrong = p.unpack_completions(torch.log_softmax(logits, -1).gather(-1, p.completion_targets()[:, None])[:, 0])
+    assert (wrong - ref_lp).abs().max().item() > 1e-3
+
+
+def test_generation_matches_sdpa():
+    model = tiny_model("qwen2", dtype=torch.float32)
+    sp.register()
+    sp.register()  # idempotent
+    rows, pid, pmask, _, _ = make_batch(seed=2)
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    model.set_attn_implementation("sdpa")
+    want = model.generate(input_ids=pid, attention_mask=pmask, **gen)
+    model.set_attn_implementation("shared_prefix")
+    got = model.generate(input_ids=pid, attention_mask=pmask, **gen)
+    assert torch.equal(got, want)
+    # And a plain forward with padding matches sdpa's logits.
+    out = model(input_ids=pid, attention_mask=pmask).logits
+    model.set_attn_implementation("sdpa")
+    ref = model(input_ids=pid, attention_mask=pmask).logits
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_direct_model_call_with_plan():
+    """The documented low-level use: call the model on the packed stream with shared_prefix_plan=plan."""
+    sp.register()
+    model = tiny_model("mistral", attn="shared_prefix")
+    rows, pid, pmask, cid, cmask = make_batch(seed=5)
+    p = sp.plan(pid, pmask, cid, cmask)
+    logits = model(input_ids=p.input_ids, position_ids=p.position_ids, shared_prefix_plan=p).logits
+    per_token = p.predictors(logits)  # [B, Lc, V]
+    ref_lp, _ = stock_logprobs(model, rows, cid.shape[1], 1.0)
+    lp = torch.log_softmax(per_token, -1).gather(-1, cid[..., None])[..., 0] * cmask
+    assert (lp - ref_lp).abs().max().item() <= 1e-9
+
+
+class TestUnsupported:
+    def test_sliding_window_shorter_than_sequence(self):
+        model = tiny_model("mistral", sliding_window=4)
+        _, pid, pmask, cid, cmask = make_batch()
+        with pytest.raises(NotImplementedError, match="sliding_window=4"):
+            sp.completion_logprobs(model, pid, pmask, cid, cmask)
+
+    def test_attention_dropout_in_train_mode(self):
+        model = tiny_model("llama", attention_dropout=0.1)
+        model.train()
+        _, pid, pmask, cid, cmask = make_batch()
+        with pytest.raises(NotImplementedError, match="dropout"):
+            sp.completion_logprobs(model, pid, pmask, cid, cmask)
+        model.eval()  # dropout is inactive in eval mode: allowed
+        sp.completion_logprobs(model, pid, pmask, cid, cmask)
+
+    def test_logit_softcapping(self):
+        model = tiny_model("llama")
+        model.config.final_logit_softcapping = 30.0
+        _, pid, pmask, cid, cmask = make_batch()
+        with pytest.raises(NotImplementedError, match="softcapping"):
+            sp.completion_logprobs(model, pid, pmask, cid, cmask)
+
+    def test_bad_temperature_and_model(self):
+        model = tiny_model("llama")
+        _, pid, pmask, cid, cmask = make_batch()
+        with pytest.raises(ValueError, match="temperature"):
+            sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0)
+        with pytest.raises(TypeError, match="model:"):
+            sp.completion_logprobs(object(), pid, pmask, cid, cmask)
