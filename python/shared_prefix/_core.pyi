@@ -1,0 +1,71 @@
+"""Type stubs for the Rust extension ``shared_prefix._core`` (import torch before it)."""
+
+from typing import Hashable, Optional, Sequence, Tuple, Union
+
+import torch
+
+class CorePlan:
+    """A plan on its device: host metadata plus index tensors made with one host→device copy."""
+
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def prefix_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def stock_tokens(self) -> int: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def prompt_width(self) -> int: ...
+    @property
+    def completion_width(self) -> int: ...
+    @property
+    def group_sizes(self) -> list[int]: ...
+    @property
+    def row_group(self) -> list[int]: ...
+    @property
+    def max_seqlen(self) -> int: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def src_index(self) -> torch.Tensor:
+        """[T] int64: flat index into cat(prompt.flatten(), completion.flatten()) of each packed token."""
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """[T] int64."""
+    @property
+    def predictor(self) -> torch.Tensor:
+        """[Nc] int64: packed row predicting each completion token (packed order)."""
+    @property
+    def completion_flat(self) -> torch.Tensor:
+        """[Nc] int64: flat [B*Lc] index of each completion token (packed order)."""
+    @property
+    def completion_slot(self) -> torch.Tensor:
+        """[B*Lc] int64: completion-region index of each position, -1 at padding."""
+    @property
+    def cu_seqlens(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """int32 segment tables: prefixes, group completion blocks, completions."""
+
+def make_plan(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    group_sizes: Optional[Sequence[int]] = None,
+    group_ids: Optional[Union[torch.Tensor, Sequence[Hashable]]] = None,
+) -> CorePlan: ...
+def attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CorePlan, scale: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out [T, Hq, D], lse [T, Hq] fp32, or fp64 for fp64 inputs)."""
+def attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    plan: CorePlan,
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...

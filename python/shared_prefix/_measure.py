@@ -1,0 +1,89 @@
+"""Timing and peak-memory measurement shared by the demo and the bench."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], device: torch.device, steps: int, warmup: int = 1, progress=None) -> float:
+    """Median wall time of ``steps`` calls after ``warmup`` calls (device work included)."""
+    for _ in range(warmup):
+        fn()
+        if progress is not None:
+            progress.update(1)
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+        if progress is not None:
+            progress.update(1)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence libtorch's own log lines (profiler start-up notes) for the block; Python exceptions still raise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    # CPU tensors have no allocator statistics; the profiler records every allocation and free with its size and
+    # time, so the peak of their running sum is the peak of memory allocated during fn (above what existed before).
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated while ``fn`` runs, above what was allocated before it (weights, inputs)."""
+    if device.type == "cuda":
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    return _cpu_peak_bytes(fn)
+
+
+def grad_vector(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1).double() for p in model.parameters() if p.grad is not None])
+
+
+def grad_agreement(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(relative L2 difference, cosine similarity) of two flattened gradients."""
+    rel = ((ours - ref).norm() / ref.norm()).item()
+    cos = torch.nn.functional.cosine_similarity(ours, ref, dim=0).item()
+    return rel, cos

@@ -1,0 +1,134 @@
+"""The Plan API: packing, positions, predictors, grouping, and bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import shared_prefix as sp
+
+
+def batch():
+    # Rows 0 and 2 share a prompt (left-padded differently); row 1 has its own; row 3 has an empty completion.
+    pid = torch.tensor([[0, 5, 6, 7], [9, 9, 3, 4], [0, 5, 6, 7], [1, 3, 4, 4]])
+    pmask = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    cid = torch.tensor([[10, 11, 0], [12, 0, 0], [13, 14, 15], [0, 0, 0]])
+    cmask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]])
+    return pid, pmask, cid, cmask
+
+
+def test_layout_positions_and_groups():
+    p = sp.plan(*batch())
+    assert p.group_sizes == [2, 1, 1]
+    assert p.row_group == [0, 1, 0, 2]
+    # [5 6 7 | 3 4 | 1 3 4 4 | 10 11 13 14 15 | 12]
+    assert p.input_ids.tolist() == [[5, 6, 7, 3, 4, 1, 3, 4, 4, 10, 11, 13, 14, 15, 12]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 3, 4, 3, 4, 5, 2]]
+    assert p.num_tokens == 15
+    assert p.stock_tokens == (3 + 2) + (2 + 1) + (3 + 3) + (4 + 0)
+    assert p.max_seqlen == 6
+    assert p.input_ids.dtype == torch.long and p.position_ids.dtype == torch.long
+
+
+def test_pack_is_differentiable_and_predictors():
+    pid, pmask, cid, cmask = batch()
+    p = sp.plan(pid, pmask, cid, cmask)
+    pe = torch.randn(4, 4, 3, dtype=torch.float64, requires_grad=True)
+    ce = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
+    packed = p.pack(pe, ce)
+    assert packed.shape == (1, 15, 3)
+    assert torch.equal(packed[0, 0], pe[0, 1]) and torch.equal(packed[0, 9], ce[0, 0])
+    packed.sum().backward()
+    # Shared prompt tokens come from the first row of the group only; padding gets no gradient.
+    assert pe.grad[0, 1:].eq(1).all() and pe.grad[2].eq(0).all() and pe.grad[0, 0].eq(0).all()
+    assert ce.grad[cmask.bool()].eq(1).all() and ce.grad[~cmask.bool()].eq(0).all()
+
+    hidden = torch.arange(15.0, dtype=torch.float64).repeat_interleave(2).view(1, 15, 2).requires_grad_()
+    pred = p.predictors(hidden)
+    assert pred.shape == (4, 3, 2)
+    # Row 0: first token predicted by the prompt's last token (packed 2), then by itself (9).
+    assert pred[0, :, 0].tolist() == [2, 9, 0]
+    assert pred[2, :, 0].tolist() == [2, 11, 12]
+    assert pred[1, :, 0].tolist() == [4, 0, 0]
+    assert pred[3].eq(0).all()
+    assert torch.equal(p.predictors(hidden[0]), pred)
+    pred.sum().backward()
+    assert hidden.grad[0, :, 0].tolist() == [0, 0, 2, 0, 1, 0, 0, 0, 0, 1, 0, 1, 1, 0, 0]
+
+
+def test_group_options():
+    pid, pmask, cid, cmask = batch()
+    assert sp.plan(pid, pmask, cid, cmask, group_sizes=1).group_sizes == [1, 1, 1, 1]
+    assert sp.plan(pid, pmask, cid, cmask, group_ids=["a", "b", "a", "c"]).group_sizes == [2, 1, 1]
+    assert sp.plan(pid, pmask, cid, cmask, group_ids=torch.tensor([7, 8, 7, 9])).row_group == [0, 1, 0, 2]
+    assert sp.plan(pid, pmask, cid, cmask, group_ids=np.array(["u", "v", "u", "w"], dtype=object)).group_sizes == [2, 1, 1]
+    # Declared groups that split identical prompts are allowed (no sharing across them).
+    assert sp.plan(pid, pmask, cid, cmask, group_ids=[1, 2, 3, 4]).num_tokens == 3 + 2 + 3 + 4 + 6
+    same = pid[[0, 0, 0, 0]], pmask[[0, 0, 0, 0]]
+    assert sp.plan(*same, cid, cmask, group_sizes=[2, 2]).group_sizes == [2, 2]
+    assert sp.plan(*same, cid, cmask, group_sizes=2).group_sizes == [2, 2]
+
+
+class TestBadInputs:
+    def test_rows_and_shapes(self):
+        pid, pmask, cid, cmask = batch()
+        with pytest.raises(ValueError, match="completion_ids: has 3 rows"):
+            sp.plan(pid, pmask, cid[:3], cmask[:3])
+        with pytest.raises(ValueError, match="prompt_mask: shape"):
+            sp.plan(pid, pmask[:, :3], cid, cmask)
+        with pytest.raises(ValueError, match="completion_mask: shape"):
+            sp.plan(pid, pmask, cid, cmask[:, :2])
+        with pytest.raises(ValueError, match="prompt_ids: expected a 2-D"):
+            sp.plan(pid[0], pmask[0], cid, cmask)
+
+    def test_types(self):
+        pid, pmask, cid, cmask = batch()
+        with pytest.raises(TypeError, match="prompt_ids: expected an integer"):
+            sp.plan(pid.float(), pmask, cid, cmask)
+        with pytest.raises(TypeError, match="completion_ids: expected an integer"):
+            sp.plan(pid, pmask, cid.double(), cmask)
+        with pytest.raises(TypeError, match="prompt_mask: expected a bool or integer"):
+            sp.plan(pid, pmask.float(), cid, cmask)
+        with pytest.raises(TypeError, match="prompt_ids: expected a torch.Tensor"):
+            sp.plan(pid.tolist(), pmask, cid, cmask)
+        with pytest.raises(TypeError, match="group_sizes"):
+            sp.plan(pid, pmask, cid, cmask, group_sizes="2")
+        with pytest.raises(TypeError, match="group_ids"):
+            sp.plan(pid, pmask, cid, cmask, group_ids=torch.tensor([1.0, 2.0, 1.0, 3.0]))
+        with pytest.raises(TypeError, match="group_ids"):
+            sp.plan(pid, pmask, cid, cmask, group_ids=[[1], [2], [1], [3]])  # unhashable
+
+    def test_rows_and_groups(self):
+        pid, pmask, cid, cmask = batch()
+        empty = pmask.clone()
+        empty[1] = False
+        with pytest.raises(ValueError, match="prompt_mask: row 1 has no valid prompt token"):
+            sp.plan(pid, empty, cid, cmask)
+        holes = cmask.clone()
+        holes[2, 1] = 0
+        with pytest.raises(ValueError, match="completion_mask: the valid tokens of row 2"):
+            sp.plan(pid, pmask, cid, holes)
+        with pytest.raises(ValueError, match="group_sizes: sizes sum to 3 but the batch has 4 rows"):
+            sp.plan(pid, pmask, cid, cmask, group_sizes=[2, 1])
+        with pytest.raises(ValueError, match="group_sizes: 3 does not divide"):
+            sp.plan(pid, pmask, cid, cmask, group_sizes=3)
+        with pytest.raises(ValueError, match="group_sizes: every group size"):
+            sp.plan(pid, pmask, cid, cmask, group_sizes=[4, 0])
+        with pytest.raises(ValueError, match="group_sizes: rows 0 and 1 are declared one group"):
+            sp.plan(pid, pmask, cid, cmask, group_sizes=[2, 2])
+        with pytest.raises(ValueError, match="group_ids: rows 0 and 1"):
+            sp.plan(pid, pmask, cid, cmask, group_ids=[1, 1, 1, 2])
+        with pytest.raises(ValueError, match="group_ids: has 3 elements"):
+            sp.plan(pid, pmask, cid, cmask, group_ids=[1, 2, 3])
+        with pytest.raises(ValueError, match="at most one"):
+            sp.plan(pid, pmask, cid, cmask, group_sizes=1, group_ids=[1, 2, 3, 4])
+
+    def test_pack_shapes(self):
+        p = sp.plan(*batch())
+        with pytest.raises(ValueError, match="prompt_x"):
+            p.pack(torch.zeros(4, 5), torch.zeros(4, 3))
+        with pytest.raises(ValueError, match="completion_x: trailing shape"):
+            p.pack(torch.zeros(4, 4, 2), torch.zeros(4, 3, 3))
+        with pytest.raises(ValueError, match="hidden"):
+            p.predictors(torch.zeros(1, 14, 2))
