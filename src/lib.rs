@@ -1,9 +1,10 @@
 //! `shared_prefix._core`: the planner and the attention executor, exposed to Python.
 //! Tensors cross through pyo3-tch and share libtorch with the `torch` package (import torch first).
 
-mod cpu;
+mod cuda;
 mod device_plan;
 mod executor;
+mod runs;
 
 use device_plan::DevicePlan;
 use executor::Kernels;
@@ -207,14 +208,40 @@ fn make_plan(
     Ok(PyPlan { inner })
 }
 
-fn kernels_for(device: Device) -> PyResult<&'static dyn Kernels> {
-    match device {
-        Device::Cpu => Ok(&cpu::CpuKernels),
-        Device::Cuda(_) => Err(PyNotImplementedError::new_err(
-            "shared_prefix.attention: the CUDA backend is not built yet; move q/k/v to the CPU or use a stock \
-             attention implementation. No silent fallback is made.",
-        )),
-        other => Err(PyNotImplementedError::new_err(format!("shared_prefix.attention: no backend for {other:?}"))),
+static CPU_FLASH: runs::Runs<runs::CpuFlash> = runs::Runs(runs::CpuFlash);
+static MATH: runs::Runs<runs::Math> = runs::Runs(runs::Math);
+static CUDA_FLASH: cuda::FlashKernels = cuda::FlashKernels;
+
+/// The backend for these inputs. `name` forces one ("cpu_flash", "math", "flash"); by default: CPU → ATen's CPU
+/// flash kernel; CUDA fp16/bf16 → flash-attention 2 varlen; CUDA fp32/fp64 → the explicit-math kernel.
+fn kernels_for(q: &Tensor, name: Option<&str>) -> PyResult<&'static dyn Kernels> {
+    let device = q.device();
+    let half = matches!(q.kind(), Kind::Half | Kind::BFloat16);
+    let name = match (name, device) {
+        (Some(n), _) => n,
+        (None, Device::Cpu) => "cpu_flash",
+        (None, Device::Cuda(_)) if half => "flash",
+        (None, Device::Cuda(_)) => "math",
+        (None, other) => {
+            return Err(PyNotImplementedError::new_err(format!("shared_prefix.attention: no backend for {other:?}")))
+        }
+    };
+    match (name, device) {
+        ("math", _) => Ok(&MATH),
+        ("cpu_flash", Device::Cpu) => Ok(&CPU_FLASH),
+        ("flash", Device::Cuda(_)) => {
+            let d = q.size()[2];
+            if !half {
+                return Err(PyTypeError::new_err(format!("q: the flash kernel takes fp16/bf16, got {:?}", q.kind())));
+            }
+            if d % 8 != 0 || d > 256 {
+                return Err(PyValueError::new_err(format!(
+                    "q: head dim {d} is not supported by the CUDA flash kernel (a multiple of 8, at most 256)"
+                )));
+            }
+            Ok(&CUDA_FLASH)
+        }
+        (n, d) => Err(PyValueError::new_err(format!("kernels: {n:?} is not available on {}", device_name(d)))),
     }
 }
 
@@ -263,16 +290,18 @@ fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, plan: &DevicePlan) -> PyResult<
 
 /// Forward of shared-prefix attention. Returns `(out [T, Hq, D], lse [T, Hq])`.
 #[pyfunction]
+#[pyo3(signature = (q, k, v, plan, scale, kernels=None))]
 fn attention_forward(
     q: PyTensor,
     k: PyTensor,
     v: PyTensor,
     plan: &PyPlan,
     scale: f64,
+    kernels: Option<&str>,
 ) -> PyResult<(PyTensor, PyTensor)> {
     let p = &plan.inner;
     check_qkv(&q, &k, &v, p)?;
-    let kern = kernels_for(p.device)?;
+    let kern = kernels_for(&q, kernels)?;
     // The GIL stays held: libtorch ops here are short, and tch tensors are not Sync.
     let (o, l) = executor::forward(kern, p, &q, &k, &v, scale).map_err(torch_err)?;
     Ok((PyTensor(o), PyTensor(l)))
@@ -280,6 +309,7 @@ fn attention_forward(
 
 /// Exact backward of shared-prefix attention. Returns `(dq, dk, dv)`.
 #[pyfunction]
+#[pyo3(signature = (dout, q, k, v, out, lse, plan, scale, kernels=None))]
 #[allow(clippy::too_many_arguments)]
 fn attention_backward(
     dout: PyTensor,
@@ -290,13 +320,14 @@ fn attention_backward(
     lse: PyTensor,
     plan: &PyPlan,
     scale: f64,
+    kernels: Option<&str>,
 ) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
     let p = &plan.inner;
     check_qkv(&q, &k, &v, p)?;
     if dout.size() != q.size() || out.size() != q.size() {
         return Err(PyValueError::new_err("dout/out: shape must equal q's"));
     }
-    let kern = kernels_for(p.device)?;
+    let kern = kernels_for(&q, kernels)?;
     let (dq, dk, dv) = executor::backward(kern, p, &dout, &q, &k, &v, &out, &lse, scale).map_err(torch_err)?;
     Ok((PyTensor(dq), PyTensor(dk), PyTensor(dv)))
 }

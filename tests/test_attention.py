@@ -35,7 +35,7 @@ def build_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuf
     return prompts, rows, prompt_ids, hq
 
 
-def run_case(prompts, rows, prompt_ids, left_prompt, left_completion, scale):
+def run_case(prompts, rows, prompt_ids, left_prompt, left_completion, scale, kernels=None):
     lp = max(p["len"] for p in prompts) + 1
     lc = max([r["q"].shape[0] for r in rows] + [0]) + 1
     pid, pmask = padded(prompt_ids, lp, left_prompt)
@@ -47,7 +47,7 @@ def run_case(prompts, rows, prompt_ids, left_prompt, left_completion, scale):
         px, _ = padded([prompts[r["group"]][name] for r in rows], lp, left_prompt)
         cx, _ = padded([r[name] for r in rows], lc, left_completion)
         packed[name] = plan.pack(px, cx)[0]
-    out = sp.attention(packed["q"], packed["k"], packed["v"], plan, scale=scale)
+    out = sp.attention(packed["q"], packed["k"], packed["v"], plan, scale=scale, kernels=kernels)
     return plan, out, cmask
 
 
@@ -84,10 +84,10 @@ def leaves(prompts, rows):
     return [p[n] for p in prompts for n in ("q", "k", "v")] + [r[n] for r in rows for n in ("q", "k", "v")]
 
 
-def check_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle):
+def check_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle, kernels=None):
     prompts, rows, prompt_ids, _ = build_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle)
     scale = dim**-0.5 * (1.3 if seed % 2 else 1.0)
-    plan, out, cmask = run_case(prompts, rows, prompt_ids, left_prompt, left_completion, scale)
+    plan, out, cmask = run_case(prompts, rows, prompt_ids, left_prompt, left_completion, scale, kernels)
     prompt_out, comp_out = reference(prompts, rows, scale)
     compare(prompts, rows, plan, out, cmask, prompt_out, comp_out)
 
@@ -135,7 +135,9 @@ group_strategy = st.lists(
     shuffle=st.booleans(),
 )
 def test_matches_per_row_attention(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle):
-    check_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle)
+    # Both CPU backends: ATen's CPU flash kernel (the default) and the explicit-math kernel (CUDA's fp32 path).
+    for kernels in ("cpu_flash", "math"):
+        check_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle, kernels)
 
 
 @pytest.mark.parametrize(
@@ -147,8 +149,9 @@ def test_matches_per_row_attention(seed, groups, hkv, ratio, dim, left_prompt, l
         [(7, [4, 4, 4]), (7, [4, 4])],  # equal lengths: batched runs
     ],
 )
-def test_edge_shapes(groups):
-    check_case(3, groups, 2, 2, 8, True, False, True)
+@pytest.mark.parametrize("kernels", ["cpu_flash", "math"])
+def test_edge_shapes(groups, kernels):
+    check_case(3, groups, 2, 2, 8, True, False, True, kernels)
 
 
 def test_wrong_mask_is_caught():
@@ -217,3 +220,10 @@ class TestBadInputs:
             sp.attention(q, q, q, "plan")
         with pytest.raises(ValueError, match="q: expected a packed"):
             sp.attention(q[None], q, q, self.plan)
+
+    def test_backend_choice(self):
+        q = torch.randn(self.t, 2, 8)
+        with pytest.raises(ValueError, match="kernels: \"flash\" is not available on cpu"):
+            sp.attention(q, q, q, self.plan, kernels="flash")
+        with pytest.raises(ValueError, match="kernels: \"nope\""):
+            sp.attention(q, q, q, self.plan, kernels="nope")

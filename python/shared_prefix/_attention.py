@@ -14,28 +14,39 @@ class _SharedPrefixAttention(torch.autograd.Function):
     # The log-sum-exp of flash kernels is not differentiable, so autograd through the merge would be silently
     # wrong; the backward here calls each kernel's backward with the merged out/lse instead (DESIGN: exact backward).
     @staticmethod
-    def forward(ctx, q, k, v, core_plan, scale):  # type: ignore[override]
-        out, lse = _core.attention_forward(q, k, v, core_plan, scale)
+    def forward(ctx, q, k, v, core_plan, scale, kernels):  # type: ignore[override]
+        out, lse = _core.attention_forward(q, k, v, core_plan, scale, kernels)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.core_plan = core_plan
         ctx.scale = scale
+        ctx.kernels = kernels
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _core.attention_backward(dout, q, k, v, out, lse, ctx.core_plan, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _core.attention_backward(dout, q, k, v, out, lse, ctx.core_plan, ctx.scale, ctx.kernels)
+        return dq, dk, dv, None, None, None
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, scale: Optional[float] = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: Plan,
+    *,
+    scale: Optional[float] = None,
+    kernels: Optional[str] = None,
 ) -> torch.Tensor:
     """Shared-prefix attention on packed tensors.
 
     ``q`` is ``[T, Hq, D]``, ``k`` and ``v`` are ``[T, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA without repeating K/V).
     Prompt tokens attend causally within their prompt; completion tokens attend to their group's whole prompt and
     causally to their own completion. Returns ``[T, Hq, D]``; forward and backward are exact.
+
+    ``kernels`` forces a backend (for tests and measurements): ``"cpu_flash"`` (ATen's CPU flash kernel, the CPU
+    default), ``"flash"`` (flash-attention 2 varlen, the CUDA fp16/bf16 default) or ``"math"`` (explicit matmuls,
+    any device, the CUDA fp32/fp64 default).
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan: expected a shared_prefix.Plan, got {type(plan).__name__}")
@@ -46,4 +57,4 @@ def attention(
         if q.dim() != 3:
             raise ValueError(f"q: expected a packed [T, H, D] tensor, got shape {tuple(q.shape)}")
         scale = q.shape[-1] ** -0.5
-    return _SharedPrefixAttention.apply(q, k, v, plan._core, float(scale))
+    return _SharedPrefixAttention.apply(q, k, v, plan._core, float(scale), kernels)

@@ -56,7 +56,7 @@ def make_plan(
     group_ids: Optional[Union[torch.Tensor, Sequence[Hashable]]] = None,
 ) -> CorePlan: ...
 def attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CorePlan, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CorePlan, scale: float, kernels: Optional[str] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (out [T, Hq, D], lse [T, Hq] fp32, or fp64 for fp64 inputs)."""
 def attention_backward(
@@ -68,4 +68,5 @@ def attention_backward(
     lse: torch.Tensor,
     plan: CorePlan,
     scale: float,
+    kernels: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...

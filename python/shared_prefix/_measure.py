@@ -78,8 +78,9 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return _cpu_peak_bytes(fn)
 
 
-def grad_vector(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1).double() for p in model.parameters() if p.grad is not None])
+def grad_vector(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """All parameter gradients as one flat vector (fp32 keeps a 0.5B model's copy at 2 GB)."""
+    return torch.cat([p.grad.reshape(-1).to(dtype) for p in model.parameters() if p.grad is not None])
 
 
 def grad_agreement(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:

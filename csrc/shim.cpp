@@ -1,0 +1,58 @@
+// ATen entry points that tch does not bind (flash-attention varlen forward), and the matching backward, exposed
+// as extern "C" on at::Tensor pointers (tch's C_tensor). Errors come back as a message, never as a C++ exception
+// crossing into Rust.
+#include <ATen/ATen.h>
+#include <ATen/ops/_flash_attention_backward.h>
+#include <ATen/ops/_flash_attention_forward.h>
+
+#include <string>
+
+namespace {
+thread_local std::string last_error;
+
+template <typename F>
+const char* guarded(F&& f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  } catch (...) {
+    last_error = "unknown C++ exception";
+  }
+  return last_error.c_str();
+}
+}  // namespace
+
+extern "C" {
+
+// Varlen flash attention forward. q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_* int32 [n+1]. Returns out [Tq, Hq, D] and
+// lse [Hq, Tq] (fp32).
+const char* sp_flash_varlen_fwd(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
+                                const at::Tensor* cu_q, const at::Tensor* cu_k, int64_t max_q, int64_t max_k,
+                                bool causal, double scale, at::Tensor** out, at::Tensor** lse) {
+  return guarded([&] {
+    auto res = at::_flash_attention_forward(*q, *k, *v, *cu_q, *cu_k, max_q, max_k, /*dropout_p=*/0.0, causal,
+                                            /*return_debug_mask=*/false, scale);
+    *out = new at::Tensor(std::get<0>(res));
+    *lse = new at::Tensor(std::get<1>(res));
+  });
+}
+
+// Varlen flash attention backward with the caller's (merged) out and lse [Hq, Tq].
+const char* sp_flash_varlen_bwd(const at::Tensor* dout, const at::Tensor* q, const at::Tensor* k,
+                                const at::Tensor* v, const at::Tensor* out, const at::Tensor* lse,
+                                const at::Tensor* cu_q, const at::Tensor* cu_k, int64_t max_q, int64_t max_k,
+                                bool causal, double scale, at::Tensor** dq, at::Tensor** dk, at::Tensor** dv) {
+  return guarded([&] {
+    // No dropout: the philox state is never read, but the op takes one.
+    auto rng = at::zeros({2}, q->options().dtype(at::kUInt64));
+    auto unused = at::empty({0}, q->options());
+    auto res = at::_flash_attention_backward(*dout, *q, *k, *v, *out, *lse, *cu_q, *cu_k, max_q, max_k,
+                                             /*dropout_p=*/0.0, causal, rng, unused, scale);
+    *dq = new at::Tensor(std::get<0>(res));
+    *dk = new at::Tensor(std::get<1>(res));
+    *dv = new at::Tensor(std::get<2>(res));
+  });
+}
+}

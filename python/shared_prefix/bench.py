@@ -1,0 +1,377 @@
+"""Benchmark: ``python -m shared_prefix.bench``.
+
+One step is the forward and backward of the completion log-probs of a GRPO micro-batch: B prompts of P tokens, each
+with G completions of S tokens (config ``PxSxGxB``). Variants, measured side by side in one run:
+
+- ``baseline``: stock rows ``[prompt, completion]`` as TRL builds them, SDPA, logits only at completion positions;
+- ``packed_causal``: each group as one causal row of P + G·S tokens (the limit proxy: our token count with plain
+  causal attention, so its log-probs are wrong by design);
+- ``shared_prefix``: ours;
+- ``prefix_grouper``: the original ``prefix-grouper`` package through its API, where it is installed;
+- ``flex``: FlexAttention with a shared-prefix block mask (CUDA only; compile time reported separately).
+
+Per variant: the median of the timed steps after warm-up, peak memory above the weights, and max |Δ logprob|,
+gradient rel L2 and cosine against ``baseline``. Writes ``results.jsonl``, ``results.md`` and ``results.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+import shared_prefix as sp
+from shared_prefix._measure import grad_agreement, grad_vector, median_time, peak_memory_bytes, synchronize
+from shared_prefix._reference import stock_logprobs
+
+MODELS = {
+    # Qwen2-shaped; the 0.5B/1.5B entries have Qwen2.5's shapes, with random weights built locally.
+    "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=704, vocab_size=8192),
+    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         intermediate_size=4864, vocab_size=151936),
+    "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         intermediate_size=8960, vocab_size=151936),
+}
+PRESETS = {
+    "cpu-small": dict(device="cpu", model="tiny", dtype="float32", grad_ckpt=False,
+                      configs=["512x64x8x1", "1024x128x8x2"]),
+    "gpu": dict(device="cuda", model="qwen2.5-0.5b", dtype="bfloat16", grad_ckpt=True,
+                configs=["4096x512x8x1", "8192x256x16x1", "16384x1024x8x1"]),
+}
+# Order of measurement: the reference first; the original package last (it may not fit long configs).
+VARIANTS = ["baseline", "packed_causal", "shared_prefix", "flex", "prefix_grouper"]
+
+
+def parse_config(text: str) -> tuple[int, int, int, int]:
+    try:
+        p, s, g, b = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--config: expected PxSxGxB (e.g. 4096x512x8x1), got {text!r}") from None
+    if min(p, s, g, b) < 1:
+        raise argparse.ArgumentTypeError(f"--config: every field must be ≥ 1, got {text!r}")
+    return p, s, g, b
+
+
+def build_model(name: str, dtype: torch.dtype, device: torch.device, grad_ckpt: bool):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(**MODELS[name], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                      tie_word_embeddings=True)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg)
+    model.to(dtype)
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # attention dropout is 0 in Qwen2 configs
+    return model
+
+
+def make_batch(p: int, s: int, g: int, b: int, vocab: int, device: torch.device, seed: int = 0):
+    """B prompts of P tokens, G completions of S tokens each, rows group by group (as TRL's generation batch)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(1, vocab, (b, p), generator=gen)
+    prompt_ids = prompts.repeat_interleave(g, dim=0)
+    completion_ids = torch.randint(1, vocab, (b * g, s), generator=gen)
+    ones = lambda t: torch.ones_like(t, dtype=torch.bool)  # noqa: E731
+    return [x.to(device) for x in (prompt_ids, ones(prompt_ids), completion_ids, ones(completion_ids))]
+
+
+def packed_rows(prompt_ids, completion_ids, g: int):
+    """Each group as one row ``[prompt, c_1 … c_G]``, its position ids (completions restart at P) and, for every
+    completion token, the flat index of the row position that predicts it."""
+    bg, p = prompt_ids.shape
+    s = completion_ids.shape[1]
+    b = bg // g
+    dev = prompt_ids.device
+    ids = torch.cat([prompt_ids[::g], completion_ids.view(b, g * s)], dim=1)
+    pos = torch.cat([torch.arange(p, device=dev), p + torch.arange(s, device=dev).repeat(g)]).expand(b, -1)
+    j = torch.arange(s, device=dev)
+    within = torch.where(j == 0, torch.full_like(j, p - 1), p + j - 1)  # for completion 0
+    per_completion = within[None, :] + torch.where(j[None, :] == 0, 0, torch.arange(g, device=dev)[:, None] * s)
+    length = p + g * s
+    pred = (torch.arange(b, device=dev)[:, None, None] * length + per_completion[None]).reshape(bg, s)
+    return ids, pos, pred
+
+
+def packed_causal_logprobs(model, prompt_ids, completion_ids, g: int):
+    ids, pos, pred = packed_rows(prompt_ids, completion_ids, g)
+    # An all-ones mask keeps transformers from reading the restarting positions as packed sequences: plain causal.
+    hidden = model.get_decoder()(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids),
+                                 use_cache=False).last_hidden_state
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred.reshape(-1))
+    logits = model.get_output_embeddings()(h)
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, completion_ids.reshape(-1, 1))
+    return logp.view_as(completion_ids)
+
+
+class FlexVariant:
+    """FlexAttention with a block mask: completions see their group's prompt and causally themselves."""
+
+    def __init__(self, model, prompt_ids, completion_ids, g: int):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        self.model, self.g, self.completion_ids = model, g, completion_ids
+        self.ids, self.pos, self.pred = packed_rows(prompt_ids, completion_ids, g)
+        p, s = prompt_ids.shape[1], completion_ids.shape[1]
+
+        def mask_mod(b, h, q, kv):
+            same_completion = torch.div(q - p, s, rounding_mode="floor") == torch.div(kv - p, s, rounding_mode="floor")
+            return (kv <= q) & ((kv < p) | same_completion)
+
+        length = self.ids.shape[1]
+        self.block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length,
+                                            device=prompt_ids.device)
+
+    def __call__(self):
+        model = self.model
+        previous = model.config._attn_implementation
+        model.set_attn_implementation("flex_attention")
+        try:
+            hidden = model.get_decoder()(input_ids=self.ids, position_ids=self.pos, attention_mask=self.block_mask,
+                                         use_cache=False).last_hidden_state
+        finally:
+            model.set_attn_implementation(previous)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.pred.reshape(-1))
+        logits = model.get_output_embeddings()(h)
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, self.completion_ids.reshape(-1, 1))
+        return logp.view_as(self.completion_ids)
+
+
+def variant_fns(model, batch, g: int, device: torch.device, wanted: list[str]) -> dict[str, Callable]:
+    pid, pmask, cid, cmask = batch
+    fns: dict[str, Callable] = {}
+    for name in wanted:
+        if name == "baseline":
+            fns[name] = lambda: stock_logprobs(model, pid, pmask, cid, cmask)
+        elif name == "packed_causal":
+            fns[name] = lambda: packed_causal_logprobs(model, pid, cid, g)
+        elif name == "shared_prefix":
+            fns[name] = lambda: sp.completion_logprobs(model, pid, pmask, cid, cmask, group_sizes=g)
+        elif name == "prefix_grouper":
+            try:
+                from shared_prefix._prefix_grouper import prefix_grouper_logprobs
+
+                import prefix_grouper  # noqa: F401
+            except ImportError:
+                continue
+            sizes = [g] * (pid.shape[0] // g)
+            # Left on the package's attention through backward (checkpoint recompute); run_config resets it.
+            fns[name] = lambda: prefix_grouper_logprobs(model, pid, pmask, cid, cmask, group_sizes=sizes,
+                                                        keep_attention_implementation=True)
+        elif name == "flex" and device.type == "cuda":
+            fns[name] = FlexVariant(model, pid, cid, g)
+    return fns
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+        return out.stdout.strip() or os.environ.get("SHARED_PREFIX_COMMIT", "unknown")
+    except OSError:
+        return os.environ.get("SHARED_PREFIX_COMMIT", "unknown")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def measure_variant(model, fn, adv, cmask, args, device, bar) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    def step():
+        model.zero_grad(set_to_none=True)
+        logp = fn()
+        (-(logp * adv[:, None] * cmask).sum() / cmask.sum()).backward()
+        return logp
+
+    synchronize(device)
+    t0 = time.perf_counter()
+    logp = step().detach()
+    synchronize(device)
+    first = time.perf_counter() - t0
+    grad = grad_vector(model)
+    bar.update(1)
+    model.zero_grad(set_to_none=True)
+    peak = peak_memory_bytes(step, device)
+    bar.update(1)
+    median = median_time(step, device, steps=args.steps, warmup=1, progress=bar)
+    model.zero_grad(set_to_none=True)
+    return dict(median_s=median, peak_mem_bytes=peak, first_step_s=first), logp, grad
+
+
+def run_config(model, cfg, args, device, bar):
+    """Yield one result row per variant, as soon as it is measured."""
+    p, s, g, b = cfg
+    batch = make_batch(p, s, g, b, model.config.vocab_size, device)
+    cmask = batch[3]
+    adv = torch.randn(b * g, generator=torch.Generator().manual_seed(1)).to(device)
+    ref_logp = ref_grad = None
+    for name, fn in variant_fns(model, batch, g, device, args.variants).items():
+        model.set_attn_implementation("sdpa")  # every variant starts from the stock implementation
+        # Tokens forwarded: every row [prompt, completion] for the baseline; one prompt per group otherwise.
+        row = dict(config="x".join(map(str, cfg)), variant=name,
+                   tokens=b * g * (p + s) if name == "baseline" else b * (p + g * s))
+        try:
+            stats, logp, grad = measure_variant(model, fn, adv, cmask, args, device, bar)
+        except (RuntimeError, NotImplementedError, ValueError) as e:  # an OOM or an unsupported case: recorded
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            yield row
+            continue
+        row.update(stats)
+        if name == "flex":
+            row["compile_s"] = max(0.0, stats["first_step_s"] - stats["median_s"])
+        if ref_logp is None:
+            ref_logp, ref_grad = logp, grad
+            row.update(max_abs_logp_diff=0.0, grad_rel_l2=0.0, grad_cos=1.0)
+        else:
+            rel, cos = grad_agreement(grad.double(), ref_grad.double())
+            row.update(max_abs_logp_diff=((logp - ref_logp) * cmask).abs().max().item(), grad_rel_l2=rel, grad_cos=cos)
+        del grad
+        yield row
+    del ref_grad
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"Device: {meta['device_name']}; model {meta['model']} (random weights), {meta['dtype']}, "
+        f"grad checkpointing {'on' if meta['grad_ckpt'] else 'off'}; torch {meta['torch']}; commit {meta['commit']}; "
+        f"{meta['date']}. Median of {meta['steps']} steps (forward+backward of completion log-probs).",
+        "",
+        "| config PxSxGxB | variant | median s | vs baseline | vs packed_causal | peak mem GiB | max abs Δlogp "
+        "| grad rel L2 | grad cos | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cfg in dict.fromkeys(r["config"] for r in rows):
+        group = {r["variant"]: r for r in rows if r["config"] == cfg}
+        base = group.get("baseline")
+        limit = group.get("packed_causal")
+        base = base if base and "error" not in base else None
+        limit = limit if limit and "error" not in limit else None
+        for r in group.values():
+            if "error" in r:
+                lines.append(f"| {cfg} | {r['variant']} | — | — | — | — | — | — | — | {r['error']} |")
+                continue
+            speed = f"{base['median_s'] / r['median_s']:.2f}× faster" if base else "—"
+            ratio = f"{r['median_s'] / limit['median_s']:.2f}×" if limit else "—"
+            note = f"+{r['compile_s']:.0f} s first compile" if "compile_s" in r else ""
+            if r["variant"] == "packed_causal":
+                note = "limit proxy; wrong mask by design"
+            lines.append(
+                f"| {cfg} | {r['variant']} | {r['median_s']:.3f} | {speed} | {ratio} | "
+                f"{r['peak_mem_bytes'] / 2**30:.2f} | {r['max_abs_logp_diff']:.1e} | {r['grad_rel_l2']:.1e} | "
+                f"{r['grad_cos']:.6f} | {note} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(variants))
+    for i, v in enumerate(variants):
+        xs, ts, ms = [], [], []
+        for j, c in enumerate(configs):
+            r = next((r for r in rows if r["config"] == c and r["variant"] == v and "error" not in r), None)
+            if r is not None:
+                xs.append(j + i * width)
+                ts.append(r["median_s"])
+                ms.append(r["peak_mem_bytes"] / 2**30)
+        axes[0].bar(xs, ts, width, label=v)
+        axes[1].bar(xs, ms, width, label=v)
+    for ax, title in zip(axes, ["step time (s, median)", "peak memory above weights (GiB)"]):
+        ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(configs))], configs)
+        ax.set_xlabel("P x S x G x B")
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m shared_prefix.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    ap.add_argument("--config", action="append", type=parse_config, help="PxSxGxB; repeatable")
+    ap.add_argument("--model", choices=sorted(MODELS), default=None)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None)
+    ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported; ≥ 3)")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads")
+    ap.add_argument("--out", default="bench-out")
+    args = ap.parse_args(argv)
+    preset = PRESETS[args.preset or ("gpu" if args.device == "cuda" else "cpu-small")]
+    args.device = args.device or preset["device"]
+    args.model = args.model or preset["model"]
+    args.dtype = args.dtype or preset["dtype"]
+    args.grad_ckpt = preset["grad_ckpt"] if args.grad_ckpt is None else args.grad_ckpt
+    configs = args.config or [parse_config(c) for c in preset["configs"]]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"--variants: unknown {sorted(unknown)}")
+    if "baseline" in args.variants:  # the reference for every comparison runs first
+        args.variants = ["baseline"] + [v for v in args.variants if v != "baseline"]
+    if args.steps < 3:
+        ap.error("--steps: at least 3")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.model, getattr(torch, args.dtype), device, args.grad_ckpt)
+    meta = dict(device_name=device_name(device), model=args.model, dtype=args.dtype, grad_ckpt=args.grad_ckpt,
+                torch=torch.__version__, commit=git_commit(), steps=args.steps,
+                date=datetime.date.today().isoformat(), python=sys.version.split()[0])
+    per_variant = args.steps + 3
+    total = len(configs) * len(args.variants) * per_variant
+    rows: list[dict] = []
+    with tqdm(total=total, desc="bench", unit="step") as bar, open(out / "results.jsonl", "w") as f:
+        for i, cfg in enumerate(configs):
+            bar.set_postfix_str("x".join(map(str, cfg)))
+            for r in run_config(model, cfg, args, device, bar):
+                r.update(meta)
+                f.write(json.dumps(r) + "\n")
+                f.flush()
+                rows.append(r)
+            bar.total = bar.n * len(configs) // (i + 1)  # variants unavailable here take no steps
+            bar.refresh()
+    table = markdown(rows, meta)
+    (out / "results.md").write_text(table)
+    plot(rows, out / "results.png")
+    print(table)
+    print(f"wrote {out / 'results.jsonl'}, {out / 'results.md'}, {out / 'results.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device check on a GPU machine: the GPU tests, then `python -m shared_prefix.bench --preset gpu`.
+# Run from the repo root with the wheels in .whl/ (our abi3 wheel built on the CPU machine, plus pure-Python or
+# abi3 wheels the image lacks). Results land in $OUT (gpu.txt, gpu_tests.log, bench/results.{jsonl,md,png}).
+set -u
+OUT=${OUT:-/tmp/sp-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "wheel install failed"; exit 1; }
+# The freshest Python sources from the tree, with the extension from the wheel.
+cp /tmp/site/shared_prefix/_core.abi3.so python/shared_prefix/
+export PYTHONPATH="$PWD/python:/tmp/site"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, shared_prefix; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'gpu', torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/gpu.txt"
+timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
+  | tee "$OUT/gpu_tests.log" | tail -25
+timeout "${BENCH_TIMEOUT:-360}" python3 -m shared_prefix.bench --preset gpu --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 \
+  | grep -v "step/s\]\|s/step\]" | tee "$OUT/bench.log" | tail -30

@@ -1,0 +1,148 @@
+"""GPU checks (marker ``cuda``; skipped without a GPU).
+
+Low-precision results are judged against an fp64 CPU reference: ours must be about as close to it as the stock
+per-row computation in the same dtype is (bf16 operands land between 1e-3 and 1e-2 relative error).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import shared_prefix as sp
+from helpers import causal_attention, padded, rel
+from test_attention import build_case, leaves, reference
+from test_hf import make_batch, stock_logprobs, tiny_model
+
+pytestmark = pytest.mark.cuda
+DEV = torch.device("cuda")
+
+
+def packed_on(plan, prompts, rows, lp, lc, left_prompt, left_completion, dtype):
+    """Move the leaves to the GPU in ``dtype`` (new leaves) and pack q/k/v."""
+    moved_p = [{n: (p[n].detach().to(DEV, dtype).requires_grad_() if n != "len" else p[n]) for n in p} for p in prompts]
+    moved_r = [{n: (r[n].detach().to(DEV, dtype).requires_grad_() if n != "group" else r[n]) for n in r} for r in rows]
+    packed = {}
+    for name in ("q", "k", "v"):
+        px, _ = padded([moved_p[r["group"]][name] for r in moved_r], lp, left_prompt)
+        cx, _ = padded([r[name] for r in moved_r], lc, left_completion)
+        packed[name] = plan.pack(px, cx)[0]
+    return moved_p, moved_r, packed
+
+
+def stock_low_precision(prompts, rows, scale, dtype):
+    """Per-row attention in ``dtype`` on the GPU (SDPA), for the noise floor of that dtype."""
+    outs = []
+    for r in rows:
+        p = prompts[r["group"]]
+        q, k, v = (torch.cat([p[n], r[n]]).to(DEV, dtype).transpose(0, 1)[None] for n in ("q", "k", "v"))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        outs.append(o[0].transpose(0, 1)[p["len"] :].double().cpu())
+    return outs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("left", [True, False])
+def test_attention_against_fp64(dtype, left):
+    groups = [(300, [40, 7, 0, 64]), (33, [5]), (129, [16, 16, 16])]
+    prompts, rows, prompt_ids, _ = build_case(7, groups, 2, 4, 64, left, not left, True)
+    scale = 64**-0.5
+    lp = max(p["len"] for p in prompts) + 1
+    lc = max(r["q"].shape[0] for r in rows) + 1
+    pid, pmask = padded(prompt_ids, lp, left)
+    cid, cmask = padded([torch.arange(r["q"].shape[0]) + 7 for r in rows], lc, not left)
+    plan = sp.plan(pid.to(DEV), pmask.to(DEV), cid.to(DEV), cmask.to(DEV))
+    gp, gr, packed = packed_on(plan, prompts, rows, lp, lc, left, not left, dtype)
+    out = sp.attention(packed["q"], packed["k"], packed["v"], plan, scale=scale)
+    assert out.dtype == dtype and out.is_cuda
+
+    _, comp_ref = reference(prompts, rows, scale)
+    ours = plan.unpack_completions(out[plan.prefix_tokens :]).double().cpu()
+    got = torch.cat([ours[i][cmask[i]] for i in range(len(rows))])
+    want = torch.cat(comp_ref)
+    err = rel(got, want.detach())
+    if dtype == torch.float32:
+        assert err < 1e-5, err
+    else:
+        stock = torch.cat(stock_low_precision(prompts, rows, scale, dtype))
+        floor = rel(stock, want.detach())
+        assert err < 2e-2 and err <= 2 * floor + 1e-3, (err, floor)
+
+    # Gradients of the same loss, against fp64 per-row autograd.
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours_g = torch.autograd.grad((out.double() * w.to(DEV)).sum(), leaves(gp, gr), allow_unused=True)
+    first = {}
+    for i, r in enumerate(rows):
+        first.setdefault(r["group"], i)
+    prompt_ref, _ = reference(prompts, rows, scale)
+    w_pr = torch.split(w[: plan.prefix_tokens], [prompts[g]["len"] for g in first])
+    w_c = plan.unpack_completions(w[plan.prefix_tokens :].to(DEV)).cpu()
+    loss = sum((prompt_ref[g] * wp).sum() for g, wp in zip(first, w_pr))
+    loss = loss + sum((c * w_c[i][cmask[i]]).sum() for i, c in enumerate(comp_ref))
+    ref_g = torch.autograd.grad(loss, leaves(prompts, rows), allow_unused=True)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    for a, b in zip(ours_g, ref_g):
+        if b is None or b.norm() == 0:
+            continue
+        assert rel(a.double().cpu(), b) < tol
+
+
+def test_zero_syncs_in_attention_forward_backward():
+    prompts, rows, prompt_ids, _ = build_case(1, [(512, [64] * 8), (100, [3, 90])], 2, 4, 64, True, False, True)
+    lp = max(p["len"] for p in prompts) + 1
+    lc = max(r["q"].shape[0] for r in rows) + 1
+    pid, pmask = padded(prompt_ids, lp, True)
+    cid, cmask = padded([torch.arange(r["q"].shape[0]) + 7 for r in rows], lc, False)
+    plan = sp.plan(pid.to(DEV), pmask.to(DEV), cid.to(DEV), cmask.to(DEV))  # the plan may sync (one D2H read)
+    _, _, packed = packed_on(plan, prompts, rows, lp, lc, True, False, torch.bfloat16)
+    q, k, v = (packed[n].detach().requires_grad_() for n in ("q", "k", "v"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            out = sp.attention(q, k, v, plan)
+            out.float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_zero_syncs_in_model_layers():
+    model = tiny_model("qwen2", dtype=torch.bfloat16).to(DEV)
+    rows, pid, pmask, cid, cmask = make_batch()
+    plan = sp.plan(pid.to(DEV), pmask.to(DEV), cid.to(DEV), cmask.to(DEV))
+    sp.register()
+    model.set_attn_implementation("shared_prefix")
+    layer = model.model.layers[0]
+    hidden = torch.randn(1, plan.num_tokens, 32, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    pos = model.model.rotary_emb(hidden, plan.position_ids)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = layer(hidden, attention_mask=None, position_embeddings=pos, position_ids=plan.position_ids,
+                    shared_prefix_plan=plan)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(hidden.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_completion_logprobs_on_gpu(dtype):
+    model64 = tiny_model("qwen2")  # fp64 CPU reference
+    rows, pid, pmask, cid, cmask = make_batch()
+    ref, _ = stock_logprobs(model64, rows, cid.shape[1], 0.8)
+    model = tiny_model("qwen2", dtype=dtype).to(DEV)
+    model.gradient_checkpointing_enable()
+    model.train()
+    lp = sp.completion_logprobs(model, pid.to(DEV), pmask.to(DEV), cid.to(DEV), cmask.to(DEV), temperature=0.8)
+    assert lp.dtype == torch.float32
+    lp.sum().backward()
+    err = (lp.double().cpu() - ref.detach()).abs().max().item()
+    # The same rows alone through the same low-precision model: the noise floor of the dtype.
+    stock = stock_logprobs(model, [(p.to(DEV), c.to(DEV)) for p, c in rows], cid.shape[1], 0.8)[0].detach().cpu()
+    floor = (stock - ref.detach()).abs().max().item()
+    assert err <= 2 * floor + (1e-5 if dtype == torch.float32 else 2e-2), (err, floor)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
