@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <ATen/ops/_flash_attention_backward.h>
 #include <ATen/ops/_flash_attention_forward.h>
+#include <ATen/ops/_scaled_dot_product_cudnn_attention.h>
+#include <ATen/ops/_scaled_dot_product_cudnn_attention_backward.h>
 
 #include <string>
 
@@ -50,6 +52,37 @@ const char* sp_flash_varlen_bwd(const at::Tensor* dout, const at::Tensor* q, con
     auto unused = at::empty({0}, q->options());
     auto res = at::_flash_attention_backward(*dout, *q, *k, *v, *out, *lse, *cu_q, *cu_k, max_q, max_k,
                                              /*dropout_p=*/0.0, causal, rng, unused, scale);
+    *dq = new at::Tensor(std::get<0>(res));
+    *dk = new at::Tensor(std::get<1>(res));
+    *dv = new at::Tensor(std::get<2>(res));
+  });
+}
+
+// Dense cuDNN attention on [B, H, L, D] (any strides; Hkv may be < Hq). Returns out and the softmax statistics
+// (log-sum-exp) as cuDNN gives them.
+const char* sp_cudnn_fwd(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v, bool causal, double scale,
+                         at::Tensor** out, at::Tensor** lse) {
+  return guarded([&] {
+    auto res = at::_scaled_dot_product_cudnn_attention(*q, *k, *v, /*attn_bias=*/std::nullopt,
+                                                       /*compute_log_sumexp=*/true, /*dropout_p=*/0.0, causal,
+                                                       /*return_debug_mask=*/false, scale);
+    *out = new at::Tensor(std::get<0>(res));
+    *lse = new at::Tensor(std::get<1>(res));
+  });
+}
+
+// Dense cuDNN attention backward with the caller's (merged) out and lse, shaped as the forward returned them.
+const char* sp_cudnn_bwd(const at::Tensor* dout, const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
+                         const at::Tensor* out, const at::Tensor* lse, bool causal, double scale, at::Tensor** dq,
+                         at::Tensor** dk, at::Tensor** dv) {
+  return guarded([&] {
+    // No dropout: the philox seed/offset are not read.
+    auto seed = at::zeros({1}, q->options().dtype(at::kLong));
+    auto offset = at::zeros({1}, q->options().dtype(at::kLong));
+    at::Tensor none;
+    auto res = at::_scaled_dot_product_cudnn_attention_backward(*dout, *q, *k, *v, *out, *lse, seed, offset, none,
+                                                                none, none, q->size(2), k->size(2),
+                                                                /*dropout_p=*/0.0, causal, scale);
     *dq = new at::Tensor(std::get<0>(res));
     *dk = new at::Tensor(std::get<1>(res));
     *dv = new at::Tensor(std::get<2>(res));

@@ -1,8 +1,12 @@
-//! CUDA kernels: flash-attention 2 varlen through ATen (the forward via the C++ shim, which tch does not bind).
-//! Segment tables live on the device and max lengths on the host, so no call reads a device value back.
-//! GQA is native (Hkv < Hq), K/V are never repeated.
+//! CUDA kernels through ATen, via the C++ shim for the entry points tch does not bind:
+//! - flash-attention 2 varlen (the default for fp16/bf16): one call per attention call, segment tables on the
+//!   device and max lengths from the host, so no call reads a device value back;
+//! - cuDNN dense attention, run by run (opt-in, `kernels="cudnn"`; see BENCHMARKS.md for the measured choice).
+//! GQA is native in both (Hkv < Hq): K/V are never repeated.
 
 use crate::executor::{Kernels, Result, Segments};
+use crate::runs::Dense;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::ffi::CStr;
 use std::os::raw::c_char;
 use tch::{TchError, Tensor};
@@ -34,6 +38,31 @@ extern "C" {
         cu_k: *const C_tensor,
         max_q: i64,
         max_k: i64,
+        causal: bool,
+        scale: f64,
+        dq: *mut *mut C_tensor,
+        dk: *mut *mut C_tensor,
+        dv: *mut *mut C_tensor,
+    ) -> *const c_char;
+
+    fn sp_cudnn_fwd(
+        q: *const C_tensor,
+        k: *const C_tensor,
+        v: *const C_tensor,
+        causal: bool,
+        scale: f64,
+        out: *mut *mut C_tensor,
+        lse: *mut *mut C_tensor,
+    ) -> *const c_char;
+
+    #[allow(clippy::too_many_arguments)]
+    fn sp_cudnn_bwd(
+        dout: *const C_tensor,
+        q: *const C_tensor,
+        k: *const C_tensor,
+        v: *const C_tensor,
+        out: *const C_tensor,
+        lse: *const C_tensor,
         causal: bool,
         scale: f64,
         dq: *mut *mut C_tensor,
@@ -111,6 +140,48 @@ impl Kernels for FlashKernels {
                 seg.cu_k.as_ptr(),
                 seg.max_q as i64,
                 seg.max_k as i64,
+                causal,
+                scale,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            )
+        })?;
+        // SAFETY: on success the shim hands over three new at::Tensor handles.
+        Ok(unsafe { (Tensor::from_ptr(dq), Tensor::from_ptr(dk), Tensor::from_ptr(dv)) })
+    }
+}
+
+/// cuDNN's softmax statistics come as `[B, H, L]` or `[B, H, L, 1]` depending on the version; the rank seen in
+/// the first forward is what backward hands back (0 = not seen yet).
+static CUDNN_LSE_RANK: AtomicI64 = AtomicI64::new(0);
+
+pub struct CudnnDense;
+
+impl Dense for CudnnDense {
+    fn fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<(Tensor, Tensor)> {
+        let (mut out, mut lse) = (std::ptr::null_mut(), std::ptr::null_mut());
+        check(unsafe { sp_cudnn_fwd(q.as_ptr(), k.as_ptr(), v.as_ptr(), causal, scale, &mut out, &mut lse) })?;
+        // SAFETY: on success the shim hands over two new at::Tensor handles.
+        let (out, lse) = unsafe { (Tensor::from_ptr(out), Tensor::from_ptr(lse)) };
+        CUDNN_LSE_RANK.store(lse.dim() as i64, Ordering::Relaxed);
+        let lse = if lse.dim() == 4 { lse.f_squeeze_dim(-1)? } else { lse };
+        Ok((out, lse))
+    }
+
+    fn bwd(&self, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, causal: bool, scale: f64)
+        -> Result<(Tensor, Tensor, Tensor)> {
+        let lse = if CUDNN_LSE_RANK.load(Ordering::Relaxed) == 4 { lse.f_unsqueeze(-1)? } else { lse.shallow_clone() };
+        let (dout, out, lse) = (dout.contiguous(), out.contiguous(), lse.contiguous());
+        let (mut dq, mut dk, mut dv) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
+        check(unsafe {
+            sp_cudnn_bwd(
+                dout.as_ptr(),
+                q.as_ptr(),
+                k.as_ptr(),
+                v.as_ptr(),
+                out.as_ptr(),
+                lse.as_ptr(),
                 causal,
                 scale,
                 &mut dq,

@@ -211,9 +211,10 @@ fn make_plan(
 static CPU_FLASH: runs::Runs<runs::CpuFlash> = runs::Runs(runs::CpuFlash);
 static MATH: runs::Runs<runs::Math> = runs::Runs(runs::Math);
 static CUDA_FLASH: cuda::FlashKernels = cuda::FlashKernels;
+static CUDA_CUDNN: runs::Runs<cuda::CudnnDense> = runs::Runs(cuda::CudnnDense);
 
-/// The backend for these inputs. `name` forces one ("cpu_flash", "math", "flash"); by default: CPU → ATen's CPU
-/// flash kernel; CUDA fp16/bf16 → flash-attention 2 varlen; CUDA fp32/fp64 → the explicit-math kernel.
+/// The backend for these inputs. `name` forces one ("cpu_flash", "math", "flash", "cudnn"); by default: CPU →
+/// ATen's CPU flash kernel; CUDA fp16/bf16 → flash-attention 2 varlen; CUDA fp32/fp64 → the explicit-math kernel.
 fn kernels_for(q: &Tensor, name: Option<&str>) -> PyResult<&'static dyn Kernels> {
     let device = q.device();
     let half = matches!(q.kind(), Kind::Half | Kind::BFloat16);
@@ -229,17 +230,17 @@ fn kernels_for(q: &Tensor, name: Option<&str>) -> PyResult<&'static dyn Kernels>
     match (name, device) {
         ("math", _) => Ok(&MATH),
         ("cpu_flash", Device::Cpu) => Ok(&CPU_FLASH),
-        ("flash", Device::Cuda(_)) => {
+        ("flash" | "cudnn", Device::Cuda(_)) => {
             let d = q.size()[2];
             if !half {
-                return Err(PyTypeError::new_err(format!("q: the flash kernel takes fp16/bf16, got {:?}", q.kind())));
+                return Err(PyTypeError::new_err(format!("q: the {name} kernel takes fp16/bf16, got {:?}", q.kind())));
             }
             if d % 8 != 0 || d > 256 {
                 return Err(PyValueError::new_err(format!(
-                    "q: head dim {d} is not supported by the CUDA flash kernel (a multiple of 8, at most 256)"
+                    "q: head dim {d} is not supported by the CUDA {name} kernel (a multiple of 8, at most 256)"
                 )));
             }
-            Ok(&CUDA_FLASH)
+            Ok(if name == "flash" { &CUDA_FLASH } else { &CUDA_CUDNN })
         }
         (n, d) => Err(PyValueError::new_err(format!("kernels: {n:?} is not available on {}", device_name(d)))),
     }

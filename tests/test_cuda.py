@@ -41,9 +41,13 @@ def stock_low_precision(prompts, rows, scale, dtype):
     return outs
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "dtype,kernels",
+    [(torch.bfloat16, None), (torch.float16, None), (torch.float32, None), (torch.bfloat16, "cudnn"),
+     (torch.float16, "cudnn")],
+)
 @pytest.mark.parametrize("left", [True, False])
-def test_attention_against_fp64(dtype, left):
+def test_attention_against_fp64(dtype, kernels, left):
     groups = [(300, [40, 7, 0, 64]), (33, [5]), (129, [16, 16, 16])]
     prompts, rows, prompt_ids, _ = build_case(7, groups, 2, 4, 64, left, not left, True)
     scale = 64**-0.5
@@ -53,7 +57,7 @@ def test_attention_against_fp64(dtype, left):
     cid, cmask = padded([torch.arange(r["q"].shape[0]) + 7 for r in rows], lc, not left)
     plan = sp.plan(pid.to(DEV), pmask.to(DEV), cid.to(DEV), cmask.to(DEV))
     gp, gr, packed = packed_on(plan, prompts, rows, lp, lc, left, not left, dtype)
-    out = sp.attention(packed["q"], packed["k"], packed["v"], plan, scale=scale)
+    out = sp.attention(packed["q"], packed["k"], packed["v"], plan, scale=scale, kernels=kernels)
     assert out.dtype == dtype and out.is_cuda
 
     _, comp_ref = reference(prompts, rows, scale)
@@ -87,7 +91,8 @@ def test_attention_against_fp64(dtype, left):
         assert rel(a.double().cpu(), b) < tol
 
 
-def test_zero_syncs_in_attention_forward_backward():
+@pytest.mark.parametrize("kernels", [None, "cudnn"])
+def test_zero_syncs_in_attention_forward_backward(kernels):
     prompts, rows, prompt_ids, _ = build_case(1, [(512, [64] * 8), (100, [3, 90])], 2, 4, 64, True, False, True)
     lp = max(p["len"] for p in prompts) + 1
     lc = max(r["q"].shape[0] for r in rows) + 1
@@ -100,7 +105,7 @@ def test_zero_syncs_in_attention_forward_backward():
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(2):
-            out = sp.attention(q, k, v, plan)
+            out = sp.attention(q, k, v, plan, kernels=kernels)
             out.float().square().sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

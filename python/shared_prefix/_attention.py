@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -46,7 +47,8 @@ def attention(
 
     ``kernels`` forces a backend (for tests and measurements): ``"cpu_flash"`` (ATen's CPU flash kernel, the CPU
     default), ``"flash"`` (flash-attention 2 varlen, the CUDA fp16/bf16 default) or ``"math"`` (explicit matmuls,
-    any device, the CUDA fp32/fp64 default).
+    any device, the CUDA fp32/fp64 default) or ``"cudnn"`` (cuDNN dense attention per run of equal-length segments,
+    CUDA fp16/bf16). Without it, the environment variable ``SHARED_PREFIX_KERNELS`` may name one.
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan: expected a shared_prefix.Plan, got {type(plan).__name__}")
@@ -57,4 +59,6 @@ def attention(
         if q.dim() != 3:
             raise ValueError(f"q: expected a packed [T, H, D] tensor, got shape {tuple(q.shape)}")
         scale = q.shape[-1] ** -0.5
+    if kernels is None:
+        kernels = os.environ.get("SHARED_PREFIX_KERNELS") or None
     return _SharedPrefixAttention.apply(q, k, v, plan._core, float(scale), kernels)

@@ -50,7 +50,10 @@ PRESETS = {
                 configs=["4096x512x8x1", "8192x256x16x1", "16384x1024x8x1"]),
 }
 # Order of measurement: the reference first; the original package last (it may not fit long configs).
-VARIANTS = ["baseline", "packed_causal", "shared_prefix", "flex", "prefix_grouper"]
+VARIANTS = ["baseline", "packed_causal", "shared_prefix", "shared_prefix_cudnn", "flex", "prefix_grouper"]
+# Variants that run ours with a forced kernel choice (SHARED_PREFIX_KERNELS for the whole measurement, so the
+# checkpoint recompute in backward uses the same kernels as the forward).
+KERNEL_VARIANTS = {"shared_prefix_cudnn": "cudnn"}
 
 
 def parse_config(text: str) -> tuple[int, int, int, int]:
@@ -137,13 +140,10 @@ class FlexVariant:
 
     def __call__(self):
         model = self.model
-        previous = model.config._attn_implementation
+        # Left on flex through backward (the checkpoint recompute runs there); run_config resets it.
         model.set_attn_implementation("flex_attention")
-        try:
-            hidden = model.get_decoder()(input_ids=self.ids, position_ids=self.pos, attention_mask=self.block_mask,
-                                         use_cache=False).last_hidden_state
-        finally:
-            model.set_attn_implementation(previous)
+        hidden = model.get_decoder()(input_ids=self.ids, position_ids=self.pos, attention_mask=self.block_mask,
+                                     use_cache=False).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.pred.reshape(-1))
         logits = model.get_output_embeddings()(h)
         logp = torch.log_softmax(logits.float(), -1).gather(-1, self.completion_ids.reshape(-1, 1))
@@ -158,7 +158,7 @@ def variant_fns(model, batch, g: int, device: torch.device, wanted: list[str]) -
             fns[name] = lambda: stock_logprobs(model, pid, pmask, cid, cmask)
         elif name == "packed_causal":
             fns[name] = lambda: packed_causal_logprobs(model, pid, cid, g)
-        elif name == "shared_prefix":
+        elif name == "shared_prefix" or (name in KERNEL_VARIANTS and device.type == "cuda"):
             fns[name] = lambda: sp.completion_logprobs(model, pid, pmask, cid, cmask, group_sizes=g)
         elif name == "prefix_grouper":
             try:
@@ -225,15 +225,19 @@ def run_config(model, cfg, args, device, bar):
         # Tokens forwarded: every row [prompt, completion] for the baseline; one prompt per group otherwise.
         row = dict(config="x".join(map(str, cfg)), variant=name,
                    tokens=b * g * (p + s) if name == "baseline" else b * (p + g * s))
+        if name in KERNEL_VARIANTS:
+            os.environ["SHARED_PREFIX_KERNELS"] = KERNEL_VARIANTS[name]
         try:
             stats, logp, grad = measure_variant(model, fn, adv, cmask, args, device, bar)
-        except (RuntimeError, NotImplementedError, ValueError) as e:  # an OOM or an unsupported case: recorded
+        except Exception as e:  # an OOM, an unsupported case or a failing variant: recorded, the run goes on
             model.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
             yield row
             continue
+        finally:
+            os.environ.pop("SHARED_PREFIX_KERNELS", None)
         row.update(stats)
         if name == "flex":
             row["compile_s"] = max(0.0, stats["first_step_s"] - stats["median_s"])
