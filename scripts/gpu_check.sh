@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One device check on a GPU machine: the GPU tests, then `python -m shared_prefix.bench --preset gpu`.
+# One device check on a GPU machine: the GPU tests, then `python -m shared_prefix.bench --preset gpu`, then a
+# profile of one step.
 # Run from the repo root with the wheels in .whl/ (our abi3 wheel built on the CPU machine, plus pure-Python or
-# abi3 wheels the image lacks). Results land in $OUT (gpu.txt, gpu_tests.log, bench/results.{jsonl,md,png}).
+# abi3 wheels the image lacks). Results land in $OUT (gpu.txt, gpu_tests.log, bench/results.{jsonl,md,png},
+# profile_*.txt).
 set -u
 OUT=${OUT:-/tmp/sp-gpu-out}
 mkdir -p "$OUT"
@@ -18,3 +20,4 @@ timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/te
   | tee "$OUT/gpu_tests.log" | tail -25
 timeout "${BENCH_TIMEOUT:-360}" python3 -m shared_prefix.bench --preset gpu --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 \
   | grep -v "step/s\]\|s/step\]" | tee "$OUT/bench.log" | tail -30
+timeout "${PROFILE_TIMEOUT:-90}" python3 scripts/gpu_profile.py "$OUT" 2>&1 | tail -32
