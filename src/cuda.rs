@@ -160,6 +160,8 @@ pub struct CudnnDense;
 
 impl Dense for CudnnDense {
     fn fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<(Tensor, Tensor)> {
+        // One layout for every operand, forward and backward (strided views gave wrong gradients at some shapes).
+        let (q, k, v) = (q.contiguous(), k.contiguous(), v.contiguous());
         let (mut out, mut lse) = (std::ptr::null_mut(), std::ptr::null_mut());
         check(unsafe { sp_cudnn_fwd(q.as_ptr(), k.as_ptr(), v.as_ptr(), causal, scale, &mut out, &mut lse) })?;
         // SAFETY: on success the shim hands over two new at::Tensor handles.
@@ -173,6 +175,7 @@ impl Dense for CudnnDense {
         -> Result<(Tensor, Tensor, Tensor)> {
         let lse = if CUDNN_LSE_RANK.load(Ordering::Relaxed) == 4 { lse.f_unsqueeze(-1)? } else { lse.shallow_clone() };
         let (dout, out, lse) = (dout.contiguous(), out.contiguous(), lse.contiguous());
+        let (q, k, v) = (q.contiguous(), k.contiguous(), v.contiguous());
         let (mut dq, mut dk, mut dv) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
         check(unsafe {
             sp_cudnn_bwd(
