@@ -196,3 +196,41 @@ impl Dense for CudnnDense {
         Ok(unsafe { (Tensor::from_ptr(dq), Tensor::from_ptr(dk), Tensor::from_ptr(dv)) })
     }
 }
+
+/// The CUDA fp16/bf16 default: per attention call, cuDNN when the call's segments are one dense batch (one run),
+/// flash-attention 2 varlen otherwise. Measured on an H200 (BENCHMARKS.md): cuDNN is faster on long uniform
+/// calls; varlen avoids one cuDNN call per run (and a cuDNN graph per shape) on ragged batches. Forward and
+/// backward of a call make the same choice, since it depends only on the plan.
+pub struct AutoKernels;
+
+pub static FLASH: FlashKernels = FlashKernels;
+pub static CUDNN: crate::runs::Runs<CudnnDense> = crate::runs::Runs(CudnnDense);
+pub static AUTO: AutoKernels = AutoKernels;
+
+impl AutoKernels {
+    fn pick(seg: &Segments) -> &'static dyn Kernels {
+        if seg.runs.len() <= 1 { &CUDNN } else { &FLASH }
+    }
+}
+
+impl Kernels for AutoKernels {
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, seg: &Segments, causal: bool, scale: f64)
+        -> Result<(Tensor, Tensor)> {
+        Self::pick(seg).forward(q, k, v, seg, causal, scale)
+    }
+
+    fn backward(
+        &self,
+        dout: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        seg: &Segments,
+        causal: bool,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        Self::pick(seg).backward(dout, q, k, v, out, lse, seg, causal, scale)
+    }
+}

@@ -210,18 +210,17 @@ fn make_plan(
 
 static CPU_FLASH: runs::Runs<runs::CpuFlash> = runs::Runs(runs::CpuFlash);
 static MATH: runs::Runs<runs::Math> = runs::Runs(runs::Math);
-static CUDA_FLASH: cuda::FlashKernels = cuda::FlashKernels;
-static CUDA_CUDNN: runs::Runs<cuda::CudnnDense> = runs::Runs(cuda::CudnnDense);
 
-/// The backend for these inputs. `name` forces one ("cpu_flash", "math", "flash", "cudnn"); by default: CPU →
-/// ATen's CPU flash kernel; CUDA fp16/bf16 → flash-attention 2 varlen; CUDA fp32/fp64 → the explicit-math kernel.
+/// The backend for these inputs. `name` forces one ("cpu_flash", "math", "flash", "cudnn", "auto"); by default:
+/// CPU → ATen's CPU flash kernel; CUDA fp16/bf16 → "auto" (cuDNN for one-batch calls, flash-attention 2 varlen
+/// otherwise); CUDA fp32/fp64 → the explicit-math kernel.
 fn kernels_for(q: &Tensor, name: Option<&str>) -> PyResult<&'static dyn Kernels> {
     let device = q.device();
     let half = matches!(q.kind(), Kind::Half | Kind::BFloat16);
     let name = match (name, device) {
         (Some(n), _) => n,
         (None, Device::Cpu) => "cpu_flash",
-        (None, Device::Cuda(_)) if half => "flash",
+        (None, Device::Cuda(_)) if half => "auto",
         (None, Device::Cuda(_)) => "math",
         (None, other) => {
             return Err(PyNotImplementedError::new_err(format!("shared_prefix.attention: no backend for {other:?}")))
@@ -230,7 +229,7 @@ fn kernels_for(q: &Tensor, name: Option<&str>) -> PyResult<&'static dyn Kernels>
     match (name, device) {
         ("math", _) => Ok(&MATH),
         ("cpu_flash", Device::Cpu) => Ok(&CPU_FLASH),
-        ("flash" | "cudnn", Device::Cuda(_)) => {
+        ("flash" | "cudnn" | "auto", Device::Cuda(_)) => {
             let d = q.size()[2];
             if !half {
                 return Err(PyTypeError::new_err(format!("q: the {name} kernel takes fp16/bf16, got {:?}", q.kind())));
@@ -240,7 +239,11 @@ fn kernels_for(q: &Tensor, name: Option<&str>) -> PyResult<&'static dyn Kernels>
                     "q: head dim {d} is not supported by the CUDA {name} kernel (a multiple of 8, at most 256)"
                 )));
             }
-            Ok(if name == "flash" { &CUDA_FLASH } else { &CUDA_CUDNN })
+            Ok(match name {
+                "flash" => &cuda::FLASH,
+                "cudnn" => &cuda::CUDNN,
+                _ => &cuda::AUTO,
+            })
         }
         (n, d) => Err(PyValueError::new_err(format!("kernels: {n:?} is not available on {}", device_name(d)))),
     }

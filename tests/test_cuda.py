@@ -44,7 +44,7 @@ def stock_low_precision(prompts, rows, scale, dtype):
 @pytest.mark.parametrize(
     "dtype,kernels",
     [(torch.bfloat16, None), (torch.float16, None), (torch.float32, None), (torch.bfloat16, "cudnn"),
-     (torch.float16, "cudnn")],
+     (torch.float16, "cudnn"), (torch.bfloat16, "flash"), (torch.float16, "flash")],
 )
 @pytest.mark.parametrize("left", [True, False])
 def test_attention_against_fp64(dtype, kernels, left):
@@ -91,7 +91,7 @@ def test_attention_against_fp64(dtype, kernels, left):
         assert rel(a.double().cpu(), b) < tol
 
 
-@pytest.mark.parametrize("kernels", [None, "cudnn"])
+@pytest.mark.parametrize("kernels", [None, "cudnn", "flash"])
 def test_zero_syncs_in_attention_forward_backward(kernels):
     prompts, rows, prompt_ids, _ = build_case(1, [(512, [64] * 8), (100, [3, 90])], 2, 4, 64, True, False, True)
     lp = max(p["len"] for p in prompts) + 1

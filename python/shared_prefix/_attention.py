@@ -46,9 +46,9 @@ def attention(
     causally to their own completion. Returns ``[T, Hq, D]``; forward and backward are exact.
 
     ``kernels`` forces a backend (for tests and measurements): ``"cpu_flash"`` (ATen's CPU flash kernel, the CPU
-    default), ``"flash"`` (flash-attention 2 varlen, the CUDA fp16/bf16 default) or ``"math"`` (explicit matmuls,
-    any device, the CUDA fp32/fp64 default) or ``"cudnn"`` (cuDNN dense attention per run of equal-length segments,
-    CUDA fp16/bf16). Without it, the environment variable ``SHARED_PREFIX_KERNELS`` may name one.
+    default), ``"auto"`` (CUDA fp16/bf16 default: cuDNN for calls that are one dense batch, flash-attention 2 varlen
+    otherwise), ``"flash"``, ``"cudnn"`` (cuDNN dense attention per run of equal-length segments) or ``"math"``
+    (explicit matmuls, any device, the CUDA fp32/fp64 default). Without it, the environment variable ``SHARED_PREFIX_KERNELS`` may name one.
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan: expected a shared_prefix.Plan, got {type(plan).__name__}")

@@ -50,10 +50,11 @@ PRESETS = {
                 configs=["4096x512x8x1", "8192x256x16x1", "16384x1024x8x1"]),
 }
 # Order of measurement: the reference first; the original package last (it may not fit long configs).
-VARIANTS = ["baseline", "packed_causal", "shared_prefix", "shared_prefix_cudnn", "flex", "prefix_grouper"]
+VARIANTS = ["baseline", "packed_causal", "shared_prefix", "shared_prefix_fa2", "shared_prefix_cudnn", "flex",
+            "prefix_grouper"]
 # Variants that run ours with a forced kernel choice (SHARED_PREFIX_KERNELS for the whole measurement, so the
 # checkpoint recompute in backward uses the same kernels as the forward).
-KERNEL_VARIANTS = {"shared_prefix_cudnn": "cudnn"}
+KERNEL_VARIANTS = {"shared_prefix_fa2": "flash", "shared_prefix_cudnn": "cudnn"}
 
 
 def parse_config(text: str) -> tuple[int, int, int, int]:
