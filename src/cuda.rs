@@ -197,11 +197,14 @@ impl Dense for CudnnDense {
     }
 }
 
-/// The CUDA fp16/bf16 default: per attention call, cuDNN when the call's segments are one dense batch (one run),
-/// flash-attention 2 varlen otherwise. Measured on an H200 (BENCHMARKS.md): cuDNN is faster on long uniform
-/// calls; varlen avoids one cuDNN call per run (and a cuDNN graph per shape) on ragged batches. Forward and
-/// backward of a call make the same choice, since it depends only on the plan.
+/// The CUDA fp16/bf16 default, chosen per attention call by measurement (H200, BENCHMARKS.md): cuDNN when the call
+/// is one dense batch (one run) with keys of at least `CUDNN_MIN_KEYS` tokens, flash-attention 2 varlen otherwise.
+/// cuDNN won at 16k keys (0.54 s vs 0.66 s per step) and tied at 8k; varlen won at 4k (0.19 s vs 0.23 s) and
+/// takes ragged batches in one call (cuDNN would need one call, and one cuDNN graph, per run). Forward and
+/// backward of a call make the same choice, since it depends only on the plan's host integers.
 pub struct AutoKernels;
+
+pub const CUDNN_MIN_KEYS: usize = 8192;
 
 pub static FLASH: FlashKernels = FlashKernels;
 pub static CUDNN: crate::runs::Runs<CudnnDense> = crate::runs::Runs(CudnnDense);
@@ -209,7 +212,7 @@ pub static AUTO: AutoKernels = AutoKernels;
 
 impl AutoKernels {
     fn pick(seg: &Segments) -> &'static dyn Kernels {
-        if seg.runs.len() <= 1 { &CUDNN } else { &FLASH }
+        if seg.runs.len() <= 1 && seg.max_k >= CUDNN_MIN_KEYS { &CUDNN } else { &FLASH }
     }
 }
 
