@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .hf import token_logprobs
+from ._logprobs import token_logprobs
 
 _PG_ATTENTION = "prefix_grouper_attention"  # the name prefix_grouper's register_attention() registers
 _INNER = "shared_prefix_pg_sdpa"  # our kernel under it (see _sdpa_inner)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .hf import token_logprobs
+from ._logprobs import token_logprobs
 
 
 def stock_logprobs(

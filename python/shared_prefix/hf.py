@@ -17,6 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
 from ._attention import attention
+from ._logprobs import head_logprobs
 from ._plan import Plan, plan as make_plan
 
 NAME = "shared_prefix"
@@ -180,17 +181,6 @@ def _lm_head(model: torch.nn.Module) -> torch.nn.Module:
     return head
 
 
-def token_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """log_softmax(logits / temperature) at ``targets``, in fp32 (fp64 for fp64 logits); optionally the entropy."""
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logp = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
-    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
-    return picked, entropy
-
-
 def completion_logprobs(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
@@ -202,12 +192,16 @@ def completion_logprobs(
     group_sizes: Optional[Union[int, Sequence[int]]] = None,
     group_ids: Optional[Union[torch.Tensor, Sequence[Hashable]]] = None,
     return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
 ):
     """Per-token log-probs of the completions, ``[B, Lc]``, computed with each prompt forwarded once per group.
 
     Each value equals what the row gives alone through the stock model, ``log_softmax(logits / temperature)`` at
     the completion token, and 0 at completion padding. Gradients reach the model's parameters. Returns
     ``(logprobs, entropy)`` when ``return_entropy``.
+
+    The LM head runs in chunks of ``chunk_size`` completion rows (``None``: picked from the vocabulary size) with an
+    exact recomputing backward, so full-vocabulary logits never exist for all rows at once.
     """
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_decoder"):
         raise TypeError(f"model: expected a transformers causal LM, got {type(model).__name__}")
@@ -225,8 +219,9 @@ def completion_logprobs(
             **{PLAN_KWARG: p},
         )
     hidden = p.predictor_rows(out.last_hidden_state)
-    logits = _lm_head(model)(hidden)
-    picked, entropy = token_logprobs(logits, p.completion_targets(), float(temperature), return_entropy)
+    picked, entropy = head_logprobs(
+        hidden, _lm_head(model), p.completion_targets(), float(temperature), return_entropy, chunk_size
+    )
     logprobs = p.unpack_completions(picked)
     if return_entropy:
         return logprobs, p.unpack_completions(entropy)

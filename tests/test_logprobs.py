@@ -1,0 +1,99 @@
+"""Chunked (memory-lean) log-probs against the unchunked stock computation: values and gradients, fp64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import shared_prefix as sp
+from shared_prefix._logprobs import head_logprobs, token_logprobs
+from shared_prefix._measure import peak_memory_bytes
+from test_hf import make_batch, param_grads, stock_logprobs, tiny_model
+
+
+def leaves(n=23, hidden=16, vocab=97, bias=True, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(hidden, vocab, bias=bias).to(dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, hidden, generator=g, dtype=dtype))
+        if bias:
+            head.bias.copy_(torch.randn(vocab, generator=g, dtype=dtype))
+    h = torch.randn(n, hidden, generator=g, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    return h, head, targets
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 23, 100, None])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_matches_unchunked(chunk, bias):
+    h, head, targets = leaves(bias=bias)
+    w1, w2 = torch.randn(23, dtype=torch.float64), torch.randn(23, dtype=torch.float64)
+    params = [h, head.weight] + ([head.bias] if bias else [])
+
+    lp, ent = head_logprobs(h, head, targets, 0.7, True, chunk)
+    got = torch.autograd.grad((lp * w1).sum() + (ent * w2).sum(), params)
+    ref_lp, ref_ent = token_logprobs(head(h), targets, 0.7, True)
+    want = torch.autograd.grad((ref_lp * w1).sum() + (ref_ent * w2).sum(), params)
+    assert (lp - ref_lp).abs().max() < 1e-12 and (ent - ref_ent).abs().max() < 1e-12
+    for a, b in zip(got, want):
+        assert ((a - b).norm() / b.norm()).item() < 1e-12
+
+
+def test_without_entropy_and_partial_grads():
+    h, head, targets = leaves(bias=False)
+    head.weight.requires_grad_(False)
+    lp, ent = head_logprobs(h, head, targets, 1.0, False, 5)
+    assert ent is None and lp.dtype == torch.float64
+    (g,) = torch.autograd.grad(lp.sum(), [h])
+    (want,) = torch.autograd.grad(token_logprobs(head(h), targets, 1.0, False)[0].sum(), [h])
+    assert ((g - want).norm() / want.norm()).item() < 1e-12
+
+
+def test_bf16_head_close_to_unchunked():
+    h, head, targets = leaves(n=64, hidden=32, vocab=301, bias=False, dtype=torch.bfloat16)
+    lp, _ = head_logprobs(h, head, targets, 1.0, False, 8)
+    assert lp.dtype == torch.float32
+    ref, _ = token_logprobs(head(h), targets, 1.0, False)
+    assert (lp - ref).abs().max().item() < 1e-5  # same bf16 logits, same fp32 softmax
+    (g,) = torch.autograd.grad(lp.sum(), [head.weight])
+    (want,) = torch.autograd.grad(ref.sum(), [head.weight])
+    assert ((g.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+def test_peak_memory_drops():
+    """The full [rows, vocab] fp32 logits never exist at once: peak is a chunk's, not all rows'."""
+    h, head, targets = leaves(n=512, hidden=64, vocab=16384, bias=False, dtype=torch.float32)
+    h = h.detach().requires_grad_()
+
+    def chunked():
+        head_logprobs(h, head, targets, 0.9, True, 32)[0].sum().backward()
+
+    def full():
+        token_logprobs(head(h), targets, 0.9, True)[0].sum().backward()
+
+    logits_bytes = 512 * 16384 * 4
+    lean, stock = peak_memory_bytes(chunked, torch.device("cpu")), peak_memory_bytes(full, torch.device("cpu"))
+    assert stock > 2 * logits_bytes  # the stock path holds several full-vocabulary tensors
+    assert lean < 0.25 * stock, (lean, stock)
+
+
+def test_tied_embeddings_model_chunked():
+    """A tied head (the embedding matrix): chunked log-probs and gradients equal the stock per-row model's."""
+    model = tiny_model("gemma")  # tie_word_embeddings=True in the test models
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    rows, pid, pmask, cid, cmask = make_batch(seed=7)
+    ref, ref_ent = stock_logprobs(model, rows, cid.shape[1], 1.3)
+    ref_grads = param_grads(model, ref.sum() + ref_ent.sum())
+    lp, ent = sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=1.3, return_entropy=True, chunk_size=3)
+    assert (lp - ref).abs().max().item() <= 1e-9 and (ent - ref_ent).abs().max().item() <= 1e-9
+    grads = param_grads(model, lp.sum() + ent.sum())
+    assert max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in grads) <= 1e-6
+
+
+def test_bad_chunk_size():
+    h, head, targets = leaves()
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            head_logprobs(h, head, targets, 1.0, False, bad)
+    with pytest.raises(TypeError, match="LM head"):
+        head_logprobs(h, torch.nn.Sequential(head), targets, 1.0, False, 4)
