@@ -336,8 +336,88 @@ fn attention_backward(
     Ok((PyTensor(dq), PyTensor(dk), PyTensor(dv)))
 }
 
+fn parse_device(text: &str) -> PyResult<Device> {
+    match text.split_once(':') {
+        None if text == "cpu" => Ok(Device::Cpu),
+        None if text == "cuda" => Ok(Device::Cuda(0)),
+        Some(("cuda", i)) => i.parse().map(Device::Cuda).map_err(|_| PyValueError::new_err(format!("device: {text:?}"))),
+        _ => Err(PyValueError::new_err(format!("device: expected 'cpu' or 'cuda[:N]', got {text:?}"))),
+    }
+}
+
+fn host_bools(t: &Tensor) -> PyResult<Vec<bool>> {
+    let v: Vec<i64> = Vec::try_from(t.f_reshape([-1]).map_err(torch_err)?.f_to_kind(Kind::Int64).map_err(torch_err)?.to_device(Device::Cpu))
+        .map_err(torch_err)?;
+    Ok(v.into_iter().map(|x| x != 0).collect())
+}
+
+/// The original Prefix Grouper's grouped layout on `device`: the attention plan and the index tensors
+/// (`grouped_prefix`, `grouped_suffix`, `ungrouped_prefix`, `ungrouped_suffix`, `sample_group`, `padding_mask`),
+/// made with one host→device copy.
+#[pyfunction]
+#[pyo3(signature = (prefix_lens, suffix_lens, group_sizes, device, padding_mask=None, left=false))]
+fn make_compat_plan<'py>(
+    py: Python<'py>,
+    prefix_lens: Vec<usize>,
+    suffix_lens: Vec<usize>,
+    group_sizes: Vec<usize>,
+    device: &str,
+    padding_mask: Option<PyTensor>,
+    left: bool,
+) -> PyResult<(PyPlan, Bound<'py, PyDict>, (usize, usize, usize))> {
+    let device = parse_device(device)?;
+    let mask_host = padding_mask.as_ref().map(|m| host_bools(m)).transpose()?;
+    let padding = match (&mask_host, &padding_mask) {
+        (Some(h), Some(m)) => {
+            if m.dim() != 2 {
+                return Err(PyValueError::new_err("padding_mode: a mask must be 2-D [groups, seq]"));
+            }
+            planner::compat::Padding::Mask { mask: h, width: m.size()[1] as usize }
+        }
+        _ if left => planner::compat::Padding::Left,
+        _ => planner::compat::Padding::Right,
+    };
+    let (layout, host_plan) = planner::compat::compat_layout(&prefix_lens, &suffix_lens, &group_sizes, padding)
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let parts: [&[i64]; 5] = [
+        &layout.grouped_prefix,
+        &layout.grouped_suffix,
+        &layout.ungrouped_prefix,
+        &layout.ungrouped_suffix,
+        &layout.sample_group,
+    ];
+    let mut buf: Vec<i64> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+    buf.extend(layout.padding_mask.iter().map(|&m| m as i64));
+    let all = Tensor::f_from_slice(&buf).map_err(torch_err)?.f_to_device(device).map_err(torch_err)?;
+    let out = PyDict::new(py);
+    let names = ["grouped_prefix", "grouped_suffix", "ungrouped_prefix", "ungrouped_suffix", "sample_group"];
+    let mut at = 0i64;
+    for (name, part) in names.iter().zip(parts) {
+        out.set_item(*name, PyTensor(all.f_narrow(0, at, part.len() as i64).map_err(torch_err)?))?;
+        at += part.len() as i64;
+    }
+    let mask = all
+        .f_narrow(0, at, layout.padding_mask.len() as i64)
+        .and_then(|t| t.f_to_kind(Kind::Bool))
+        .and_then(|t| t.f_view([layout.groups as i64, layout.width as i64]))
+        .map_err(torch_err)?;
+    out.set_item("padding_mask", PyTensor(mask))?;
+    let inner = DevicePlan::new(host_plan, device).map_err(torch_err)?;
+    Ok((PyPlan { inner }, out, (layout.width, layout.max_prefix, layout.max_suffix)))
+}
+
+/// Flat row-major positions of a mask's true entries, on the mask's device (one transfer each way).
+#[pyfunction]
+fn mask_positions(mask: PyTensor) -> PyResult<PyTensor> {
+    let host = host_bools(&mask)?;
+    let pos = planner::compat::mask_positions(&host);
+    Ok(PyTensor(Tensor::f_from_slice(&pos).and_then(|t| t.f_to_device(mask.device())).map_err(torch_err)?))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(make_compat_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(mask_positions, m)?)?;
     m.add_class::<PyPlan>()?;
     m.add_function(wrap_pyfunction!(make_plan, m)?)?;
     m.add_function(wrap_pyfunction!(attention_forward, m)?)?;

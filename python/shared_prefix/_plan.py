@@ -43,7 +43,7 @@ class Plan:
     Make it with :func:`shared_prefix.plan`. It is immutable and reused by every layer, forward and backward.
     """
 
-    def __init__(self, core: "_core.CorePlan", input_ids: torch.Tensor):
+    def __init__(self, core: "_core.CorePlan", input_ids: Optional[tuple] = None):
         self._core = core
         self._rows = core.rows
         self._lp = core.prompt_width
@@ -55,10 +55,11 @@ class Plan:
         self._predictor = core.predictor
         self._completion_flat = core.completion_flat
         self.position_ids = core.position_ids.unsqueeze(0)
-        self.input_ids = self.pack(input_ids[0], input_ids[1])
-        # An all-ones 2-D mask: with it transformers skips its packed-sequence detection (a host sync) and our
-        # mask function never builds a dense mask.
-        self.attention_mask = torch.ones_like(self.input_ids, dtype=torch.bool)
+        if input_ids is not None:  # (prompt_ids, completion_ids); plans made for attention alone have none
+            self.input_ids = self.pack(input_ids[0], input_ids[1])
+            # An all-ones 2-D mask: with it transformers skips its packed-sequence detection (a host sync) and our
+            # mask function never builds a dense mask.
+            self.attention_mask = torch.ones_like(self.input_ids, dtype=torch.bool)
 
     # -- sizes -------------------------------------------------------------------------------------------------
     @property

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
+pub mod compat;
 mod runs;
 pub use runs::{runs_from_lengths, Run};
 

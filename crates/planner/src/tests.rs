@@ -276,3 +276,58 @@ proptest! {
         prop_assert_eq!(p.stock_tokens(), p.num_tokens());
     }
 }
+
+mod compat_layout {
+    use crate::compat::{compat_layout, mask_positions, Padding};
+    use proptest::prelude::*;
+
+    #[test]
+    fn two_groups_left_and_right() {
+        // Group 0: prefix 2, suffixes [1, 2]; group 1: prefix 3, suffix [1]. Totals 5 and 4.
+        let (l, p) = compat_layout(&[2, 3], &[1, 2, 1], &[2, 1], Padding::Right).unwrap();
+        assert_eq!(l.width, 5);
+        assert_eq!(l.grouped_prefix, vec![0, 1, 5, 6, 7]);
+        assert_eq!(l.grouped_suffix, vec![2, 3, 4, 8]);
+        assert_eq!(l.ungrouped_prefix, vec![1, 2, 3, 4, 5]); // [2, 3] left-padded in width 3
+        assert_eq!(l.ungrouped_suffix, vec![0, 2, 3, 4]); // [3 samples, width 2]
+        assert_eq!(l.sample_group, vec![0, 0, 1]);
+        assert_eq!(p.group_sizes, vec![2, 1]);
+        assert_eq!(p.cu_prefix, vec![0, 2, 5]);
+        assert_eq!(p.cu_completions, vec![0, 1, 3, 4]);
+        let (l, _) = compat_layout(&[2, 3], &[1, 2, 1], &[2, 1], Padding::Left).unwrap();
+        assert_eq!(l.grouped_prefix, vec![0, 1, 6, 7, 8]);
+        assert_eq!(l.padding_mask[5], false);
+    }
+
+    #[test]
+    fn mask_padding_is_checked() {
+        let mask = [true, false, true, true, false, true];
+        let (l, _) = compat_layout(&[1, 1], &[1, 1], &[1, 1], Padding::Mask { mask: &mask, width: 3 }).unwrap();
+        assert_eq!(l.grouped_prefix, vec![0, 3]);
+        assert_eq!(l.grouped_suffix, vec![2, 5]);
+        let bad = [true, true, true, true, false, true];
+        assert!(compat_layout(&[1, 1], &[1, 1], &[1, 1], Padding::Mask { mask: &bad, width: 3 }).is_err());
+        assert!(compat_layout(&[1], &[1, 1], &[1], Padding::Right).is_err());
+        assert_eq!(mask_positions(&mask), vec![0, 2, 3, 5]);
+    }
+
+    proptest! {
+        #[test]
+        fn packed_order_covers_the_grouped_layout(
+            groups in prop::collection::vec((1usize..9, prop::collection::vec(0usize..6, 1..4)), 1..5),
+            left in any::<bool>(),
+        ) {
+            let prefix: Vec<usize> = groups.iter().map(|g| g.0).collect();
+            let sizes: Vec<usize> = groups.iter().map(|g| g.1.len()).collect();
+            let suffix: Vec<usize> = groups.iter().flat_map(|g| g.1.clone()).collect();
+            let pad = if left { Padding::Left } else { Padding::Right };
+            let (l, p) = compat_layout(&prefix, &suffix, &sizes, pad).unwrap();
+            let mut all: Vec<i64> = l.grouped_prefix.iter().chain(&l.grouped_suffix).copied().collect();
+            prop_assert_eq!(all.len(), p.num_tokens());
+            all.sort();
+            prop_assert_eq!(all, mask_positions(&l.padding_mask));
+            prop_assert_eq!(l.ungrouped_prefix.len(), p.prefix_tokens);
+            prop_assert_eq!(l.ungrouped_suffix.len(), p.completion_tokens);
+        }
+    }
+}

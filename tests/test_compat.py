@@ -1,0 +1,160 @@
+"""shared_prefix.compat.PrefixGrouper against the original package (prefix-grouper==0.0.1.post1): every output,
+and gradients through concat_input, split_output, convert_padding and forward."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+prefix_grouper = pytest.importorskip("prefix_grouper")
+from shared_prefix.compat import PrefixGrouper  # noqa: E402
+
+Original = prefix_grouper.PrefixGrouper
+SEEDS = range(10)
+
+
+def case(seed):
+    rnd = random.Random(seed)
+    groups = rnd.randint(1, 4)
+    prefix_lens = [rnd.choice([1, 2, rnd.randint(3, 12)]) for _ in range(groups)]
+    sizes = [rnd.randint(1, 4) for _ in range(groups)]
+    suffix_lens = [rnd.randint(1, 7) for _ in range(sum(sizes))]
+    return prefix_lens, sizes, suffix_lens
+
+
+def masks(lens, width, left):
+    cols = torch.arange(width)
+    lens = torch.tensor(lens)
+    return cols[None] >= (width - lens)[:, None] if left else cols[None] < lens[:, None]
+
+
+def both(seed, padding_mode="right", left_prefix=True):
+    prefix_lens, sizes, suffix_lens = case(seed)
+    pm = masks(prefix_lens, max(prefix_lens) + 2, left_prefix)
+    sm = masks(suffix_lens, max(suffix_lens) + 1, False)
+    ours = PrefixGrouper.from_ungrouped_masks(pm, sm, sizes, padding_mode=padding_mode)
+    orig = Original.from_ungrouped_masks(pm, sm, sizes, padding_mode=padding_mode)
+    return ours, orig, pm, sm, sizes
+
+
+def grads_equal(out_a, out_b, leaves_a, leaves_b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_b.shape, generator=g, dtype=torch.float64)
+    ga = torch.autograd.grad((out_a * w).sum(), leaves_a, allow_unused=True)
+    gb = torch.autograd.grad((out_b * w).sum(), leaves_b, allow_unused=True)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("padding_mode", ["right", "left"])
+def test_layout_and_group_info(seed, padding_mode):
+    ours, orig, *_ = both(seed, padding_mode)
+    assert torch.equal(ours.padding_mask, orig.padding_mask)
+    assert len(ours.group_info) == len(orig.group_info)
+    for a, b in zip(ours.group_info, orig.group_info):
+        assert (a.prefix_len, a.suffix_lens) == (b.prefix_len, b.suffix_lens)
+    for name in ("ungrouped_prefix_mask", "ungrouped_suffix_mask", "grouped_prefix_mask", "grouped_suffix_mask"):
+        assert torch.equal(getattr(ours, name), getattr(orig, name)), name
+
+
+def test_mask_padding_mode():
+    prefix_lens, sizes, suffix_lens = [3, 2], [2, 1], [2, 1, 3]
+    custom = torch.tensor([[1, 0, 1, 1, 1, 0, 1, 1], [0, 1, 1, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    info = [[3, 2, 1], [2, 3]]
+    ours, orig = PrefixGrouper(info, padding_mode=custom), Original(info, padding_mode=custom)
+    assert torch.equal(ours.padding_mask, orig.padding_mask)
+    ids_p = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    ids_s = torch.tensor([[1, 2, 0], [3, 0, 0], [4, 4, 4]])
+    pm, sm = ids_p > 0, ids_s > 0
+    assert torch.equal(ours.concat_input(ids_p, pm, ids_s, sm), orig.concat_input(ids_p, pm, ids_s, sm))
+    with pytest.raises(ValueError, match="padding_mode"):
+        PrefixGrouper(info, padding_mode=custom[:, :6])
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("left_prefix", [True, False])
+def test_concat_input_ids_and_embeddings(seed, left_prefix):
+    ours, orig, pm, sm, _ = both(seed, left_prefix=left_prefix)
+    g = torch.Generator().manual_seed(seed)
+    ids_p = torch.randint(1, 100, pm.shape, generator=g) * pm
+    ids_s = torch.randint(1, 100, sm.shape, generator=g) * sm
+    assert torch.equal(ours.concat_input(ids_p, pm, ids_s, sm), orig.concat_input(ids_p, pm, ids_s, sm))
+    ep = torch.randn(*pm.shape, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    es = torch.randn(*sm.shape, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    a, b = ours.concat_input(ep, pm, es, sm), orig.concat_input(ep, pm, es, sm)
+    assert torch.equal(a, b)
+    grads_equal(a, b, [ep, es], [ep, es], seed)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("include_prefix_last", [0, 1])
+@pytest.mark.parametrize("padding_mode", ["right", "left"])
+def test_split_output(seed, include_prefix_last, padding_mode):
+    ours, orig, *_ = both(seed, padding_mode)
+    x = torch.randn(*ours.padding_mask.shape, 3, dtype=torch.float64, requires_grad=True)
+    got = ours.split_output(x, include_prefix_last=include_prefix_last)
+    want = orig.split_output(x, include_prefix_last=include_prefix_last)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.equal(a, b)
+    grads_equal(torch.cat([got[0].flatten(), got[2].flatten()]), torch.cat([want[0].flatten(), want[2].flatten()]), [x], [x])
+
+
+@pytest.mark.parametrize("padding_mode", ["left", "right"])
+def test_convert_padding(padding_mode):
+    x_mask = masks([3, 1, 5, 2], 7, True)
+    x = torch.randn(4, 7, 2, dtype=torch.float64, requires_grad=True)
+    a = PrefixGrouper.convert_padding(x, x_mask, padding_mode)
+    b = Original.convert_padding(x, x_mask, padding_mode)
+    assert torch.equal(a, b)
+    grads_equal(a, b, [x], [x])
+
+
+def reference_attn(q, k, v, attn_mask, *args, **kwargs):
+    """An exact attention for the original's forward: q [b, H, Lq, D], k/v [b, Hkv, Lk, D], key-padding mask
+    [b, Lk], causal aligned bottom-right; output [b, Lq, H, D], 0 for rows that see no key."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    lq, lk = q.shape[2], k.shape[2]
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    allowed = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)[None, None] & attn_mask.bool()[:, None, None, :]
+    scores = scores.masked_fill(~allowed, -math.inf)
+    probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)
+    return torch.einsum("bhqk,bhkd->bqhd", probs, v)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("padding_mode", ["right", "left"])
+def test_forward_matches_original(seed, padding_mode):
+    ours, orig, *_ = both(seed, padding_mode)
+    b, seq = ours.padding_mask.shape
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv = (4, 2) if seed % 2 else (2, 2)
+    q = torch.randn(b, hq, seq, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, hkv, seq, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, hkv, seq, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    got = ours.forward(reference_attn, q, k, v)
+    want = orig.forward(reference_attn, q, k, v)
+    assert got.shape == want.shape == (b, seq, hq, 8)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    grads_equal(got, want, [q, k, v], [q, k, v], seed)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="group_info"):
+        PrefixGrouper([[3]])
+    with pytest.raises(ValueError, match="padding_mode"):
+        PrefixGrouper([[3, 1]], padding_mode="middle")
+    pm, sm = masks([2, 3], 4, True), masks([1, 2, 2], 3, False)
+    with pytest.raises(ValueError, match="group_sizes"):
+        PrefixGrouper.from_ungrouped_masks(pm, sm, [1, 1])
+    with pytest.raises(ValueError, match="group_sizes"):
+        PrefixGrouper.from_ungrouped_masks(pm, sm, 2)
+    pg = PrefixGrouper.from_ungrouped_masks(pm, sm, [2, 1])
+    with pytest.raises(ValueError, match="prefix_mask, suffix_mask"):
+        pg.concat_input(torch.ones(2, 4), pm, torch.ones(3, 3), masks([1, 1, 1], 3, False))
+    with pytest.raises(ValueError, match="include_prefix_last"):
+        pg.split_output(torch.zeros(pg.padding_mask.shape), include_prefix_last=-1)
