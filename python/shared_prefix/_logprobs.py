@@ -64,14 +64,18 @@ class _ChunkedLogprobs(torch.autograd.Function):
             h = hidden[s : s + chunk]
             logp = _chunk_logp(h, weight, bias, t)
             p = logp.exp()
-            # d picked / d u = onehot - p, with u = logits / T.
-            du = p * -g_picked[s : s + chunk, None]
-            du.scatter_add_(-1, targets[s : s + chunk, None], g_picked[s : s + chunk, None])
+            gp = g_picked[s : s + chunk, None]
             if ctx.with_entropy and g_entropy is not None:
-                # H = -Σ p log p;  dH/du_j = -p_j (log p_j + H).
-                du -= g_entropy[s : s + chunk, None] * p * (logp + entropy[s : s + chunk, None])
+                # H = -Σ p log p;  dH/du_j = -p_j (log p_j + H). Computed in logp's buffer.
+                ent_term = logp.add_(entropy[s : s + chunk, None]).mul_(p).mul_(g_entropy[s : s + chunk, None])
+            else:
+                ent_term = None
+            # d picked / d u = onehot - p, with u = logits / T. Computed in p's buffer.
+            du = p.mul_(-gp).scatter_add_(-1, targets[s : s + chunk, None], gp)
+            if ent_term is not None:
+                du.sub_(ent_term)
             # Back through the fp32 upcast and 1/T: the gradient reaches the logits in their own dtype.
-            dz = (du / t).to(torch.promote_types(hidden.dtype, weight.dtype))
+            dz = du.div_(t).to(torch.promote_types(hidden.dtype, weight.dtype))
             if dh is not None:
                 dh[s : s + chunk] = dz @ weight
             if dw is not None:
@@ -113,6 +117,9 @@ def head_logprobs(
         chunk_size = auto_chunk_rows(head.out_features)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    if hidden.shape[0] <= chunk_size:
+        # One chunk holds every row: plain autograd keeps the same peak without recomputing the head in backward.
+        return token_logprobs(head(hidden), targets, temperature, with_entropy)
     picked, entropy = _ChunkedLogprobs.apply(
         hidden, head.weight, head.bias, targets, float(temperature), chunk_size, with_entropy
     )
