@@ -7,6 +7,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -55,8 +56,10 @@ def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
     # time, so the peak of their running sum is the peak of memory allocated during fn (above what existed before).
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
+        with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
     current = peak = 0
