@@ -112,11 +112,8 @@ impl PyPlan {
     #[getter]
     fn cu_seqlens(&self) -> (PyTensor, PyTensor, PyTensor) {
         let p = &self.inner;
-        (
-            PyTensor(p.cu_prefix.shallow_clone()),
-            PyTensor(p.cu_group_completions.shallow_clone()),
-            PyTensor(p.cu_completions.shallow_clone()),
-        )
+        // Copies: the plan's own tables must stay in step with its host-side max lengths and runs.
+        (PyTensor(p.cu_prefix.copy()), PyTensor(p.cu_group_completions.copy()), PyTensor(p.cu_completions.copy()))
     }
 }
 
@@ -330,6 +327,14 @@ fn attention_backward(
     check_qkv(&q, &k, &v, p)?;
     if dout.size() != q.size() || out.size() != q.size() {
         return Err(PyValueError::new_err("dout/out: shape must equal q's"));
+    }
+    let (t, hq) = (q.size()[0], q.size()[1]);
+    if lse.size() != [t, hq] || !matches!(lse.kind(), Kind::Float | Kind::Double) || lse.device() != q.device() {
+        return Err(PyValueError::new_err(format!(
+            "lse: expected a float [{t}, {hq}] tensor on q's device (as attention_forward returns it), got {:?} {:?}",
+            lse.size(),
+            lse.kind()
+        )));
     }
     let kern = kernels_for(&q, kernels)?;
     let (dq, dk, dv) = executor::backward(kern, p, &dout, &q, &k, &v, &out, &lse, scale).map_err(torch_err)?;

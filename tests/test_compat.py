@@ -158,3 +158,43 @@ def test_bad_inputs():
         pg.concat_input(torch.ones(2, 4), pm, torch.ones(3, 3), masks([1, 1, 1], 3, False))
     with pytest.raises(ValueError, match="include_prefix_last"):
         pg.split_output(torch.zeros(pg.padding_mask.shape), include_prefix_last=-1)
+
+
+def test_transformers_registration_matches_stock_rows():
+    """Code written for the original's transformers integration (register_attention, prefix_grouper=pg) runs on
+    ours and gives each row's stock log-probs."""
+    from shared_prefix.compat import register_attention
+    from test_hf import make_batch, stock_logprobs, tiny_model
+
+    model = tiny_model("qwen2")
+    rows, *_ = make_batch(seed=3, groups=((9, (5, 3, 1)), (4, (2,)), (6, (4, 4))))
+    # The original's inputs: one prefix row per group, one suffix row per sample, consecutive groups.
+    order = sorted(range(len(rows)), key=lambda i: (rows[i][0].shape[0], rows[i][0].tolist()))
+    rows = [rows[i] for i in order]
+    groups, sizes = [], []
+    for p, _ in rows:
+        if groups and torch.equal(groups[-1], p):
+            sizes[-1] += 1
+        else:
+            groups.append(p)
+            sizes.append(1)
+    lp = max(p.shape[0] for p in groups)
+    ls = max(c.shape[0] for _, c in rows)
+    pm = masks([p.shape[0] for p in groups], lp, True)
+    sm = masks([c.shape[0] for _, c in rows], ls, False)
+    pid = torch.zeros(pm.shape, dtype=torch.long).masked_scatter(pm, torch.cat(groups))
+    sid = torch.zeros(sm.shape, dtype=torch.long).masked_scatter(sm, torch.cat([c for _, c in rows]))
+
+    pg = PrefixGrouper.from_ungrouped_masks(pm, sm, sizes)
+    input_ids = pg.concat_input(pid, pm, sid, sm)
+    p_len = torch.tensor([p.shape[0] for p in groups]).repeat_interleave(torch.tensor(sizes))
+    position_ids = pg.concat_input(pm.long().cumsum(1) - 1, pm, sm.long().cumsum(1) - 1 + p_len[:, None], sm)
+    register_attention()
+    model.set_attn_implementation("prefix_grouper_attention")
+    hidden = model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=pg.padding_mask,
+                         prefix_grouper=pg, prefix_grouper_attn_func="flash_attention_2").last_hidden_state
+    model.set_attn_implementation("sdpa")
+    _, _, suffix_h, suffix_mask = pg.split_output(hidden, include_prefix_last=1)
+    logp = torch.log_softmax(model.lm_head(suffix_h[:, :-1]).double(), -1).gather(-1, sid[..., None])[..., 0] * sm
+    ref, _ = stock_logprobs(model, rows, ls, 1.0)
+    assert (logp - ref).abs().max().item() <= 1e-9

@@ -207,6 +207,14 @@ class TestUnsupported:
         with pytest.raises(NotImplementedError, match="softcapping"):
             sp.completion_logprobs(model, pid, pmask, cid, cmask)
 
+    def test_logit_scaling_models(self):
+        cfg = transformers.GraniteConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0)
+        model = transformers.GraniteForCausalLM(cfg)
+        _, pid, pmask, cid, cmask = make_batch()
+        with pytest.raises(NotImplementedError, match="logits_scaling=4.0"):
+            sp.completion_logprobs(model, pid, pmask, cid, cmask)
+
     def test_bad_temperature_and_model(self):
         model = tiny_model("llama")
         _, pid, pmask, cid, cmask = make_batch()

@@ -24,6 +24,7 @@ class _SharedPrefixAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _core.attention_backward(dout, q, k, v, out, lse, ctx.core_plan, ctx.scale, ctx.kernels)

@@ -27,20 +27,24 @@ def _accum(dtype: torch.dtype) -> torch.dtype:
 
 
 def _chunk_logp(h, weight, bias, temperature):
-    """fp32 (fp64) log-softmax of one chunk's logits, computed as the stock head computes them."""
+    """fp32 (fp64) log-softmax of one chunk's logits, computed as the stock head computes them; and the logits'
+    dtype (the activation dtype, or autocast's)."""
     logits = torch.nn.functional.linear(h, weight, bias)
-    return torch.log_softmax(logits.to(_accum(logits.dtype)) / temperature, dim=-1)
+    return torch.log_softmax(logits.to(_accum(logits.dtype)) / temperature, dim=-1), logits.dtype
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk, with_entropy):  # type: ignore[override]
+        # Under autocast the head runs in autocast's dtype; backward recomputes under the same autocast state.
+        device_type = hidden.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         n = hidden.shape[0]
         acc = _accum(torch.promote_types(hidden.dtype, weight.dtype))
         picked = hidden.new_empty(n, dtype=acc)
         entropy = hidden.new_empty(n if with_entropy else 0, dtype=acc)
         for s in range(0, n, chunk):
-            logp = _chunk_logp(hidden[s : s + chunk], weight, bias, temperature)
+            logp, _ = _chunk_logp(hidden[s : s + chunk], weight, bias, temperature)
             picked[s : s + chunk] = logp.gather(-1, targets[s : s + chunk, None])[:, 0]
             if with_entropy:
                 entropy[s : s + chunk] = -(logp.exp() * logp).sum(-1)
@@ -51,7 +55,14 @@ class _ChunkedLogprobs(torch.autograd.Function):
         return picked, entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g_picked, g_entropy):  # type: ignore[override]
+        device_type, autocast_on, autocast_dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+            return _ChunkedLogprobs._backward(ctx, g_picked, g_entropy)
+
+    @staticmethod
+    def _backward(ctx, g_picked, g_entropy):
         hidden, weight, bias, targets, entropy = ctx.saved_tensors
         t, chunk = ctx.temperature, ctx.chunk
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -62,7 +73,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         db = torch.zeros_like(bias, dtype=acc) if (need_b and bias is not None) else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk]
-            logp = _chunk_logp(h, weight, bias, t)
+            logp, logits_dtype = _chunk_logp(h, weight, bias, t)
             p = logp.exp()
             gp = g_picked[s : s + chunk, None]
             if ctx.with_entropy and g_entropy is not None:
@@ -75,11 +86,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
             if ent_term is not None:
                 du.sub_(ent_term)
             # Back through the fp32 upcast and 1/T: the gradient reaches the logits in their own dtype.
-            dz = du.div_(t).to(torch.promote_types(hidden.dtype, weight.dtype))
+            dz = du.div_(t).to(logits_dtype)
             if dh is not None:
-                dh[s : s + chunk] = dz @ weight
+                dh[s : s + chunk] = (dz @ weight.to(logits_dtype)).to(hidden.dtype)
             if dw is not None:
-                dw += (dz.t() @ h).to(acc)
+                dw += (dz.t() @ h.to(logits_dtype)).to(acc)
             if db is not None:
                 db += dz.sum(0).to(acc)
         dw = dw.to(weight.dtype) if dw is not None else None

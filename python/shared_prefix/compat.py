@@ -18,6 +18,8 @@ from . import _core
 from ._attention import attention
 from ._plan import Plan
 
+ATTENTION_NAME = "prefix_grouper_attention"
+
 PaddingMode = Union[str, torch.Tensor]
 
 
@@ -66,8 +68,10 @@ class PrefixGrouper:
     def init(self, group_info: List[List[int]], device=None, padding_mode: PaddingMode = "right") -> None:
         if not isinstance(group_info, (list, tuple)) or not group_info:
             raise ValueError("group_info: expected a non-empty list of [prefix_len, *suffix_lens]")
-        if any(len(g) < 2 for g in group_info):
+        if any(not isinstance(g, (list, tuple)) or len(g) < 2 for g in group_info):
             raise ValueError("group_info: every group needs a prefix length and at least one suffix length")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for g in group_info for n in g):
+            raise ValueError(f"group_info: lengths must be non-negative ints, got {group_info!r}")
         self.group_info = [Info(g[0], list(g[1:])) for g in group_info]
         if isinstance(padding_mode, torch.Tensor):
             mask, left = padding_mode, False
@@ -258,3 +262,31 @@ class PrefixGrouper:
 
         out = attention(packed(q), packed(k), packed(v), self._plan, scale=scale)
         return _scatter_rows(out, self._packed, b, seq)
+
+
+def _transformers_attention(module, query, key, value, attention_mask, *args, prefix_grouper=None, **kwargs):
+    """The original's ``"prefix_grouper_attention"`` entry, on our executor: models called with
+    ``prefix_grouper=pg`` (a compat ``PrefixGrouper``) run exact shared-prefix attention; ``attention_mask`` and
+    ``prefix_grouper_attn_func`` are ignored, as the attention is ours."""
+    from .hf import _unsupported
+
+    if not isinstance(prefix_grouper, PrefixGrouper):
+        raise TypeError(
+            f"prefix_grouper: expected a shared_prefix.compat.PrefixGrouper, got {type(prefix_grouper).__name__}"
+        )
+    kwargs.pop("prefix_grouper_attn_func", None)
+    dropout = kwargs.pop("dropout", args[0] if len(args) > 0 else 0.0)
+    scaling = kwargs.pop("scaling", args[1] if len(args) > 1 else None)
+    prefix_grouper._use(query.device)
+    why = _unsupported(module, prefix_grouper._plan, dropout, kwargs)
+    if why is not None:
+        raise NotImplementedError(f"shared_prefix.compat ({type(module).__name__}): {why}")
+    return prefix_grouper.forward(None, query, key, value, scale=scaling), None
+
+
+def register_attention() -> None:
+    """Drop-in for ``prefix_grouper.utils.register_transformers.register_attention``: registers
+    ``"prefix_grouper_attention"`` in transformers' ``AttentionInterface`` on our executor. Idempotent."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _transformers_attention)

@@ -64,6 +64,8 @@ def _unsupported(module: torch.nn.Module, p: Plan, dropout: float, kwargs: dict)
         )
     if kwargs.get("softcap") is not None:
         return "attention logit softcapping is not supported"
+    if kwargs.get("s_aux") is not None:
+        return "attention sinks (s_aux) are not supported"
     if dropout and dropout > 0:
         return f"attention dropout ({dropout}) in train mode is not supported; set attention_dropout=0"
     return None
@@ -90,11 +92,11 @@ def shared_prefix_attention_forward(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: Any,
-    scaling: Optional[float] = None,
     dropout: float = 0.0,
+    scaling: Optional[float] = None,
     **kwargs,
 ):
-    """The ``"shared_prefix"`` entry of transformers' ``AttentionInterface``."""
+    """The ``"shared_prefix"`` entry of transformers' ``AttentionInterface`` (arguments ordered as sdpa's)."""
     p = kwargs.pop(PLAN_KWARG, None)
     if p is not None:
         return _plan_attention(module, query, key, value, p, scaling, dropout, kwargs)
@@ -109,8 +111,9 @@ def _make_plan_aware(fn: Callable) -> Callable:
     def wrapped(module, query, key, value, attention_mask, *args, **kwargs):
         p = kwargs.pop(PLAN_KWARG, None)
         if p is not None:
-            scaling = kwargs.pop("scaling", args[0] if args else None)
-            dropout = kwargs.pop("dropout", 0.0)
+            # transformers' functions take (..., attention_mask, dropout, scaling, ...).
+            dropout = kwargs.pop("dropout", args[0] if len(args) > 0 else 0.0)
+            scaling = kwargs.pop("scaling", args[1] if len(args) > 1 else None)
             return _plan_attention(module, query, key, value, p, scaling, dropout, kwargs)
         return fn(module, query, key, value, attention_mask, *args, **kwargs)
 
@@ -139,10 +142,15 @@ def register() -> None:
 
 
 def _check_model(model: torch.nn.Module) -> None:
+    """Models whose logits are not the LM head's output (or whose attention is not plain softmax attention)."""
     cfg = getattr(model, "config", None)
     for attr in ("final_logit_softcapping", "attn_logit_softcapping"):
         if getattr(cfg, attr, None) is not None:
             raise NotImplementedError(f"shared_prefix: model config sets {attr}, which is not supported")
+    for attr in ("logits_scaling", "logit_scale"):  # Granite divides the logits, Cohere multiplies them
+        value = getattr(cfg, attr, None)
+        if value is not None and value != 1:
+            raise NotImplementedError(f"shared_prefix: model config sets {attr}={value}, which is not supported")
 
 
 @contextlib.contextmanager
