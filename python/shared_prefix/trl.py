@@ -1,0 +1,237 @@
+"""TRL integration: GRPO/RLOO trainers that forward each prompt once per group, with identical training.
+
+    from shared_prefix.trl import SharedPrefixGRPOTrainer as GRPOTrainer   # the one-line swap
+
+Supported: trl >= 1.16, < 1.17 (the override matches ``_get_per_token_logps_and_entropies`` of trl 1.16.0).
+
+The override computes the policy, old and reference log-probs (and entropies) with one plan per micro-batch:
+groups are rows with identical prompts (TRL shuffles rows, so groups are not consecutive); prompts are left-padded
+and completions right-padded as TRL builds them; the first completion token is predicted by the group's last prompt
+token; the LM head, temperature and entropy go through TRL's own chunked log-prob kernel, so the numbers are TRL's.
+Multimodal inputs, models that return an auxiliary (MoE) loss, and anything else we do not support fall back to the
+stock method, with the reason logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+
+from . import hf
+from ._plan import plan as make_plan
+
+logger = logging.getLogger("shared_prefix")
+SUPPORTED_TRL = (">=1.16", "<1.17")
+METRIC = "shared_prefix/tokens_saved_frac"
+
+_MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
+def _check_trl_version() -> None:
+    import trl
+    from packaging.version import Version
+
+    v = Version(trl.__version__)
+    if not (Version("1.16") <= v < Version("1.17")):
+        raise ImportError(f"shared_prefix.trl supports trl {','.join(SUPPORTED_TRL)}, found {trl.__version__}")
+
+
+def _group_shuffle(seq_dict: dict) -> dict:
+    """Shuffle whole groups (runs of rows with the same prompt) instead of rows, so micro-batches keep groups."""
+    prompt_ids = seq_dict["prompt_ids"]
+    rows = prompt_ids.shape[0]
+    starts = torch.ones(rows, dtype=torch.bool)
+    if rows > 1:
+        starts[1:] = (prompt_ids[1:] != prompt_ids[:-1]).any(-1).cpu()
+    group = starts.long().cumsum(0) - 1
+    order = torch.randperm(int(group[-1]) + 1)
+    # Rows of the groups in their new order, each group's rows kept in place.
+    permutation = torch.argsort(torch.argsort(order)[group], stable=True)
+
+    def permute(v):
+        if v is None or (isinstance(v, torch.Tensor) and v.ndim == 0):
+            return v
+        if isinstance(v, torch.Tensor):
+            return v[permutation.to(v.device)]
+        return [v[i] for i in permutation.tolist()]
+
+    return {k: permute(v) for k, v in seq_dict.items()}
+
+
+class SharedPrefixMixin:
+    """The override, shared by the GRPO and RLOO trainers (both define the same method in trl 1.16)."""
+
+    shared_prefix_group_shuffle: bool = False
+    _shared_prefix_fallbacks: set
+
+    def _shared_prefix_setup(self, group_shuffle: Optional[bool]) -> None:
+        _check_trl_version()
+        hf.register()
+        self._shared_prefix_fallbacks = set()
+        args_flag = getattr(self.args, "shared_prefix_group_shuffle", False)
+        self.shared_prefix_group_shuffle = bool(args_flag if group_shuffle is None else group_shuffle)
+
+    def _shared_prefix_fallback(self, why: str) -> None:
+        if why not in self._shared_prefix_fallbacks:
+            self._shared_prefix_fallbacks.add(why)
+            logger.warning("shared_prefix: using the stock log-prob computation: %s", why)
+
+    def _shared_prefix_unsupported(self, model, compute_aux_loss: bool, extra: dict) -> Optional[str]:
+        if compute_aux_loss:
+            return "the model returns an auxiliary (MoE) loss"
+        if any(extra.get(k) is not None for k in _MULTIMODAL_KEYS):
+            return "multimodal inputs"
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        for attr in ("final_logit_softcapping", "attn_logit_softcapping", "logit_scale", "output_multiplier",
+                     "lm_head_multiplier", "logits_scaling"):
+            value = getattr(cfg, attr, None)
+            if value is not None and not (attr != "final_logit_softcapping" and value == 1):
+                return f"the model config sets {attr}={value}"
+        if getattr(cfg, "output_router_logits", False):
+            return "the model returns router logits"
+        if not isinstance(base.get_output_embeddings(), torch.nn.Linear):
+            return "the LM head is not a torch.nn.Linear"
+        return None
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **extra: Any,
+    ):
+        why = self._shared_prefix_unsupported(model, compute_aux_loss, extra)
+        if why is not None:
+            self._shared_prefix_fallback(why)
+            return super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **extra,
+            )
+        from trl.kernels import ChunkedLogProbFunction
+
+        batch_size = batch_size or input_ids.size(0)
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        cast_fp32 = bool(getattr(self.args, "cast_lm_head_to_fp32", False))
+        outputs = ("log_probs", "entropy") if compute_entropy else ("log_probs",)
+        all_logps, all_entropies = [], []
+        forwarded = stock = 0
+        for start in range(0, input_ids.size(0), batch_size):
+            ids = input_ids[start : start + batch_size]
+            mask = attention_mask[start : start + batch_size]
+            prompt_ids, completion_ids = ids[:, :-logits_to_keep], ids[:, -logits_to_keep:]
+            prompt_mask, completion_mask = mask[:, :-logits_to_keep], mask[:, -logits_to_keep:]
+            p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask)
+            forwarded += p.num_tokens
+            stock += ids.numel()  # TRL forwards the padded rows
+            # Through the (possibly DDP-wrapped) model, so its hooks run; the last hidden state is all we need.
+            with hf._attn_implementation(base, hf.NAME), self.accelerator.autocast():
+                out = model(
+                    input_ids=p.input_ids,
+                    position_ids=p.position_ids,
+                    attention_mask=p.attention_mask,
+                    output_hidden_states=True,
+                    logits_to_keep=1,
+                    use_cache=False,
+                    **{hf.PLAN_KWARG: p},
+                )
+            hidden = p.predictor_rows(out.hidden_states[-1])
+            head = base.get_output_embeddings()
+            # As TRL's fused head: optionally in fp32 outside autocast, else under the trainer's autocast.
+            if cast_fp32:
+                hidden = hidden.float()
+            head_ctx = torch.autocast(hidden.device.type, enabled=False) if cast_fp32 else self.accelerator.autocast()
+            with head_ctx:
+                per_token = ChunkedLogProbFunction.apply(
+                    hidden, head.weight, head.bias, p.completion_targets(), self.temperature, 32768, None, 1.0,
+                    outputs,
+                )
+            all_logps.append(p.unpack_completions(per_token[0]))
+            if compute_entropy:
+                all_entropies.append(p.unpack_completions(per_token[1]))
+        mode = "train" if model.training else "eval"
+        if stock:
+            self._metrics[mode][METRIC].append(1.0 - forwarded / stock)
+        logps = torch.cat(all_logps)
+        entropies = torch.cat(all_entropies) if compute_entropy else None
+        return logps, entropies, None
+
+    def _prepare_inputs(self, generation_batch):
+        if not self.shared_prefix_group_shuffle:
+            return super()._prepare_inputs(generation_batch)  # type: ignore[misc]
+        import sys
+
+        module = sys.modules[super()._prepare_inputs.__module__]  # type: ignore[misc]
+        original = module.shuffle_sequence_dict
+        module.shuffle_sequence_dict = _group_shuffle
+        try:
+            return super()._prepare_inputs(generation_batch)  # type: ignore[misc]
+        finally:
+            module.shuffle_sequence_dict = original
+
+
+def _make_trainer_class(base: type, name: str) -> type:
+    def __init__(self, *args, shared_prefix_group_shuffle: Optional[bool] = None, **kwargs):
+        base.__init__(self, *args, **kwargs)
+        self._shared_prefix_setup(shared_prefix_group_shuffle)
+
+    doc = (
+        f"``trl.{base.__name__}`` with shared-prefix log-probs (see ``shared_prefix.trl``). Extra argument: "
+        "``shared_prefix_group_shuffle=True`` shuffles whole groups instead of rows (default: TRL's row shuffle)."
+    )
+    return type(name, (SharedPrefixMixin, base), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+def _grpo():
+    from trl import GRPOTrainer
+
+    return _make_trainer_class(GRPOTrainer, "SharedPrefixGRPOTrainer")
+
+
+def _rloo():
+    from trl import RLOOTrainer
+
+    return _make_trainer_class(RLOOTrainer, "SharedPrefixRLOOTrainer")
+
+
+def patch_trainer(trainer_or_class, *, group_shuffle: Optional[bool] = None):
+    """Give an existing trainer instance (or trainer class) the shared-prefix override, for code that constructs
+    its own trainer. Returns the patched instance or the new subclass."""
+    if isinstance(trainer_or_class, type):
+        return _make_trainer_class(trainer_or_class, "SharedPrefix" + trainer_or_class.__name__)
+    trainer = trainer_or_class
+    cls = type(trainer)
+    trainer.__class__ = type("SharedPrefix" + cls.__name__, (SharedPrefixMixin, cls), {"__module__": __name__})
+    trainer._shared_prefix_setup(group_shuffle)
+    return trainer
+
+
+def __getattr__(name):
+    # trl is imported only when a trainer is asked for.
+    if name == "SharedPrefixGRPOTrainer":
+        cls = _grpo()
+    elif name == "SharedPrefixRLOOTrainer":
+        cls = _rloo()
+    else:
+        raise AttributeError(f"module 'shared_prefix.trl' has no attribute {name!r}")
+    globals()[name] = cls
+    return cls

@@ -1,0 +1,146 @@
+"""TRL: the shared-prefix GRPO trainer computes the same log-probs, entropies, gradients and training as stock."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from shared_prefix.trl import METRIC, SharedPrefixGRPOTrainer, patch_trainer  # noqa: E402
+
+WORDS = ["<pad>", "<eos>"] + [f"w{i}" for i in range(60)]
+
+
+def tokenizer():
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def model():
+    cfg = Qwen2Config(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(cfg)
+
+
+def dataset():
+    prompts = ["w3 w4 w5", "w7 w8", "w9 w10 w11 w12 w13", "w2"]
+    return datasets.Dataset.from_dict({"prompt": prompts * 4})
+
+
+def reward_len(completions, **kwargs):
+    return [float(len(c.split())) for c in completions]
+
+
+def config(tmp_path, **kw):
+    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
+                max_steps=3, learning_rate=0.5, optim="sgd", bf16=False, report_to="none", logging_steps=1, seed=0,
+                use_cpu=True, temperature=0.9, beta=0.1, num_iterations=2, save_strategy="no",
+                dataloader_num_workers=0)
+    args.update(kw)
+    return trl.GRPOConfig(**args)
+
+
+def trainer(cls, tmp_path, **kw):
+    # A local checkpoint (no Hub): with beta > 0 TRL builds the reference model from the model's path.
+    path = tmp_path / "model"
+    if not path.exists():
+        model().save_pretrained(path)
+    return cls(model=str(path), reward_funcs=reward_len, args=config(tmp_path), train_dataset=dataset(),
+               processing_class=tokenizer(), **kw)
+
+
+def batch(left_pad=True):
+    """TRL-shaped inputs: left-padded prompts, right-padded completions (one truncated, one empty), groups shuffled."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 60, (n,), generator=g) for n in (5, 3, 7)]
+    rows = [(0, 4), (1, 6), (0, 6), (2, 2), (1, 0), (0, 1), (2, 6), (1, 3)]
+    lp, lc = 7, 6
+    ids = torch.zeros(len(rows), lp + lc, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, (pi, c) in enumerate(rows):
+        p = prompts[pi]
+        ids[r, lp - len(p) : lp] = p
+        mask[r, lp - len(p) : lp] = 1
+        ids[r, lp : lp + c] = torch.randint(2, 60, (c,), generator=g)
+        mask[r, lp : lp + c] = 1
+    return ids, mask, lc
+
+
+def test_logps_entropies_and_grads_equal_stock(tmp_path):
+    stock = trainer(trl.GRPOTrainer, tmp_path / "a")
+    ours = trainer(SharedPrefixGRPOTrainer, tmp_path / "b")
+    ids, mask, lc = batch()
+    results = []
+    for t in (stock, ours):
+        m = t.model
+        m.train()  # as inside TRL's training step (no dropout in this config)
+        m.zero_grad(set_to_none=True)
+        logps, ent, _ = t._get_per_token_logps_and_entropies(m, ids, mask, lc, compute_entropy=True)
+        w = torch.randn(logps.shape, generator=torch.Generator().manual_seed(2))
+        ((logps * w).sum() + (ent * w).sum()).backward()
+        results.append((logps.detach(), ent.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (lp_s, ent_s, g_s), (lp_o, ent_o, g_o) = results
+    cmask = mask[:, -lc:].bool()
+    assert (lp_o - lp_s).abs().max().item() <= 1e-6
+    assert (ent_o - ent_s).abs().max().item() <= 1e-6
+    assert torch.all(lp_o[~cmask] == 0) and torch.all(ent_o[~cmask] == 0)
+    for n in g_s:
+        assert ((g_o[n] - g_s[n]).norm() / g_s[n].norm().clamp_min(1e-12)).item() <= 1e-5, n
+    assert ours._metrics["train"][METRIC][-1] > 0
+
+
+def test_three_step_training_equals_stock(tmp_path):
+    runs = []
+    for cls, sub in ((trl.GRPOTrainer, "stock"), (SharedPrefixGRPOTrainer, "ours")):
+        t = trainer(cls, tmp_path / sub)
+        t.train()
+        params = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
+        losses = [h["loss"] for h in t.state.log_history if "loss" in h]
+        runs.append((params, losses, t.state.log_history))
+    (p_s, l_s, _), (p_o, l_o, hist) = runs
+    assert len(l_s) == len(l_o) == 3
+    assert ((p_o - p_s).norm() / p_s.norm()).item() <= 1e-5
+    for a, b in zip(l_o, l_s):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b))
+    saved = [h[METRIC] for h in hist if METRIC in h]
+    assert saved and all(s > 0 for s in saved)
+
+
+def test_group_shuffle_keeps_groups_together(tmp_path):
+    t = trainer(SharedPrefixGRPOTrainer, tmp_path, shared_prefix_group_shuffle=True)
+    assert t.shared_prefix_group_shuffle
+    from shared_prefix.trl import _group_shuffle
+
+    prompt_ids = torch.tensor([[1, 2]] * 3 + [[3, 4]] * 2 + [[5, 6]] * 4)
+    out = _group_shuffle({"prompt_ids": prompt_ids, "tag": list(range(9)), "scalar": torch.tensor(1.0)})
+    firsts = out["prompt_ids"][:, 0].tolist()
+    runs = [firsts[0]] + [b for a, b in zip(firsts, firsts[1:]) if a != b]
+    assert sorted(runs) == [1, 3, 5]  # each group is one contiguous run
+    assert sorted(out["tag"]) == list(range(9)) and out["scalar"].item() == 1.0
+    t.train()  # a short run with the option on
+    assert any(METRIC in h for h in t.state.log_history)
+
+
+def test_patch_trainer_and_fallback(tmp_path, caplog):
+    t = patch_trainer(trainer(trl.GRPOTrainer, tmp_path))
+    assert isinstance(t, trl.GRPOTrainer) and hasattr(t, "_shared_prefix_setup")
+    ids, mask, lc = batch()
+    ours = t._get_per_token_logps_and_entropies(t.model, ids, mask, lc)[0]
+    t.model.config.final_logit_softcapping = 30.0  # something we do not support: the stock method runs instead
+    with caplog.at_level(logging.WARNING, logger="shared_prefix"):
+        stock_path = t._get_per_token_logps_and_entropies(t.model, ids, mask, lc)[0]
+        t._get_per_token_logps_and_entropies(t.model, ids, mask, lc)
+    assert caplog.text.count("final_logit_softcapping=30.0") == 1  # logged once
+    # TRL's head read the (unset) softcap at construction, so the stock numbers equal ours here.
+    assert (stock_path - ours).abs().max().item() <= 1e-6
+    cls = patch_trainer(trl.GRPOTrainer)
+    assert issubclass(cls, trl.GRPOTrainer) and cls.__name__ == "SharedPrefixGRPOTrainer"
