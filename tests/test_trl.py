@@ -144,3 +144,37 @@ def test_patch_trainer_and_fallback(tmp_path, caplog):
     assert (stock_path - ours).abs().max().item() <= 1e-6
     cls = patch_trainer(trl.GRPOTrainer)
     assert issubclass(cls, trl.GRPOTrainer) and cls.__name__ == "SharedPrefixGRPOTrainer"
+
+
+def test_two_process_training_equals_stock(tmp_path):
+    """torchrun with 2 CPU ranks (gloo), one group spanning both ranks: ours trains exactly like the stock trainer."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    path = tmp_path / "model"
+    model().save_pretrained(path)
+    worker = Path(__file__).with_name("trl_dist_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    results = {}
+    for mode in ("stock", "ours"):
+        out = tmp_path / f"{mode}.pt"
+        proc = subprocess.run(
+            [torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + (os.getpid() % 1000)), str(worker),
+             mode, str(path), str(out)],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[mode] = torch.load(out)
+    stock, ours = results["stock"], results["ours"]
+    assert stock["world"] == ours["world"] == 2
+    assert ((ours["params"] - stock["params"]).norm() / stock["params"].norm()).item() <= 1e-5
+    assert len(ours["losses"]) == len(stock["losses"]) == 2
+    for a, b in zip(ours["losses"], stock["losses"]):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b))
+    assert ours["saved"] and all(s > 0 for s in ours["saved"])
