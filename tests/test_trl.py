@@ -98,6 +98,23 @@ def test_logps_entropies_and_grads_equal_stock(tmp_path):
     assert ours._metrics["train"][METRIC][-1] > 0
 
 
+def test_rloo_logps_equal_stock(tmp_path):
+    from shared_prefix.trl import SharedPrefixRLOOTrainer
+
+    path = tmp_path / "model"
+    model().save_pretrained(path)
+    conf = dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=6, max_steps=1,
+                report_to="none", use_cpu=True, bf16=False, temperature=0.7, save_strategy="no")
+    out = []
+    for cls, sub in ((trl.RLOOTrainer, "a"), (SharedPrefixRLOOTrainer, "b")):
+        t = cls(model=str(path), reward_funcs=reward_len, args=trl.RLOOConfig(output_dir=str(tmp_path / sub), **conf),
+                train_dataset=dataset(), processing_class=tokenizer())
+        ids, mask, lc = batch()
+        out.append(t._get_per_token_logps_and_entropies(t.model, ids, mask, lc, compute_entropy=True))
+    assert (out[0][0] - out[1][0]).abs().max().item() <= 1e-6
+    assert (out[0][1] - out[1][1]).abs().max().item() <= 1e-6
+
+
 def test_three_step_training_equals_stock(tmp_path):
     runs = []
     for cls, sub in ((trl.GRPOTrainer, "stock"), (SharedPrefixGRPOTrainer, "ours")):

@@ -40,13 +40,23 @@ _MULTIMODAL_KEYS = (
 )
 
 
-def _check_trl_version() -> None:
+_EXPECTED_PARAMS = ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+                    "compute_aux_loss")
+
+
+def _check_trl(stock_method) -> None:
+    """The supported trl versions, and the signature of the method we override (checked, not assumed)."""
+    import inspect
+
     import trl
     from packaging.version import Version
 
     v = Version(trl.__version__)
     if not (Version("1.16") <= v < Version("1.17")):
         raise ImportError(f"shared_prefix.trl supports trl {','.join(SUPPORTED_TRL)}, found {trl.__version__}")
+    params = tuple(inspect.signature(stock_method).parameters)
+    if params[: len(_EXPECTED_PARAMS)] != _EXPECTED_PARAMS:
+        raise ImportError(f"shared_prefix.trl: {stock_method.__qualname__}{params} is not the signature overridden")
 
 
 def _group_shuffle(seq_dict: dict) -> dict:
@@ -78,7 +88,8 @@ class SharedPrefixMixin:
     _shared_prefix_fallbacks: set
 
     def _shared_prefix_setup(self, group_shuffle: Optional[bool]) -> None:
-        _check_trl_version()
+        # The stock method this mixin overrides (bound: its signature has no `self`).
+        _check_trl(super(SharedPrefixMixin, self)._get_per_token_logps_and_entropies)
         hf.register()
         self._shared_prefix_fallbacks = set()
         args_flag = getattr(self.args, "shared_prefix_group_shuffle", False)
