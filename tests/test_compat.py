@@ -62,7 +62,6 @@ def test_layout_and_group_info(seed, padding_mode):
 
 
 def test_mask_padding_mode():
-    prefix_lens, sizes, suffix_lens = [3, 2], [2, 1], [2, 1, 3]
     custom = torch.tensor([[1, 0, 1, 1, 1, 0, 1, 1], [0, 1, 1, 0, 1, 1, 1, 0]], dtype=torch.bool)
     info = [[3, 2, 1], [2, 3]]
     ours, orig = PrefixGrouper(info, padding_mode=custom), Original(info, padding_mode=custom)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import shared_prefix as sp
-from helpers import causal_attention, padded, rel
+from helpers import padded, rel
 from test_attention import build_case, leaves, reference
 from test_hf import make_batch, stock_logprobs, tiny_model
 

@@ -10,7 +10,7 @@ shared-prefix attention (it ignores ``attn_func``).
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Union
 
 import torch
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Hashable, Optional, Sequence, Union
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ._attention import attention
 from ._logprobs import head_logprobs
