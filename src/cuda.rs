@@ -4,7 +4,7 @@
 //! - cuDNN dense attention, run by run (opt-in, `kernels="cudnn"`; see BENCHMARKS.md for the measured choice).
 //! GQA is native in both (Hkv < Hq): K/V are never repeated.
 
-use crate::executor::{Kernels, Result, Segments};
+use crate::executor::{Kernels, Result, Saved, Segments};
 use crate::runs::Dense;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::ffi::CStr;
@@ -113,20 +113,9 @@ impl Kernels for FlashKernels {
         Ok((out, lse.f_transpose(0, 1)?))
     }
 
-    fn backward(
-        &self,
-        dout: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        lse: &Tensor,
-        seg: &Segments,
-        causal: bool,
-        scale: f64,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (dout, q, k, v, out) = (dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous());
-        let lse = lse.f_transpose(0, 1)?.contiguous();
+    fn backward(&self, s: &Saved, seg: &Segments, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+        let (dout, q, k, v, out) = (s.dout.contiguous(), s.q.contiguous(), s.k.contiguous(), s.v.contiguous(), s.out.contiguous());
+        let lse = s.lse.f_transpose(0, 1)?.contiguous();
         let (mut dq, mut dk, mut dv) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
         check(unsafe {
             sp_flash_varlen_bwd(
@@ -171,11 +160,10 @@ impl Dense for CudnnDense {
         Ok((out, lse))
     }
 
-    fn bwd(&self, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, causal: bool, scale: f64)
-        -> Result<(Tensor, Tensor, Tensor)> {
-        let lse = if CUDNN_LSE_RANK.load(Ordering::Relaxed) == 4 { lse.f_unsqueeze(-1)? } else { lse.shallow_clone() };
-        let (dout, out, lse) = (dout.contiguous(), out.contiguous(), lse.contiguous());
-        let (q, k, v) = (q.contiguous(), k.contiguous(), v.contiguous());
+    fn bwd(&self, s: &Saved, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+        let lse = if CUDNN_LSE_RANK.load(Ordering::Relaxed) == 4 { s.lse.f_unsqueeze(-1)? } else { s.lse.shallow_clone() };
+        let (dout, out, lse) = (s.dout.contiguous(), s.out.contiguous(), lse.contiguous());
+        let (q, k, v) = (s.q.contiguous(), s.k.contiguous(), s.v.contiguous());
         let (mut dq, mut dk, mut dv) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
         check(unsafe {
             sp_cudnn_bwd(
@@ -222,18 +210,7 @@ impl Kernels for AutoKernels {
         Self::pick(seg).forward(q, k, v, seg, causal, scale)
     }
 
-    fn backward(
-        &self,
-        dout: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        lse: &Tensor,
-        seg: &Segments,
-        causal: bool,
-        scale: f64,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        Self::pick(seg).backward(dout, q, k, v, out, lse, seg, causal, scale)
+    fn backward(&self, s: &Saved, seg: &Segments, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+        Self::pick(seg).backward(s, seg, causal, scale)
     }
 }

@@ -18,26 +18,25 @@ pub struct Segments<'a> {
     pub runs: &'a [Run],
 }
 
+/// What one attention call's backward takes: the incoming gradient, the call's inputs, and the *final* (merged)
+/// `out` and `lse` of its query rows (views of the packed tensors, `[rows, H, D]` and `[rows, H]`).
+pub struct Saved<'a> {
+    pub dout: &'a Tensor,
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub out: &'a Tensor,
+    pub lse: &'a Tensor,
+}
+
 /// The backend seam. `out` is `[Tq, Hq, D]` in the input dtype; `lse` is `[Tq, Hq]` (fp32, or fp64 for fp64).
 /// Rows of segments with no keys never occur (every completion sees its prompt, prompts are non-empty).
 pub trait Kernels {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, seg: &Segments, causal: bool, scale: f64)
         -> Result<(Tensor, Tensor)>;
 
-    /// Gradients for this call's keys given the *final* (merged) `out` and `lse` of its query rows.
-    #[allow(clippy::too_many_arguments)]
-    fn backward(
-        &self,
-        dout: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        lse: &Tensor,
-        seg: &Segments,
-        causal: bool,
-        scale: f64,
-    ) -> Result<(Tensor, Tensor, Tensor)>;
+    /// Gradients of this call's q, k, v given the final (merged) `out` and `lse` of its query rows.
+    fn backward(&self, s: &Saved, seg: &Segments, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)>;
 }
 
 /// The dtype the merge computes in: fp32, or fp64 for fp64 inputs.
@@ -97,12 +96,16 @@ pub fn backward(
     let np = p.host.prefix_tokens as i64;
     let ((qp, qc), (kp, kc), (vp, vc)) = (split(q, np)?, split(k, np)?, split(v, np)?);
     let ((dop, doc), (op, oc), (lp, lc)) = (split(dout, np)?, split(out, np)?, split(lse, np)?);
-    let (dq1, dk1, dv1) = kern.backward(&dop, &qp, &kp, &vp, &op, &lp, &p.seg_prefix(), true, scale)?;
+    let call1 = Saved { dout: &dop, q: &qp, k: &kp, v: &vp, out: &op, lse: &lp };
+    let (dq1, dk1, dv1) = kern.backward(&call1, &p.seg_prefix(), true, scale)?;
     if p.host.completion_tokens == 0 {
         return Ok((dq1, dk1, dv1));
     }
-    let (dq2, dk2, dv2) = kern.backward(&doc, &qc, &kp, &vp, &oc, &lc, &p.seg_group(), false, scale)?;
-    let (dq3, dk3, dv3) = kern.backward(&doc, &qc, &kc, &vc, &oc, &lc, &p.seg_completion(), true, scale)?;
+    // Calls 2 and 3 serve the same completion rows: both see the merged out/lse of those rows.
+    let call2 = Saved { dout: &doc, q: &qc, k: &kp, v: &vp, out: &oc, lse: &lc };
+    let call3 = Saved { k: &kc, v: &vc, ..call2 };
+    let (dq2, dk2, dv2) = kern.backward(&call2, &p.seg_group(), false, scale)?;
+    let (dq3, dk3, dv3) = kern.backward(&call3, &p.seg_completion(), true, scale)?;
     Ok((
         Tensor::f_cat(&[dq1, dq2 + dq3], 0)?,
         Tensor::f_cat(&[dk1 + dk2, dk3], 0)?,

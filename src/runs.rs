@@ -4,15 +4,14 @@
 //! Two dense kernels: ATen's flash attention for CPU, and an explicit-math kernel that runs on any device and
 //! dtype (the correct path for fp32/fp64 on CUDA, and an independent implementation the CPU tests check).
 
-use crate::executor::{Kernels, Result, Segments};
+use crate::executor::{Kernels, Result, Saved, Segments};
 use tch::{Kind, Tensor};
 
 /// Attention on dense batches. `lse` is `[batch, Hq, Lq]`; GQA (`Hkv < Hq`) must be supported.
 pub trait Dense {
     fn fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<(Tensor, Tensor)>;
-    #[allow(clippy::too_many_arguments)]
-    fn bwd(&self, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, causal: bool, scale: f64)
-        -> Result<(Tensor, Tensor, Tensor)>;
+    /// `s` holds dense batches: `[batch, H, L, D]` tensors and `lse` `[batch, Hq, Lq]`.
+    fn bwd(&self, s: &Saved, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)>;
 }
 
 pub struct Runs<D: Dense>(pub D);
@@ -61,31 +60,16 @@ impl<D: Dense> Kernels for Runs<D> {
         Ok((Tensor::f_cat(&outs, 0)?, Tensor::f_cat(&lses, 0)?))
     }
 
-    fn backward(
-        &self,
-        dout: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        lse: &Tensor,
-        seg: &Segments,
-        causal: bool,
-        scale: f64,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    fn backward(&self, s: &Saved, seg: &Segments, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
         // Keys no query of this call sees (a prompt whose group has no completion tokens) get zero gradient.
-        let (dq, dk, dv) = (q.f_zeros_like()?, k.f_zeros_like()?, v.f_zeros_like()?);
+        let (dq, dk, dv) = (s.q.f_zeros_like()?, s.k.f_zeros_like()?, s.v.f_zeros_like()?);
         for r in seg.runs {
-            let (g_q, g_k, g_v) = self.0.bwd(
-                &batched(dout, r.q_start, r.count, r.q_len)?,
-                &batched(q, r.q_start, r.count, r.q_len)?,
-                &batched(k, r.k_start, r.count, r.k_len)?,
-                &batched(v, r.k_start, r.count, r.k_len)?,
-                &batched(out, r.q_start, r.count, r.q_len)?,
-                &batched_lse(lse, r.q_start, r.count, r.q_len)?,
-                causal,
-                scale,
-            )?;
+            let rows = |x: &Tensor| batched(x, r.q_start, r.count, r.q_len);
+            let keys = |x: &Tensor| batched(x, r.k_start, r.count, r.k_len);
+            let (dout, q, k, v, out) = (rows(s.dout)?, rows(s.q)?, keys(s.k)?, keys(s.v)?, rows(s.out)?);
+            let lse = batched_lse(s.lse, r.q_start, r.count, r.q_len)?;
+            let batch = Saved { dout: &dout, q: &q, k: &k, v: &v, out: &out, lse: &lse };
+            let (g_q, g_k, g_v) = self.0.bwd(&batch, causal, scale)?;
             let (qn, kn) = ((r.count * r.q_len) as i64, (r.count * r.k_len) as i64);
             dq.f_narrow(0, r.q_start as i64, qn)?.f_copy_(&unbatched(&g_q)?)?;
             dk.f_narrow(0, r.k_start as i64, kn)?.f_copy_(&unbatched(&g_k)?)?;
@@ -103,10 +87,9 @@ impl Dense for CpuFlash {
         Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, None::<Tensor>, scale)
     }
 
-    fn bwd(&self, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, causal: bool, scale: f64)
-        -> Result<(Tensor, Tensor, Tensor)> {
+    fn bwd(&self, s: &Saved, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
         Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, causal, None::<Tensor>, scale,
+            s.dout, s.q, s.k, s.v, s.out, s.lse, 0.0, causal, None::<Tensor>, scale,
         )
     }
 }
@@ -143,8 +126,8 @@ impl Dense for Math {
         Ok((p.f_matmul(&v)?, lse))
     }
 
-    fn bwd(&self, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, causal: bool, scale: f64)
-        -> Result<(Tensor, Tensor, Tensor)> {
+    fn bwd(&self, s: &Saved, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+        let Saved { dout, q, k, v, out, lse } = *s;
         let (hq, hkv) = (q.size()[1], k.size()[1]);
         let (ke, ve) = (Math::expand_heads(k, hq)?, Math::expand_heads(v, hq)?);
         // P from the merged lse: the probabilities of this call's keys within the full softmax.

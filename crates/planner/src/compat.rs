@@ -53,10 +53,10 @@ pub fn compat_layout(
     if groups == 0 || group_sizes.len() != groups {
         return Err(lens_error(format!("expected one entry per group, got {groups} prefix lengths")));
     }
-    if group_sizes.iter().any(|&s| s == 0) {
+    if group_sizes.contains(&0) {
         return Err(lens_error("every group needs at least one suffix".into()));
     }
-    if prefix_lens.iter().any(|&p| p == 0) {
+    if prefix_lens.contains(&0) {
         return Err(lens_error("every prefix length must be at least 1".into()));
     }
     let samples: usize = group_sizes.iter().sum();

@@ -179,7 +179,7 @@ pub fn plan(batch: &Batch<'_>, grouping: Grouping<'_>) -> Result<Plan, PlanError
                 .collect()
         }
         Grouping::Sizes(sizes) => {
-            if sizes.iter().any(|&s| s == 0) {
+            if sizes.contains(&0) {
                 return Err(PlanError::GroupSizes { detail: "every group size must be at least 1".into() });
             }
             let total: usize = sizes.iter().sum();
@@ -188,7 +188,7 @@ pub fn plan(batch: &Batch<'_>, grouping: Grouping<'_>) -> Result<Plan, PlanError
                     detail: format!("sizes sum to {total} but the batch has {b} rows"),
                 });
             }
-            sizes.iter().enumerate().flat_map(|(g, &s)| std::iter::repeat(g).take(s)).collect()
+            sizes.iter().enumerate().flat_map(|(g, &s)| std::iter::repeat_n(g, s)).collect()
         }
         Grouping::Labels(ids) => {
             check_len("group_ids", ids.len(), b, "one per row")?;
