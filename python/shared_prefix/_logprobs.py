@@ -109,6 +109,30 @@ def token_logprobs(
     return picked, entropy
 
 
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    chunk_size: Optional[int] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``log_softmax((hidden @ weight.T + bias) / T)`` at ``targets`` (and the entropy), for rows ``hidden [N, H]``.
+
+    ``chunk_size`` rows per chunk; ``None`` picks one from the vocabulary size.
+    """
+    if chunk_size is None:
+        chunk_size = auto_chunk_rows(weight.shape[0])
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    if hidden.shape[0] <= chunk_size:
+        # One chunk holds every row: plain autograd keeps the same peak without recomputing the head in backward.
+        return token_logprobs(torch.nn.functional.linear(hidden, weight, bias), targets, temperature, with_entropy)
+    picked, entropy = _ChunkedLogprobs.apply(hidden, weight, bias, targets, float(temperature), chunk_size, with_entropy)
+    return picked, (entropy if with_entropy else None)
+
+
 def head_logprobs(
     hidden: torch.Tensor,
     head: torch.nn.Module,
@@ -117,21 +141,7 @@ def head_logprobs(
     with_entropy: bool,
     chunk_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``log_softmax(head(hidden) / T)`` at ``targets`` (and the entropy), for rows ``hidden [N, H]``.
-
-    ``head`` must be an ``nn.Linear`` (the LM head of every supported model). ``chunk_size`` rows per chunk;
-    ``None`` picks one from the vocabulary size.
-    """
+    """:func:`linear_logprobs` through an LM head, which must be a ``torch.nn.Linear`` (every supported model's)."""
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"model: the LM head is a {type(head).__name__}, expected torch.nn.Linear")
-    if chunk_size is None:
-        chunk_size = auto_chunk_rows(head.out_features)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
-    if hidden.shape[0] <= chunk_size:
-        # One chunk holds every row: plain autograd keeps the same peak without recomputing the head in backward.
-        return token_logprobs(head(hidden), targets, temperature, with_entropy)
-    picked, entropy = _ChunkedLogprobs.apply(
-        hidden, head.weight, head.bias, targets, float(temperature), chunk_size, with_entropy
-    )
-    return picked, (entropy if with_entropy else None)
+    return linear_logprobs(hidden, head.weight, head.bias, targets, temperature, with_entropy, chunk_size)

@@ -1,0 +1,223 @@
+"""verl plugin: shared-prefix actor/ref log-probs for verl 0.9.x's FSDP engine, no verl fork.
+
+Load it through verl's hook and switch it on with the existing flag::
+
+    actor_rollout_ref.model.external_lib=shared_prefix.verl
+    actor_rollout_ref.actor.use_prefix_grouper=True        # or: SHARED_PREFIX_VERL=1 in the workers' environment
+
+Supported: verl >= 0.9, < 0.10. Importing this module patches ``FSDPEngineWithLMHead.prepare_model_inputs`` and
+``prepare_model_outputs``: for an eligible micro-batch the engine's own ``forward_step`` (autocast, loss, metrics)
+runs the model once on the packed shared-prefix stream and gets back ``log_probs``/``entropy`` in exactly its own
+layout (nested over prompt+response, position t = log p(x[t+1] | x[:t+1]), zeros at prompt positions, which verl's
+losses never read). Groups come from the ``uid`` key (falling back to identical prompts when a uid group's prompts
+differ, e.g. verl's synthetic padding samples). Both ``use_remove_padding`` settings take the same path, since the
+engine's ``input_ids`` are nested either way. Everything else (the critic, fused kernels, Ulysses SP, per-sample
+temperatures, multimodal inputs, distillation, ``sum_pi_squared``, eager attention) falls back to stock, the reason
+logged once.
+
+Micro-batches: a uid group split across micro-batches still computes exactly (each part shares its prompt), it
+just saves less. Keep groups together with a fixed micro-batch size that is a multiple of ``rollout.n`` and
+``use_dynamic_bsz=False`` (dynamic batching rearranges samples by length).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
+
+from . import hf
+from ._logprobs import linear_logprobs
+from ._plan import plan as make_plan
+
+logger = logging.getLogger("shared_prefix")
+SUPPORTED_VERL = (">=0.9", "<0.10")
+_KEY = "_shared_prefix"
+_state = {"enabled": os.environ.get("SHARED_PREFIX_VERL", "") not in ("", "0"), "said": set()}
+
+
+def enable(on: bool = True) -> None:
+    """Switch the plugin on (or off) in this process, as ``use_prefix_grouper=True`` does."""
+    _state["enabled"] = bool(on)
+
+
+def _say_once(why: str) -> None:
+    if why not in _state["said"]:
+        _state["said"].add(why)
+        logger.warning("shared_prefix.verl: stock log-probs: %s", why)
+
+
+def _ineligible(engine, mb, ti, tu) -> Optional[str]:
+    if not _state["enabled"]:
+        return "disabled"
+    if isinstance(engine, ti.FSDPEngineWithValueHead):
+        return "value model"
+    flag = lambda key, default=False: tu.get_non_tensor_data(data=mb, key=key, default=default)  # noqa: E731
+    for key in ("use_fused_kernels", "calculate_sum_pi_squared", "distillation_use_topk", "distillation_only"):
+        if flag(key):
+            return f"{key} is set"
+    if getattr(engine, "use_ulysses_sp", False):
+        return "Ulysses sequence parallelism"
+    if isinstance(engine.module, FullyShardedDataParallel):
+        return "FSDP1 (flat parameters): the LM head is not reachable outside its forward"
+    if "multi_modal_inputs" in mb.keys():
+        return "multimodal inputs"
+    if isinstance(mb["temperature"], torch.Tensor) and mb["temperature"].numel() > 1:
+        return "per-sample temperatures"
+    ids, pos = mb["input_ids"], mb["position_ids"]
+    if not (ids.is_nested and pos.is_nested and pos.values().dim() == 1):
+        return "position ids that are not one id per token (e.g. mrope)"
+    module = engine.module
+    cfg = getattr(module, "config", None)
+    if cfg is None or cfg._attn_implementation not in hf._plan_aware:
+        return f"attention implementation {getattr(cfg, '_attn_implementation', None)!r} cannot take a plan"
+    if getattr(cfg, "final_logit_softcapping", None) is not None or getattr(cfg, "logits_scaling", 1) not in (None, 1):
+        return "logit softcapping or scaling"
+    return None
+
+
+def _response_lengths(mb) -> torch.Tensor:
+    responses = mb["responses"]
+    if responses.is_nested:
+        return responses.offsets().diff()
+    return mb["attention_mask"][:, -responses.shape[1] :].sum(1)
+
+
+def _unpack(mb):
+    """Nested ``input_ids`` → left-padded prompts and right-padded completions (vectorized, no token loops)."""
+    ids = mb["input_ids"]
+    offsets, flat = ids.offsets(), ids.values()
+    total = offsets.diff()
+    resp = _response_lengths(mb).to(total.device)
+    prompt = total - resp
+    lens = torch.stack([prompt.max(), resp.max()]).tolist()  # one host read per micro-batch, outside the layers
+    max_p, max_r = int(lens[0]), max(1, int(lens[1]))
+    cols = torch.arange(max_p, device=flat.device)
+    p_valid = cols[None] >= (max_p - prompt)[:, None]
+    p_src = (offsets[:-1, None] + cols[None] - (max_p - prompt)[:, None]).clamp(0, flat.numel() - 1)
+    rcols = torch.arange(max_r, device=flat.device)
+    r_valid = rcols[None] < resp[:, None]
+    r_src = (offsets[:-1, None] + prompt[:, None] + rcols[None]).clamp(0, flat.numel() - 1)
+    return (flat[p_src] * p_valid, p_valid, flat[r_src] * r_valid, r_valid, offsets, prompt)
+
+
+def _prepare_model_inputs(self, micro_batch, _orig, ti, tu):
+    why = _ineligible(self, micro_batch, ti, tu)
+    if why is not None:
+        if why != "disabled":
+            _say_once(why)
+        return _orig(self, micro_batch)
+    prompt_ids, prompt_mask, completion_ids, completion_mask, offsets, prompt_len = _unpack(micro_batch)
+    if bool((prompt_len <= 0).any()):
+        _say_once("a sample without prompt tokens")
+        return _orig(self, micro_batch)
+    uid = list(micro_batch["uid"]) if "uid" in micro_batch.keys() else None
+    try:
+        p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, group_ids=uid)
+    except ValueError:  # a uid group whose prompts differ (verl's padding samples): group by identical prompts
+        p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    model_inputs = {
+        "input_ids": p.input_ids,
+        "position_ids": p.position_ids,
+        "attention_mask": p.attention_mask,
+        "output_hidden_states": True,
+        "logits_to_keep": 1,
+        hf.PLAN_KWARG: p,
+    }
+    temperature = micro_batch["temperature"]
+    temperature = float(temperature.reshape(-1)[0]) if isinstance(temperature, torch.Tensor) else float(temperature)
+    state = {"plan": p, "offsets": offsets, "prompt_len": prompt_len, "mask": completion_mask,
+             "targets": completion_ids, "temperature": temperature}
+    return model_inputs, {_KEY: state}
+
+
+def _prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func, _orig, tu):
+    state = output_args.get(_KEY) if isinstance(output_args, dict) else None
+    if state is None:
+        return _orig(self, output, output_args, micro_batch, logits_processor_func)
+    p = state["plan"]
+    entropy_wanted = tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False)
+    hidden = p.predictor_rows(output.hidden_states[-1])
+    head = self.module.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    # FSDP2 reshards after forward: the head is a sharded DTensor here, so gather it (differentiably), as TRL does.
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+    logp, ent = linear_logprobs(hidden, weight, bias, p.completion_targets(), state["temperature"], entropy_wanted)
+    # Back to the engine's layout: nested over prompt+response, position t predicts token t+1.
+    offsets, mask = state["offsets"], state["mask"]
+    cols = torch.arange(mask.shape[1], device=offsets.device)
+    where = (offsets[:-1, None] + state["prompt_len"][:, None] - 1 + cols[None])[mask]
+
+    def nested(values):
+        # Packed order → the caller's [B, Lc] rows → flat positions; out-of-place, so autograd flows.
+        rows = p.unpack_completions(values)[mask]
+        full = rows.new_zeros(int(offsets[-1])).index_put((where,), rows)
+        return torch.nested.nested_tensor_from_jagged(full, offsets)
+
+    out = {"log_probs": nested(logp)}
+    if entropy_wanted:
+        out["entropy"] = nested(ent)
+    return out
+
+
+def install() -> bool:
+    """Patch verl's FSDP engine (idempotent). Returns False when verl is not installed."""
+    try:
+        import verl.workers.engine.fsdp.transformer_impl as ti
+        from verl.utils import tensordict_utils as tu
+    except ImportError:
+        return False
+    cls = ti.FSDPEngineWithLMHead
+    if getattr(cls, "_shared_prefix_installed", False):
+        return True
+    import verl
+    from packaging.version import Version
+
+    if not (Version("0.9") <= Version(verl.__version__) < Version("0.10")):
+        logger.warning("shared_prefix.verl: verl %s is outside %s; not installed", verl.__version__, SUPPORTED_VERL)
+        return False
+    hf.register()
+    orig_inputs, orig_outputs = cls.prepare_model_inputs, cls.prepare_model_outputs
+
+    def prepare_model_inputs(self, micro_batch):
+        return _prepare_model_inputs(self, micro_batch, orig_inputs, ti, tu)
+
+    def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func=None):
+        return _prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func, orig_outputs, tu)
+
+    cls.prepare_model_inputs = prepare_model_inputs
+    cls.prepare_model_outputs = prepare_model_outputs
+    cls._shared_prefix_installed = True
+    _watch_actor_config()
+    return True
+
+
+def _watch_actor_config() -> None:
+    """``actor_rollout_ref.actor.use_prefix_grouper=True`` switches the plugin on (the flag verl 0.9 keeps in its
+    config but no longer reads)."""
+    try:
+        from verl.workers.config import actor as actor_cfg
+    except ImportError:
+        return
+    for name in ("ActorConfig", "FSDPActorConfig"):
+        klass = getattr(actor_cfg, name, None)
+        post = getattr(klass, "__post_init__", None)
+        if post is None or getattr(post, "_shared_prefix", False):
+            continue
+
+        def wrapped(self, _post=post):
+            _post(self)
+            if getattr(self, "use_prefix_grouper", False):
+                enable(True)
+
+        wrapped._shared_prefix = True
+        klass.__post_init__ = wrapped
+
+
+install()
