@@ -131,7 +131,7 @@ def _prepare_model_inputs(self, micro_batch, _orig, ti, tu):
     temperature = micro_batch["temperature"]
     temperature = float(temperature.reshape(-1)[0]) if isinstance(temperature, torch.Tensor) else float(temperature)
     state = {"plan": p, "offsets": offsets, "prompt_len": prompt_len, "mask": completion_mask,
-             "targets": completion_ids, "temperature": temperature}
+             "temperature": temperature}
     return model_inputs, {_KEY: state}
 
 
