@@ -70,3 +70,16 @@ def attention_backward(
     scale: float,
     kernels: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+def make_compat_plan(
+    prefix_lens: Sequence[int],
+    suffix_lens: Sequence[int],
+    group_sizes: Sequence[int],
+    device: str,
+    padding_mask: Optional[torch.Tensor] = None,
+    left: bool = False,
+) -> Tuple[CorePlan, dict, Tuple[int, int, int]]:
+    """The original Prefix Grouper's grouped layout: the attention plan, its index tensors (grouped_prefix,
+    grouped_suffix, ungrouped_prefix, ungrouped_suffix, sample_group, padding_mask) and (width, max_prefix,
+    max_suffix)."""
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Flat row-major positions of a mask's true entries, on the mask's device."""
