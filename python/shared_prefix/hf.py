@@ -141,16 +141,24 @@ def register() -> None:
         _registered = True
 
 
-def _check_model(model: torch.nn.Module) -> None:
-    """Models whose logits are not the LM head's output (or whose attention is not plain softmax attention)."""
-    cfg = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if getattr(cfg, attr, None) is not None:
-            raise NotImplementedError(f"shared_prefix: model config sets {attr}, which is not supported")
-    for attr in ("logits_scaling", "logit_scale"):  # Granite divides the logits, Cohere multiplies them
+_SOFTCAPS = ("final_logit_softcapping", "attn_logit_softcapping")
+# Logit multipliers and divisors: Granite/MiniCPM3 `logits_scaling`, Cohere `logit_scale`, Falcon-H1 and others.
+_SCALES = ("logits_scaling", "logit_scale", "output_multiplier", "lm_head_multiplier")
+
+
+def unsupported_config(cfg) -> Optional[str]:
+    """Why a model's logits are not plain ``lm_head(hidden)`` (or its attention not plain softmax), or None."""
+    for attr in _SOFTCAPS + _SCALES:
         value = getattr(cfg, attr, None)
-        if value is not None and value != 1:
-            raise NotImplementedError(f"shared_prefix: model config sets {attr}={value}, which is not supported")
+        if value is not None and (attr in _SOFTCAPS or value != 1):
+            return f"the model config sets {attr}={value}"
+    return None
+
+
+def _check_model(model: torch.nn.Module) -> None:
+    why = unsupported_config(getattr(model, "config", None))
+    if why is not None:
+        raise NotImplementedError(f"shared_prefix: {why}, which is not supported")
 
 
 @contextlib.contextmanager

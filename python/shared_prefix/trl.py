@@ -108,11 +108,9 @@ class SharedPrefixMixin:
         base = self.accelerator.unwrap_model(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-        for attr in ("final_logit_softcapping", "attn_logit_softcapping", "logit_scale", "output_multiplier",
-                     "lm_head_multiplier", "logits_scaling"):
-            value = getattr(cfg, attr, None)
-            if value is not None and not (attr != "final_logit_softcapping" and value == 1):
-                return f"the model config sets {attr}={value}"
+        why = hf.unsupported_config(cfg)
+        if why is not None:
+            return why
         if getattr(cfg, "output_router_logits", False):
             return "the model returns router logits"
         if not isinstance(base.get_output_embeddings(), torch.nn.Linear):

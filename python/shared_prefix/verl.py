@@ -75,9 +75,7 @@ def _ineligible(engine, mb, ti, tu) -> Optional[str]:
     cfg = getattr(module, "config", None)
     if cfg is None or cfg._attn_implementation not in hf._plan_aware:
         return f"attention implementation {getattr(cfg, '_attn_implementation', None)!r} cannot take a plan"
-    if getattr(cfg, "final_logit_softcapping", None) is not None or getattr(cfg, "logits_scaling", 1) not in (None, 1):
-        return "logit softcapping or scaling"
-    return None
+    return hf.unsupported_config(cfg)
 
 
 def _response_lengths(mb) -> torch.Tensor:
