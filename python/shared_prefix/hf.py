@@ -105,6 +105,19 @@ def shared_prefix_attention_forward(
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
+def packed_model_inputs(p: Plan) -> dict:
+    """Keyword arguments for calling a (possibly wrapped) causal LM on the packed stream when only its last
+    hidden state is wanted (the LM head then runs on the predictor rows alone)."""
+    return {
+        "input_ids": p.input_ids,
+        "position_ids": p.position_ids,
+        "attention_mask": p.attention_mask,
+        "output_hidden_states": True,
+        "logits_to_keep": 1,
+        PLAN_KWARG: p,
+    }
+
+
 def _make_plan_aware(fn: Callable) -> Callable:
     # A plan kwarg is authoritative whatever the implementation: gradient checkpointing recomputes layers during
     # backward, after completion_logprobs has restored the model's own implementation.

@@ -154,15 +154,7 @@ class SharedPrefixMixin:
             stock += ids.numel()  # TRL forwards the padded rows
             # Through the (possibly DDP-wrapped) model, so its hooks run; the last hidden state is all we need.
             with hf._attn_implementation(base, hf.NAME), self.accelerator.autocast():
-                out = model(
-                    input_ids=p.input_ids,
-                    position_ids=p.position_ids,
-                    attention_mask=p.attention_mask,
-                    output_hidden_states=True,
-                    logits_to_keep=1,
-                    use_cache=False,
-                    **{hf.PLAN_KWARG: p},
-                )
+                out = model(**hf.packed_model_inputs(p), use_cache=False)
             hidden = p.predictor_rows(out.hidden_states[-1])
             head = base.get_output_embeddings()
             # As TRL's fused head: optionally in fp32 outside autocast, else under the trainer's autocast.

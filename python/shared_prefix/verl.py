@@ -118,14 +118,7 @@ def _prepare_model_inputs(self, micro_batch, _orig, ti, tu):
         p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, group_ids=uid)
     except ValueError:  # a uid group whose prompts differ (verl's padding samples): group by identical prompts
         p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask)
-    model_inputs = {
-        "input_ids": p.input_ids,
-        "position_ids": p.position_ids,
-        "attention_mask": p.attention_mask,
-        "output_hidden_states": True,
-        "logits_to_keep": 1,
-        hf.PLAN_KWARG: p,
-    }
+    model_inputs = hf.packed_model_inputs(p)  # the engine's forward_step adds use_cache=False
     temperature = micro_batch["temperature"]
     temperature = float(temperature.reshape(-1)[0]) if isinstance(temperature, torch.Tensor) else float(temperature)
     state = {"plan": p, "offsets": offsets, "prompt_len": prompt_len, "mask": completion_mask,
