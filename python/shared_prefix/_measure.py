@@ -91,3 +91,43 @@ def grad_agreement(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]
     rel = ((ours - ref).norm() / ref.norm()).item()
     cos = torch.nn.functional.cosine_similarity(ours, ref, dim=0).item()
     return rel, cos
+
+
+def grpo_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """A GRPO-shaped surrogate: advantage-weighted token log-probs, averaged over valid tokens."""
+    return -(logp * advantages[:, None] * mask).sum() / mask.sum()
+
+
+def measure_logprob_step(model, fn, advantages, mask, device, steps: int, progress=None):
+    """One log-prob method, forward+backward of ``grpo_loss``: ``(stats, logp, grad)`` where stats holds the
+    median step time, the peak memory above what existed before (gradients included) and the first step's time."""
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        logp = fn()
+        grpo_loss(logp, mask, advantages).backward()
+        return logp
+
+    synchronize(device)
+    t0 = time.perf_counter()
+    logp = step().detach()
+    synchronize(device)
+    first = time.perf_counter() - t0
+    grad = grad_vector(model)
+    if progress is not None:
+        progress.update(1)
+    model.zero_grad(set_to_none=True)
+    peak = peak_memory_bytes(step, device)
+    if progress is not None:
+        progress.update(1)
+    median = median_time(step, device, steps=steps, warmup=1, progress=progress)
+    model.zero_grad(set_to_none=True)
+    return dict(median_s=median, peak_mem_bytes=peak, first_step_s=first), logp, grad
+
+
+def agreement(logp, grad, ref_logp, ref_grad, mask) -> dict:
+    """max |Δ logprob| at valid tokens and gradient rel L2 / cosine against a reference method."""
+    if ref_logp is None:
+        return dict(max_abs_logp_diff=0.0, grad_rel_l2=0.0, grad_cos=1.0)
+    rel, cos = grad_agreement(grad.double(), ref_grad.double())
+    return dict(max_abs_logp_diff=((logp - ref_logp) * mask).abs().max().item(), grad_rel_l2=rel, grad_cos=cos)

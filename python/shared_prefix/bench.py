@@ -23,7 +23,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,7 +30,8 @@ import torch
 from tqdm import tqdm
 
 import shared_prefix as sp
-from shared_prefix._measure import grad_agreement, grad_vector, median_time, peak_memory_bytes, synchronize
+from shared_prefix._logprobs import token_logprobs
+from shared_prefix._measure import agreement, measure_logprob_step
 from shared_prefix._reference import stock_logprobs
 
 MODELS = {
@@ -110,15 +110,19 @@ def packed_rows(prompt_ids, completion_ids, g: int):
     return ids, pos, pred
 
 
+def packed_rows_logprobs(model, ids, pos, pred, completion_ids, attention_mask):
+    """Completion log-probs from per-group packed rows: the decoder on ``ids``, the LM head on the predictor rows."""
+    hidden = model.get_decoder()(input_ids=ids, position_ids=pos, attention_mask=attention_mask,
+                                 use_cache=False).last_hidden_state
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred.reshape(-1))
+    logp, _ = token_logprobs(model.get_output_embeddings()(h), completion_ids.reshape(-1), 1.0, False)
+    return logp.view_as(completion_ids)
+
+
 def packed_causal_logprobs(model, prompt_ids, completion_ids, g: int):
     ids, pos, pred = packed_rows(prompt_ids, completion_ids, g)
     # An all-ones mask keeps transformers from reading the restarting positions as packed sequences: plain causal.
-    hidden = model.get_decoder()(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids),
-                                 use_cache=False).last_hidden_state
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred.reshape(-1))
-    logits = model.get_output_embeddings()(h)
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, completion_ids.reshape(-1, 1))
-    return logp.view_as(completion_ids)
+    return packed_rows_logprobs(model, ids, pos, pred, completion_ids, torch.ones_like(ids))
 
 
 class FlexVariant:
@@ -143,12 +147,7 @@ class FlexVariant:
         model = self.model
         # Left on flex through backward (the checkpoint recompute runs there); run_config resets it.
         model.set_attn_implementation("flex_attention")
-        hidden = model.get_decoder()(input_ids=self.ids, position_ids=self.pos, attention_mask=self.block_mask,
-                                     use_cache=False).last_hidden_state
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.pred.reshape(-1))
-        logits = model.get_output_embeddings()(h)
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, self.completion_ids.reshape(-1, 1))
-        return logp.view_as(self.completion_ids)
+        return packed_rows_logprobs(model, self.ids, self.pos, self.pred, self.completion_ids, self.block_mask)
 
 
 def variant_fns(model, batch, g: int, device: torch.device, wanted: list[str]) -> dict[str, Callable]:
@@ -192,28 +191,6 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def measure_variant(model, fn, adv, cmask, args, device, bar) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    def step():
-        model.zero_grad(set_to_none=True)
-        logp = fn()
-        (-(logp * adv[:, None] * cmask).sum() / cmask.sum()).backward()
-        return logp
-
-    synchronize(device)
-    t0 = time.perf_counter()
-    logp = step().detach()
-    synchronize(device)
-    first = time.perf_counter() - t0
-    grad = grad_vector(model)
-    bar.update(1)
-    model.zero_grad(set_to_none=True)
-    peak = peak_memory_bytes(step, device)
-    bar.update(1)
-    median = median_time(step, device, steps=args.steps, warmup=1, progress=bar)
-    model.zero_grad(set_to_none=True)
-    return dict(median_s=median, peak_mem_bytes=peak, first_step_s=first), logp, grad
-
-
 def run_config(model, cfg, args, device, bar):
     """Yield one result row per variant, as soon as it is measured."""
     p, s, g, b = cfg
@@ -229,7 +206,7 @@ def run_config(model, cfg, args, device, bar):
         if name in KERNEL_VARIANTS:
             os.environ["SHARED_PREFIX_KERNELS"] = KERNEL_VARIANTS[name]
         try:
-            stats, logp, grad = measure_variant(model, fn, adv, cmask, args, device, bar)
+            stats, logp, grad = measure_logprob_step(model, fn, adv, cmask, device, args.steps, bar)
         except Exception as e:  # an OOM, an unsupported case or a failing variant: recorded, the run goes on
             model.zero_grad(set_to_none=True)
             if device.type == "cuda":
@@ -242,12 +219,9 @@ def run_config(model, cfg, args, device, bar):
         row.update(stats)
         if name == "flex":
             row["compile_s"] = max(0.0, stats["first_step_s"] - stats["median_s"])
+        row.update(agreement(logp, grad, ref_logp, ref_grad, cmask))
         if ref_logp is None:
             ref_logp, ref_grad = logp, grad
-            row.update(max_abs_logp_diff=0.0, grad_rel_l2=0.0, grad_cos=1.0)
-        else:
-            rel, cos = grad_agreement(grad.double(), ref_grad.double())
-            row.update(max_abs_logp_diff=((logp - ref_logp) * cmask).abs().max().item(), grad_rel_l2=rel, grad_cos=cos)
         del grad
         yield row
     del ref_grad

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 import shared_prefix as sp
-from shared_prefix._measure import grad_agreement, grad_vector, median_time, peak_memory_bytes
+from shared_prefix._measure import agreement, measure_logprob_step
 from shared_prefix._reference import stock_logprobs
 
 
@@ -55,11 +55,6 @@ def make_groups(n_prompts: int, group: int, prompt_len: int, completion_len: int
     return prompt_ids.to(**to), prompt_mask.to(**to), completion_ids.to(**to), completion_mask.to(**to)
 
 
-def grpo_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    """A GRPO-shaped surrogate: advantage-weighted token log-probs, averaged over valid tokens."""
-    return -(logp * advantages[:, None] * mask).sum() / mask.sum()
-
-
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -85,26 +80,11 @@ def run(args) -> list[dict]:
     total = len(methods) * (args.steps + 3)
     with tqdm(total=total, desc="demo", unit="step", leave=False) as bar:
         for name, fn in methods.items():
-            def step():
-                model.zero_grad(set_to_none=True)
-                logp = fn()
-                grpo_loss(logp, cmask, advantages).backward()
-                return logp
-
-            logp = step().detach()
-            grad = grad_vector(model)
-            bar.update(1)
-            peak = peak_memory_bytes(step, device)
-            bar.update(1)
-            seconds = median_time(step, device, steps=args.steps, warmup=1, progress=bar)
-            row = {"method": name, "tokens": tokens[name], "median_s": seconds, "peak_mem_bytes": peak}
+            stats, logp, grad = measure_logprob_step(model, fn, advantages, cmask, device, args.steps, bar)
+            row = {"method": name, "tokens": tokens[name], **stats}
+            row.update(agreement(logp, grad, ref_logp, ref_grad, cmask))
             if ref_logp is None:
                 ref_logp, ref_grad = logp, grad
-                row.update(max_abs_logp_diff=0.0, grad_rel_l2=0.0, grad_cos=1.0)
-            else:
-                rel, cos = grad_agreement(grad, ref_grad)
-                diff = ((logp - ref_logp) * cmask).abs().max().item()
-                row.update(max_abs_logp_diff=diff, grad_rel_l2=rel, grad_cos=cos)
             results.append(row)
     return results
 
