@@ -229,8 +229,8 @@ def completion_logprobs(
     the completion token, and 0 at completion padding. Gradients reach the model's parameters. Returns
     ``(logprobs, entropy)`` when ``return_entropy``.
 
-    The LM head runs in chunks of ``chunk_size`` completion rows (``None``: picked from the vocabulary size) with an
-    exact recomputing backward, so full-vocabulary logits never exist for all rows at once.
+    The LM head runs over slices of ``chunk_size`` vocabulary columns (``None``: picked from the row count and the
+    vocabulary size) with an exact recomputing backward, so full-vocabulary logits never exist for all rows at once.
     """
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_decoder"):
         raise TypeError(f"model: expected a transformers causal LM, got {type(model).__name__}")
