@@ -145,13 +145,16 @@ class _ChunkedLogprobs(torch.autograd.Function):
             if use_entropy:
                 du.sub_(ent_term)
             # Back through the fp32 upcast and 1/T: the gradient reaches the logits in their own dtype.
-            dz = du.div_(t).to(logits_dtype)
+            dz = (du.div_(t) if t != 1.0 else du).to(logits_dtype)
             if dh is not None:
                 _add_mm(dh, dz, weight[lo:hi].to(logits_dtype))
             if dw is not None:
                 if h_cast is None:
                     h_cast = hidden.to(logits_dtype)
-                dw[lo:hi] = dz.t() @ h_cast
+                if dw.dtype == dz.dtype:
+                    torch.mm(dz.t(), h_cast, out=dw[lo:hi])  # a contiguous block of rows: written in place
+                else:  # fp32 master weights under autocast
+                    dw[lo:hi] = dz.t() @ h_cast
             if db is not None:
                 db[lo:hi] = dz.sum(0)
         dh = dh.to(hidden.dtype) if dh is not None else None

@@ -18,24 +18,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn: Callable[[], object], device: torch.device, steps: int, warmup: int = 1, progress=None) -> float:
-    """Median wall time of ``steps`` calls after ``warmup`` calls (device work included)."""
-    for _ in range(warmup):
-        fn()
-        if progress is not None:
-            progress.update(1)
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-        if progress is not None:
-            progress.update(1)
-    return statistics.median(times)
-
-
 @contextlib.contextmanager
 def _quiet_native_stderr():
     """Silence libtorch's own log lines (profiler start-up notes) for the block; Python exceptions still raise."""
@@ -98,31 +80,90 @@ def grpo_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) 
     return -(logp * advantages[:, None] * mask).sum() / mask.sum()
 
 
-def measure_logprob_step(model, fn, advantages, mask, device, steps: int, progress=None):
-    """One log-prob method, forward+backward of ``grpo_loss``: ``(stats, logp, grad)`` where stats holds the
-    median step time, the peak memory above what existed before (gradients included) and the first step's time."""
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        logp = fn()
-        grpo_loss(logp, mask, advantages).backward()
-        return logp
-
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
     synchronize(device)
     t0 = time.perf_counter()
-    logp = step().detach()
+    fn()
     synchronize(device)
-    first = time.perf_counter() - t0
-    grad = grad_vector(model)
-    if progress is not None:
-        progress.update(1)
+    return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _no_setup(name: str):
+    yield
+
+
+def measure_methods(model, methods: dict[str, Callable], advantages, mask, device, steps: int, progress=None,
+                    setup=_no_setup, keep_going: bool = True) -> dict[str, dict]:
+    """Log-prob methods side by side, one step = forward+backward of ``grpo_loss``.
+
+    Each method first runs once (its time is ``first_step_s``; its log-probs and gradient are compared with the
+    first method's: ``agreement``) and once more under the peak-memory probe (``peak_mem_bytes`` above what existed
+    before, gradients included). Then ``steps`` rounds run the methods in turn, one timed step each, so that drifts
+    in the machine's speed (other tenants, clocks) fall on every method alike; ``median_s`` is each method's median.
+    ``setup(name)`` is a context manager entered around every call of that method. With ``keep_going`` a method
+    that raises gets ``{"error": ...}`` and the others go on; without, the exception propagates. Returns one dict
+    per method, in order.
+    """
+
+    def make_step(fn):
+        def step():
+            model.zero_grad(set_to_none=True)
+            logp = fn()
+            grpo_loss(logp, mask, advantages).backward()
+            return logp
+
+        return step
+
+    def failed(e: Exception) -> dict:
+        if not keep_going:
+            raise e
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return dict(error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
+
+    results: dict[str, dict] = {}
+    steps_of: dict[str, Callable] = {}
+    ref_logp = ref_grad = None
+    for name, fn in methods.items():
+        step = make_step(fn)
+        try:
+            with setup(name):
+                out: list[torch.Tensor] = []
+                first = _timed(lambda: out.append(step().detach()), device)
+                logp = out[0]
+                grad = grad_vector(model)
+                if progress is not None:
+                    progress.update(1)
+                model.zero_grad(set_to_none=True)
+                peak = peak_memory_bytes(step, device)
+                model.zero_grad(set_to_none=True)
+                if progress is not None:
+                    progress.update(1)
+        except Exception as e:  # an OOM, an unsupported case or a failing method: recorded, the run goes on
+            results[name] = failed(e)
+            continue
+        results[name] = dict(peak_mem_bytes=peak, first_step_s=first, times=[])
+        results[name].update(agreement(logp, grad, ref_logp, ref_grad, mask))
+        if ref_logp is None:
+            ref_logp, ref_grad = logp, grad
+        del grad
+        steps_of[name] = step
+    for _ in range(steps):
+        for name, step in list(steps_of.items()):
+            try:
+                with setup(name):
+                    results[name]["times"].append(_timed(step, device))
+            except Exception as e:
+                results[name] = failed(e)
+                del steps_of[name]
+            if progress is not None:
+                progress.update(1)
     model.zero_grad(set_to_none=True)
-    peak = peak_memory_bytes(step, device)
-    if progress is not None:
-        progress.update(1)
-    median = median_time(step, device, steps=steps, warmup=1, progress=progress)
-    model.zero_grad(set_to_none=True)
-    return dict(median_s=median, peak_mem_bytes=peak, first_step_s=first), logp, grad
+    for name in steps_of:
+        results[name]["median_s"] = statistics.median(results[name].pop("times"))
+    return results
 
 
 def agreement(logp, grad, ref_logp, ref_grad, mask) -> dict:

@@ -10,13 +10,15 @@ with G completions of S tokens (config ``PxSxGxB``). Variants, measured side by 
 - ``prefix_grouper``: the original ``prefix-grouper`` package through its API, where it is installed;
 - ``flex``: FlexAttention with a shared-prefix block mask (CUDA only; compile time reported separately).
 
-Per variant: the median of the timed steps after warm-up, peak memory above the weights, and max |Δ logprob|,
+Per variant: the median of the timed steps after warm-up (rounds run the variants in turn, so drifts in the machine's
+speed fall on all of them alike), peak memory above the weights, and max |Δ logprob|,
 gradient rel L2 and cosine against ``baseline``. Writes ``results.jsonl``, ``results.md`` and ``results.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 import shared_prefix as sp
 from shared_prefix._logprobs import token_logprobs
-from shared_prefix._measure import agreement, measure_logprob_step
+from shared_prefix._measure import measure_methods
 from shared_prefix._reference import stock_logprobs
 
 MODELS = {
@@ -44,9 +46,9 @@ MODELS = {
                          intermediate_size=8960, vocab_size=151936),
 }
 PRESETS = {
-    "cpu-small": dict(device="cpu", model="tiny", dtype="float32", grad_ckpt=False,
+    "cpu-small": dict(device="cpu", model="tiny", dtype="float32", grad_ckpt=False, steps=5,
                       configs=["512x64x8x1", "1024x128x8x2"]),
-    "gpu": dict(device="cuda", model="qwen2.5-0.5b", dtype="bfloat16", grad_ckpt=True,
+    "gpu": dict(device="cuda", model="qwen2.5-0.5b", dtype="bfloat16", grad_ckpt=True, steps=5,
                 configs=["4096x512x8x1", "8192x256x16x1", "16384x1024x8x1"]),
 }
 # Order of measurement: the reference first; the original package last (it may not fit long configs).
@@ -192,48 +194,44 @@ def device_name(device: torch.device) -> str:
 
 
 def run_config(model, cfg, args, device, bar):
-    """Yield one result row per variant, as soon as it is measured."""
+    """One result row per variant, the variants measured side by side (interleaved timed rounds)."""
     p, s, g, b = cfg
     batch = make_batch(p, s, g, b, model.config.vocab_size, device)
     cmask = batch[3]
     adv = torch.randn(b * g, generator=torch.Generator().manual_seed(1)).to(device)
-    ref_logp = ref_grad = None
-    for name, fn in variant_fns(model, batch, g, device, args.variants).items():
+
+    @contextlib.contextmanager
+    def setup(name):
         model.set_attn_implementation("sdpa")  # every variant starts from the stock implementation
-        # Tokens forwarded: every row [prompt, completion] for the baseline; one prompt per group otherwise.
-        row = dict(config="x".join(map(str, cfg)), variant=name,
-                   tokens=b * g * (p + s) if name == "baseline" else b * (p + g * s))
         if name in KERNEL_VARIANTS:
+            # For the whole step, so the checkpoint recompute in backward uses the forward's kernels.
             os.environ["SHARED_PREFIX_KERNELS"] = KERNEL_VARIANTS[name]
         try:
-            stats, logp, grad = measure_logprob_step(model, fn, adv, cmask, device, args.steps, bar)
-        except Exception as e:  # an OOM, an unsupported case or a failing variant: recorded, the run goes on
-            model.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-            yield row
-            continue
+            yield
         finally:
             os.environ.pop("SHARED_PREFIX_KERNELS", None)
-        row.update(stats)
-        if name == "flex":
-            row["compile_s"] = max(0.0, stats["first_step_s"] - stats["median_s"])
-        row.update(agreement(logp, grad, ref_logp, ref_grad, cmask))
-        if ref_logp is None:
-            ref_logp, ref_grad = logp, grad
-        del grad
-        yield row
-    del ref_grad
+
+    fns = variant_fns(model, batch, g, device, args.variants)
+    results = measure_methods(model, fns, adv, cmask, device, args.steps, bar, setup)
+    model.set_attn_implementation("sdpa")
+    rows = []
+    for name, stats in results.items():
+        # Tokens forwarded: every row [prompt, completion] for the baseline; one prompt per group otherwise.
+        row = dict(config="x".join(map(str, cfg)), variant=name,
+                   tokens=b * g * (p + s) if name == "baseline" else b * (p + g * s), **stats)
+        if name == "flex" and "error" not in row:
+            row["compile_s"] = max(0.0, row["first_step_s"] - row["median_s"])
+        rows.append(row)
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return rows
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Device: {meta['device_name']}; model {meta['model']} (random weights), {meta['dtype']}, "
         f"grad checkpointing {'on' if meta['grad_ckpt'] else 'off'}; torch {meta['torch']}; commit {meta['commit']}; "
-        f"{meta['date']}. Median of {meta['steps']} steps (forward+backward of completion log-probs).",
+        f"{meta['date']}. Median of {meta['steps']} interleaved rounds (forward+backward of completion log-probs).",
         "",
         "| config PxSxGxB | variant | median s | vs baseline | vs packed_causal | peak mem GiB | max abs Δlogp "
         "| grad rel L2 | grad cos | note |",
@@ -301,7 +299,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None)
     ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported; ≥ 3)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed rounds (one step of each variant per round; median reported; ≥ 3; preset: 5)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads")
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args(argv)
@@ -310,6 +309,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.model = args.model or preset["model"]
     args.dtype = args.dtype or preset["dtype"]
     args.grad_ckpt = preset["grad_ckpt"] if args.grad_ckpt is None else args.grad_ckpt
+    args.steps = preset["steps"] if args.steps is None else args.steps
     configs = args.config or [parse_config(c) for c in preset["configs"]]
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(args.variants) - set(VARIANTS)
@@ -331,7 +331,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     meta = dict(device_name=device_name(device), model=args.model, dtype=args.dtype, grad_ckpt=args.grad_ckpt,
                 torch=torch.__version__, commit=git_commit(), steps=args.steps,
                 date=datetime.date.today().isoformat(), python=sys.version.split()[0])
-    per_variant = args.steps + 3
+    per_variant = args.steps + 2
     total = len(configs) * len(args.variants) * per_variant
     rows: list[dict] = []
     with tqdm(total=total, desc="bench", unit="step") as bar, open(out / "results.jsonl", "w") as f:

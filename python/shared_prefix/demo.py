@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 import shared_prefix as sp
-from shared_prefix._measure import agreement, measure_logprob_step
+from shared_prefix._measure import measure_methods
 from shared_prefix._reference import stock_logprobs
 
 
@@ -76,16 +76,9 @@ def run(args) -> list[dict]:
     # What each forward processes: the stock batch is padded rows [prompt, completion]; ours is the packed stream.
     tokens = {"stock (TRL-style rows)": pid.numel() + cid.numel(), "shared_prefix": plan.num_tokens}
 
-    results, ref_logp, ref_grad = [], None, None
-    total = len(methods) * (args.steps + 3)
-    with tqdm(total=total, desc="demo", unit="step", leave=False) as bar:
-        for name, fn in methods.items():
-            stats, logp, grad = measure_logprob_step(model, fn, advantages, cmask, device, args.steps, bar)
-            row = {"method": name, "tokens": tokens[name], **stats}
-            row.update(agreement(logp, grad, ref_logp, ref_grad, cmask))
-            if ref_logp is None:
-                ref_logp, ref_grad = logp, grad
-            results.append(row)
+    with tqdm(total=len(methods) * (args.steps + 2), desc="demo", unit="step", leave=False) as bar:
+        measured = measure_methods(model, methods, advantages, cmask, device, args.steps, bar, keep_going=False)
+    results = [{"method": name, "tokens": tokens[name], **stats} for name, stats in measured.items()]
     return results
 
 
