@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device check on a GPU machine: the GPU tests, then `python -m shared_prefix.bench --preset gpu`, then a
-# profile of one step.
+# profile of one step at two configs.
 # Run from the repo root with the wheels in .whl/ (our abi3 wheel built on the CPU machine, plus pure-Python or
 # abi3 wheels the image lacks). Results land in $OUT (gpu.txt, gpu_tests.log, bench/results.{jsonl,md,png},
-# profile_*.txt). Timeouts default to 120 + 330 + 90 s, inside one 600 s device call.
+# profile_*.txt). Timeouts default to 110 + 330 + 100 s, inside one 600 s device call. The kernel-forcing variants
+# (shared_prefix_fa2/_cudnn) are left out by default: their comparison is recorded (BENCHMARKS.md, run 4).
 # Preparing .whl here (the image has torch 2.11 but transformers 5.17): `make wheel` then copy dist/*.whl, and
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl
 # transformers==5.10.4 tokenizers==0.22.2 prefix-grouper==0.0.1.post1` (see the device README).
@@ -19,8 +20,10 @@ export PYTHONPATH="$PWD/python:/tmp/site"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, shared_prefix; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'gpu', torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/gpu.txt"
-timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
+timeout "${TEST_TIMEOUT:-110}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -25
-timeout "${BENCH_TIMEOUT:-330}" python3 -m shared_prefix.bench --preset gpu --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 \
+VARIANTS=${VARIANTS:-baseline,packed_causal,shared_prefix,shared_prefix_full_head,flex,prefix_grouper}
+timeout "${BENCH_TIMEOUT:-330}" python3 -m shared_prefix.bench --preset gpu --variants "$VARIANTS" --out "$OUT/bench" \
+  ${BENCH_ARGS:-} 2>&1 \
   | grep -v "step/s\]\|s/step\]" | tee "$OUT/bench.log" | tail -30
-timeout "${PROFILE_TIMEOUT:-90}" python3 scripts/gpu_profile.py "$OUT" 2>&1 | tail -32
+timeout "${PROFILE_TIMEOUT:-100}" python3 scripts/gpu_profile.py "$OUT" 4096x512x8x1 8192x256x16x1 2>&1 | tail -64

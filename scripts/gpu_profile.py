@@ -1,6 +1,7 @@
 """Where a step's GPU time goes: torch.profiler on one warm step of `shared_prefix` and of `packed_causal`.
 
-Usage (GPU machine): python3 scripts/gpu_profile.py OUT_DIR [PxSxGxB]. Writes profile_<variant>.txt (top kernels).
+Usage (GPU machine): python3 scripts/gpu_profile.py OUT_DIR [PxSxGxB ...]. Writes profile_<config>_<variant>.txt
+(top kernels).
 """
 
 import sys
@@ -10,16 +11,22 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import shared_prefix as sp
+from shared_prefix._measure import synchronize
 from shared_prefix.bench import build_model, make_batch, packed_causal_logprobs, parse_config
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    p, s, g, b = parse_config(sys.argv[2] if len(sys.argv) > 2 else "4096x512x8x1")
-    dev = torch.device("cuda")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: only to check the script runs
     model = build_model("qwen2.5-0.5b", torch.bfloat16, dev, grad_ckpt=True)
-    pid, pmask, cid, cmask = make_batch(p, s, g, b, model.config.vocab_size, dev)
+    for config in sys.argv[2:] or ["4096x512x8x1"]:
+        profile_config(model, config, out)
+
+
+def profile_config(model, config: str, out: Path) -> None:
+    p, s, g, b = parse_config(config)
+    pid, pmask, cid, cmask = make_batch(p, s, g, b, model.config.vocab_size, model.device)
     variants = {
         "shared_prefix": lambda: sp.completion_logprobs(model, pid, pmask, cid, cmask, group_sizes=g),
         "packed_causal": lambda: packed_causal_logprobs(model, pid, cid, g),
@@ -31,14 +38,19 @@ def main() -> None:
 
         for _ in range(2):
             step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        synchronize(model.device)
+        cuda = model.device.type == "cuda"
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             step()
-            torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-        (out / f"profile_{name}.txt").write_text(table)
-        print(name)
+            synchronize(model.device)
+        sort = "cuda_time_total" if cuda else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+        (out / f"profile_{config}_{name}.txt").write_text(table)
+        print(config, name)
         print("\n".join(table.splitlines()[:14]))
+    model.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -151,3 +151,59 @@ def test_completion_logprobs_on_gpu(dtype):
     floor = (stock - ref.detach()).abs().max().item()
     assert err <= 2 * floor + (1e-5 if dtype == torch.float32 else 2e-2), (err, floor)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def _head_case(dtype, n=96, hidden=64, vocab=5000):
+    """fp64 CPU leaves of an LM head and their copies on the GPU in ``dtype``."""
+    from test_logprobs import leaves as head_leaves
+
+    h, head, targets = head_leaves(n=n, hidden=hidden, vocab=vocab, bias=False)
+    with torch.no_grad():
+        head.weight.mul_(0.2)  # logits of a few units, as a trained head's
+    head_d = torch.nn.Linear(hidden, vocab, bias=False).to(DEV, dtype)
+    with torch.no_grad():
+        head_d.weight.copy_(head.weight)
+    h_d = h.detach().to(DEV, dtype).requires_grad_()
+    return (h, head, targets), (h_d, head_d, targets.to(DEV))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_sliced_head_against_fp64(dtype):
+    """Vocabulary slices on the GPU (fp32 sums of the hidden gradient over slices) against the fp64 CPU head: about
+    as close as the unsliced head in the same dtype."""
+    from shared_prefix._logprobs import head_logprobs
+
+    (h, head, t), (h_d, head_d, t_d) = _head_case(dtype)
+    w1, w2 = torch.randn(96, dtype=torch.float64), torch.randn(96, dtype=torch.float64)
+
+    def run(hh, hd, tt, chunk):
+        lp, ent = head_logprobs(hh, hd, tt, 0.7, True, chunk)
+        loss = (lp * w1.to(lp)).sum() + (ent * w2.to(ent)).sum()
+        grads = torch.autograd.grad(loss, [hh, hd.weight])
+        return [x.detach().double().cpu() for x in (lp, ent, *grads)]
+
+    ref = run(h, head, t, None)
+    sliced, whole = run(h_d, head_d, t_d, 512), run(h_d, head_d, t_d, 10**6)
+    slack = 1e-5 if dtype == torch.float32 else 1e-3
+    for ours, stock, want in zip(sliced, whole, ref):
+        assert rel(ours, want) <= 2 * rel(stock, want) + slack, (rel(ours, want), rel(stock, want))
+
+
+def test_sliced_head_peak_memory_and_syncs():
+    """On the GPU the sliced head's peak is a fraction of the unsliced one's, and it never reads back to the host."""
+    from shared_prefix._logprobs import head_logprobs
+    from shared_prefix._measure import peak_memory_bytes
+
+    _, (h_d, head_d, t_d) = _head_case(torch.bfloat16, n=2048, hidden=256, vocab=65536)
+
+    def step(chunk):
+        return lambda: head_logprobs(h_d, head_d, t_d, 1.0, True, chunk)[0].sum().backward()
+
+    step(None)()  # warm-up (cuBLAS handles, the out_dtype probe)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(None)()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    sliced, whole = peak_memory_bytes(step(None), DEV), peak_memory_bytes(step(10**6), DEV)
+    assert sliced < 0.3 * whole, (sliced, whole)

@@ -6,7 +6,8 @@ with G completions of S tokens (config ``PxSxGxB``). Variants, measured side by 
 - ``baseline``: stock rows ``[prompt, completion]`` as TRL builds them, SDPA, logits only at completion positions;
 - ``packed_causal``: each group as one causal row of P + G·S tokens (the limit proxy: our token count with plain
   causal attention, so its log-probs are wrong by design);
-- ``shared_prefix``: ours;
+- ``shared_prefix``: ours (``_fa2`` / ``_cudnn``: one attention kernel forced, CUDA; ``_full_head``: the LM head
+  in one piece instead of vocabulary slices);
 - ``prefix_grouper``: the original ``prefix-grouper`` package through its API, where it is installed;
 - ``flex``: FlexAttention with a shared-prefix block mask (CUDA only; compile time reported separately).
 
@@ -52,8 +53,8 @@ PRESETS = {
                 configs=["4096x512x8x1", "8192x256x16x1", "16384x1024x8x1"]),
 }
 # Order of measurement: the reference first; the original package last (it may not fit long configs).
-VARIANTS = ["baseline", "packed_causal", "shared_prefix", "shared_prefix_fa2", "shared_prefix_cudnn", "flex",
-            "prefix_grouper"]
+VARIANTS = ["baseline", "packed_causal", "shared_prefix", "shared_prefix_fa2", "shared_prefix_cudnn",
+            "shared_prefix_full_head", "flex", "prefix_grouper"]
 # Variants that run ours with a forced kernel choice (SHARED_PREFIX_KERNELS for the whole measurement, so the
 # checkpoint recompute in backward uses the same kernels as the forward).
 KERNEL_VARIANTS = {"shared_prefix_fa2": "flash", "shared_prefix_cudnn": "cudnn"}
@@ -162,6 +163,10 @@ def variant_fns(model, batch, g: int, device: torch.device, wanted: list[str]) -
             fns[name] = lambda: packed_causal_logprobs(model, pid, cid, g)
         elif name == "shared_prefix" or (name in KERNEL_VARIANTS and device.type == "cuda"):
             fns[name] = lambda: sp.completion_logprobs(model, pid, pmask, cid, cmask, group_sizes=g)
+        elif name == "shared_prefix_full_head":
+            # Ours with the LM head in one piece (no vocabulary slices): what the memory-lean head costs and saves.
+            vocab = model.config.vocab_size
+            fns[name] = lambda: sp.completion_logprobs(model, pid, pmask, cid, cmask, group_sizes=g, chunk_size=vocab)
         elif name == "prefix_grouper":
             try:
                 from shared_prefix._prefix_grouper import prefix_grouper_logprobs
