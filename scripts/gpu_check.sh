@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One device check on a GPU machine: the GPU tests, then `python -m shared_prefix.bench --preset gpu`, then a
-# profile of one step at two configs.
+# One device check on a GPU machine: the GPU tests, `python -m shared_prefix.bench --preset gpu`, a profile of one
+# step at two configs, and the cuDNN operand-layout diagnosis (`scripts/gpu_cudnn_diag.py layouts`).
 # Run from the repo root with the wheels in .whl/ (our abi3 wheel built on the CPU machine, plus pure-Python or
 # abi3 wheels the image lacks). Results land in $OUT (gpu.txt, gpu_tests.log, bench/results.{jsonl,md,png},
-# profile_*.txt). Timeouts default to 110 + 330 + 100 s, inside one 600 s device call. The kernel-forcing variants
-# (shared_prefix_fa2/_cudnn) are left out by default: their comparison is recorded (BENCHMARKS.md, run 4).
+# profile_*.txt, cudnn_layouts.jsonl). Timeouts default to 110 + 330 + 100 + 40 s, inside one 600 s device call.
+# The kernel-forcing variants (shared_prefix_fa2/_cudnn) are left out by default: their comparison is recorded
+# (BENCHMARKS.md, run 4).
 # Preparing .whl here (the image has torch 2.11 but transformers 5.17): `make wheel` then copy dist/*.whl, and
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl
 # transformers==5.10.4 tokenizers==0.22.2 prefix-grouper==0.0.1.post1` (see the device README).
@@ -27,3 +28,4 @@ timeout "${BENCH_TIMEOUT:-330}" python3 -m shared_prefix.bench --preset gpu --va
   ${BENCH_ARGS:-} 2>&1 \
   | grep -v "step/s\]\|s/step\]" | tee "$OUT/bench.log" | tail -30
 timeout "${PROFILE_TIMEOUT:-100}" python3 scripts/gpu_profile.py "$OUT" 4096x512x8x1 8192x256x16x1 2>&1 | tail -64
+timeout "${DIAG_TIMEOUT:-40}" python3 scripts/gpu_cudnn_diag.py layouts "$OUT/cudnn_layouts.jsonl" 2>&1 | tail -20

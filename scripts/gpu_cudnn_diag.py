@@ -1,6 +1,13 @@
 """Diagnose cuDNN-kernel gradients at a given config: ours with kernels="cudnn" vs "flash", and PyTorch's own
 SDPA cuDNN backend vs its flash backend on the shapes of our three calls. Usage: python3 scripts/gpu_cudnn_diag.py
+
+``python3 scripts/gpu_cudnn_diag.py layouts OUT.jsonl``: the ATen cuDNN op on our calls' shapes with three operand
+layouts — all contiguous [B, H, L, D] (what our cuDNN path does now, copies included in the time), all strided views
+of [B, L, H, D] storage (q/k/v/out/dout alike: no copies, the layout HF's SDPA hands cuDNN), and strided q/k/v with
+contiguous out/dout (the mix that gave wrong gradients) — gradient error against fp32 math attention and time.
 """
+
+import sys
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -66,7 +73,66 @@ def torch_sdpa(bq, lq, lk, causal, h=14, hkv=2, d=64):
                   f"dk {rel(g[1], r[1]):.2e} dv {rel(g[2], r[2]):.2e}")
 
 
-if __name__ == "__main__":
+def layouts(bq, lq, lk, causal, h=14, hkv=2, d=64, iters=20):
+    """One call shape, each operand layout: rel error of dq/dk/dv vs fp32 math, and fwd+bwd time in ms."""
+    aten = torch.ops.aten
+    g = torch.Generator(device=dev).manual_seed(2)
+
+    def bshd(L, heads):  # storage [B, L, H, D], seen as [B, H, L, D]
+        return torch.randn(bq, L, heads, d, device=dev, dtype=torch.bfloat16, generator=g).transpose(1, 2)
+
+    q, k, v, do = bshd(lq, h), bshd(lk, hkv), bshd(lk, hkv), bshd(lq, h)
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    of = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, is_causal=causal, enable_gqa=True)
+    of.backward(do.float())
+    ref = (qf.grad, kf.grad, vf.grad)
+    seed = torch.zeros(1, device=dev, dtype=torch.long)
+
+    def run(mode):
+        qq, kk, vv = (x.contiguous() for x in (q, k, v)) if mode == "contiguous" else (q, k, v)
+        res = aten._scaled_dot_product_cudnn_attention(qq, kk, vv, None, True, 0.0, causal, False)
+        out, lse = res[0], res[1]
+        if mode == "contiguous":
+            dout = do.contiguous()
+        elif mode == "strided":  # out and dout as views of [B, L, H, D] storage, like q
+            out, dout = out.transpose(1, 2).contiguous().transpose(1, 2), do
+        else:  # "mixed"
+            out, dout = out.contiguous(), do.contiguous()
+        return aten._scaled_dot_product_cudnn_attention_backward(
+            dout, qq, kk, vv, out, lse, seed, seed, None, None, None, lq, lk, 0.0, causal)
+
+    rows = []
+    for mode in ("contiguous", "strided", "mixed"):
+        try:
+            grads = run(mode)
+            for _ in range(3):
+                run(mode)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                run(mode)
+            end.record()
+            torch.cuda.synchronize()
+            row = dict(shape=[bq, lq, lk], causal=causal, mode=mode, ms=start.elapsed_time(end) / iters,
+                       dq=rel(grads[0], ref[0]), dk=rel(grads[1], ref[1]), dv=rel(grads[2], ref[2]),
+                       out_stride=list(aten._scaled_dot_product_cudnn_attention(
+                           q, k, v, None, True, 0.0, causal, False)[0].stride()))
+        except RuntimeError as e:
+            row = dict(shape=[bq, lq, lk], causal=causal, mode=mode, error=str(e).splitlines()[0][:200])
+        print(row)
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["layouts"]:
+    import json
+
+    with open(sys.argv[2], "w") as f:
+        for shape in ((1, 8192, 8192, True), (1, 4096, 8192, False), (16, 256, 256, True),  # 8192x256x16x1
+                      (1, 4096, 4096, True), (1, 4096, 4096, False), (8, 512, 512, True)):  # 4096x512x8x1
+            for row in layouts(*shape):
+                f.write(json.dumps(row) + "\n")
+elif __name__ == "__main__":
     ours(8192, 256, 16, 1)
     ours(4096, 512, 8, 1)
     torch_sdpa(16, 256, 256, True)   # call 3 at 8192x256x16x1
