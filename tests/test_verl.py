@@ -7,6 +7,7 @@ that is not FSDP-wrapped. Not exercised: the FSDP wrapping and sharding, the wor
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -148,3 +149,50 @@ def test_flag_in_actor_config_enables():
         pytest.skip(f"FSDPActorConfig could not be built here: {e}")
     assert spv._state["enabled"]
     spv.enable(False)
+
+
+def _fully_shard_like_verl(module, head_too=False):
+    """FSDP2 as verl's apply_fsdp2 wraps a causal LM: each decoder layer, then the root (CPU mesh, world size 1)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in module.model.layers:
+        fully_shard(layer, mesh=mesh)
+    if head_too:
+        fully_shard(module.lm_head, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+
+
+def test_plugin_matches_stock_engine_under_fsdp2(engine, monkeypatch):
+    """Under FSDP2 the root's parameters (the LM head's included) stay unsharded from the forward until backward, so
+    our head runs on the gathered weight and its gradient goes through FSDP's own reduction, as the stock head's."""
+    _fully_shard_like_verl(engine.module)
+    seen = []
+    real = spv.linear_logprobs
+    monkeypatch.setattr(spv, "linear_logprobs", lambda h, w, *a: seen.append(type(w)) or real(h, w, *a))
+    td, rmask = micro_batch(True)
+    resp = rmask.sum(1)
+    stock, g_stock = run(engine, td, enabled=False, resp_lens=resp)
+    ours, g_ours = run(engine, td, enabled=True, resp_lens=resp)
+    assert seen and all(t is torch.nn.Parameter for t in seen)  # plain (gathered) weight, not a DTensor shard
+    pos = response_positions(stock["log_probs"].offsets(), resp)
+    for key in ("log_probs", "entropy"):
+        assert (ours[key].values()[pos] - stock[key].values()[pos]).abs().max().item() <= 1e-5, key
+    for n in g_stock:
+        a, b = g_ours[n].full_tensor(), g_stock[n].full_tensor()  # gradients of FSDP2 parameters are DTensors
+        assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() <= 1e-5, n
+    spv.enable(False)
+
+
+def test_head_in_its_own_fsdp2_unit_falls_back(engine, caplog):
+    _fully_shard_like_verl(engine.module, head_too=True)
+    td, _ = micro_batch(True)
+    spv.enable(True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            _, output_args = engine.prepare_model_inputs(td)
+    finally:
+        spv.enable(False)
+    assert spv._KEY not in output_args
+    assert "own FSDP2 unit" in caplog.text

@@ -27,7 +27,7 @@ import os
 from typing import Optional
 
 import torch
-from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 
 from . import hf
@@ -64,6 +64,12 @@ def _ineligible(engine, mb, ti, tu) -> Optional[str]:
         return "Ulysses sequence parallelism"
     if isinstance(engine.module, FullyShardedDataParallel):
         return "FSDP1 (flat parameters): the LM head is not reachable outside its forward"
+    head = engine.module.get_output_embeddings() if hasattr(engine.module, "get_output_embeddings") else None
+    if isinstance(head, FSDPModule):
+        # Its own FSDP2 unit reshards after a forward that our path never calls: FSDP would neither gather it nor
+        # reduce-scatter its gradient. (verl wraps the decoder layers and the root; the root's parameters, the
+        # head's included, stay unsharded from the forward until backward.)
+        return "an LM head wrapped in its own FSDP2 unit"
     if "multi_modal_inputs" in mb.keys():
         return "multimodal inputs"
     if isinstance(mb["temperature"], torch.Tensor) and mb["temperature"].numel() > 1:
@@ -135,10 +141,11 @@ def _prepare_model_outputs(self, output, output_args, micro_batch, logits_proces
     hidden = p.predictor_rows(output.hidden_states[-1])
     head = self.module.get_output_embeddings()
     weight, bias = head.weight, head.bias
-    # FSDP2 reshards after forward: the head is a sharded DTensor here, so gather it (differentiably), as TRL does.
     if isinstance(weight, DTensor):
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+        # Under FSDP2 the root keeps its parameters unsharded between forward and backward, so a sharded head here
+        # means a wrapping _ineligible did not foresee; gathering it would bypass FSDP's gradient reduction.
+        raise RuntimeError("shared_prefix.verl: the LM head is still sharded after the forward (an FSDP2 wrapping "
+                           "this plugin does not support); disable the plugin for this model")
     logp, ent = linear_logprobs(hidden, weight, bias, p.completion_targets(), state["temperature"], entropy_wanted)
     # Back to the engine's layout: nested over prompt+response, position t predicts token t+1.
     offsets, mask = state["offsets"], state["mask"]
