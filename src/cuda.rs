@@ -1,7 +1,9 @@
 //! CUDA kernels through ATen, via the C++ shim for the entry points tch does not bind:
 //! - flash-attention 2 varlen (the default for fp16/bf16): one call per attention call, segment tables on the
 //!   device and max lengths from the host, so no call reads a device value back;
-//! - cuDNN dense attention, run by run (opt-in, `kernels="cudnn"`; see BENCHMARKS.md for the measured choice).
+//! - cuDNN dense attention, run by run (`kernels="cudnn"`, and by `AutoKernels` for long one-batch calls; see
+//!   BENCHMARKS.md for the measured choice; `"cudnn_views"`: the same without operand copies, unverified).
+//!
 //! GQA is native in both (Hkv < Hq): K/V are never repeated.
 
 use crate::executor::{Kernels, Result, Saved, Segments};
@@ -145,12 +147,25 @@ impl Kernels for FlashKernels {
 /// the first forward is what backward hands back (0 = not seen yet).
 static CUDNN_LSE_RANK: AtomicI64 = AtomicI64::new(0);
 
-pub struct CudnnDense;
+/// cuDNN dense attention. With `contiguous`, every operand is copied to a contiguous `[B, H, L, D]` tensor (the
+/// verified default: strided q/k/v with contiguous dO/O gave wrong gradients at some shapes). Without, every
+/// operand — q, k, v, out and dO alike — goes in as the strided `[B, H, L, D]` view of `[B, L, H, D]` storage that
+/// `Runs` hands over (the layout transformers' SDPA gives cuDNN), saving the copies. `cudnn_views` selects the
+/// latter: NOT yet verified on a GPU (added without a device; `tests/test_cuda.py` and
+/// `scripts/gpu_cudnn_diag.py layouts` check it).
+pub struct CudnnDense {
+    pub contiguous: bool,
+}
+
+impl CudnnDense {
+    fn operand(&self, x: &Tensor) -> Tensor {
+        if self.contiguous { x.contiguous() } else { x.shallow_clone() }
+    }
+}
 
 impl Dense for CudnnDense {
     fn fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<(Tensor, Tensor)> {
-        // One layout for every operand, forward and backward (strided views gave wrong gradients at some shapes).
-        let (q, k, v) = (q.contiguous(), k.contiguous(), v.contiguous());
+        let (q, k, v) = (self.operand(q), self.operand(k), self.operand(v));
         let (mut out, mut lse) = (std::ptr::null_mut(), std::ptr::null_mut());
         check(unsafe { sp_cudnn_fwd(q.as_ptr(), k.as_ptr(), v.as_ptr(), causal, scale, &mut out, &mut lse) })?;
         // SAFETY: on success the shim hands over two new at::Tensor handles.
@@ -162,8 +177,8 @@ impl Dense for CudnnDense {
 
     fn bwd(&self, s: &Saved, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
         let lse = if CUDNN_LSE_RANK.load(Ordering::Relaxed) == 4 { s.lse.f_unsqueeze(-1)? } else { s.lse.shallow_clone() };
-        let (dout, out, lse) = (s.dout.contiguous(), s.out.contiguous(), lse.contiguous());
-        let (q, k, v) = (s.q.contiguous(), s.k.contiguous(), s.v.contiguous());
+        let (dout, out, lse) = (self.operand(s.dout), self.operand(s.out), lse.contiguous());
+        let (q, k, v) = (self.operand(s.q), self.operand(s.k), self.operand(s.v));
         let (mut dq, mut dk, mut dv) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
         check(unsafe {
             sp_cudnn_bwd(
@@ -195,7 +210,8 @@ pub struct AutoKernels;
 pub const CUDNN_MIN_KEYS: usize = 8192;
 
 pub static FLASH: FlashKernels = FlashKernels;
-pub static CUDNN: crate::runs::Runs<CudnnDense> = crate::runs::Runs(CudnnDense);
+pub static CUDNN: crate::runs::Runs<CudnnDense> = crate::runs::Runs(CudnnDense { contiguous: true });
+pub static CUDNN_VIEWS: crate::runs::Runs<CudnnDense> = crate::runs::Runs(CudnnDense { contiguous: false });
 pub static AUTO: AutoKernels = AutoKernels;
 
 impl AutoKernels {

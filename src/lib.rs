@@ -208,7 +208,8 @@ fn make_plan(
 static CPU_FLASH: runs::Runs<runs::CpuFlash> = runs::Runs(runs::CpuFlash);
 static MATH: runs::Runs<runs::Math> = runs::Runs(runs::Math);
 
-/// The backend for these inputs. `name` forces one ("cpu_flash", "math", "flash", "cudnn", "auto"); by default:
+/// The backend for these inputs. `name` forces one ("cpu_flash", "math", "flash", "cudnn", "cudnn_views", "auto");
+/// by default:
 /// CPU → ATen's CPU flash kernel; CUDA fp16/bf16 → "auto" (cuDNN for one-batch calls, flash-attention 2 varlen
 /// otherwise); CUDA fp32/fp64 → the explicit-math kernel.
 fn kernels_for(q: &Tensor, name: Option<&str>) -> PyResult<&'static dyn Kernels> {
@@ -226,7 +227,7 @@ fn kernels_for(q: &Tensor, name: Option<&str>) -> PyResult<&'static dyn Kernels>
     match (name, device) {
         ("math", _) => Ok(&MATH),
         ("cpu_flash", Device::Cpu) => Ok(&CPU_FLASH),
-        ("flash" | "cudnn" | "auto", Device::Cuda(_)) => {
+        ("flash" | "cudnn" | "cudnn_views" | "auto", Device::Cuda(_)) => {
             let d = q.size()[2];
             if !half {
                 return Err(PyTypeError::new_err(format!("q: the {name} kernel takes fp16/bf16, got {:?}", q.kind())));
@@ -239,6 +240,7 @@ fn kernels_for(q: &Tensor, name: Option<&str>) -> PyResult<&'static dyn Kernels>
             Ok(match name {
                 "flash" => &cuda::FLASH,
                 "cudnn" => &cuda::CUDNN,
+                "cudnn_views" => &cuda::CUDNN_VIEWS,
                 _ => &cuda::AUTO,
             })
         }

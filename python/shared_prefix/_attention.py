@@ -47,9 +47,11 @@ def attention(
     causally to their own completion. Returns ``[T, Hq, D]``; forward and backward are exact.
 
     ``kernels`` forces a backend (for tests and measurements): ``"cpu_flash"`` (ATen's CPU flash kernel, the CPU
-    default), ``"auto"`` (CUDA fp16/bf16 default: cuDNN for calls that are one dense batch, flash-attention 2 varlen
-    otherwise), ``"flash"``, ``"cudnn"`` (cuDNN dense attention per run of equal-length segments) or ``"math"``
-    (explicit matmuls, any device, the CUDA fp32/fp64 default). Without it, the environment variable ``SHARED_PREFIX_KERNELS`` may name one.
+    default), ``"auto"`` (CUDA fp16/bf16 default: cuDNN for calls that are one dense batch with ≥ 8192 keys,
+    flash-attention 2 varlen otherwise), ``"flash"``, ``"cudnn"`` (cuDNN dense attention per run of equal-length
+    segments), ``"cudnn_views"`` (the same without copying operands to contiguous tensors; experimental, not yet
+    verified on a GPU) or ``"math"`` (explicit matmuls, any device, the CUDA fp32/fp64 default). Without it, the
+    environment variable ``SHARED_PREFIX_KERNELS`` may name one.
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan: expected a shared_prefix.Plan, got {type(plan).__name__}")
