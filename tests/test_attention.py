@@ -188,6 +188,19 @@ def test_float32_close_to_fp64():
     assert rel(out32.double(), out64) < 1e-5
 
 
+def test_double_backward_refused():
+    """create_graph=True would need the kernels' backward to be differentiable: refused, not silently first-order."""
+    pid = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    cid = torch.tensor([[4, 5], [6, 7]])
+    plan = sp.plan(pid, torch.ones_like(pid), cid, torch.ones_like(cid))
+    q = torch.randn(plan.num_tokens, 2, 8, dtype=torch.float64, requires_grad=True)
+    out = sp.attention(q, q, q, plan)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), [q], create_graph=True)
+    (g,) = torch.autograd.grad(sp.attention(q, q, q, plan).sum(), [q])  # first order is fine
+    assert torch.isfinite(g).all()
+
+
 class TestBadInputs:
     def setup_method(self):
         pid = torch.tensor([[1, 2, 3], [1, 2, 3]])

@@ -150,3 +150,58 @@ def test_targets_out_of_vocabulary():
         for chunk in (4, None):
             with pytest.raises(ValueError, match="targets"):
                 head_logprobs(h, head, t, 1.0, False, chunk)
+
+
+@pytest.mark.parametrize("scale,temperature", [(3.0, 0.3), (30.0, 1.0), (100.0, 0.5)])
+def test_entropy_keeps_precision_when_peaked(scale, temperature):
+    """fp32, peaked distributions (large logits, low temperature): the sliced entropy and its gradient are as close
+    to fp64 as the plain fp32 path's, and never negative (lse - E_p[logit] would cancel here)."""
+    h64, head64, targets = leaves(n=8, hidden=16, vocab=4096, bias=True, seed=3)
+    with torch.no_grad():
+        head64.weight.mul_(scale / 4)  # logits ~ N(0, scale²)
+    w = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def run(h, head, chunk):
+        lp, ent = head_logprobs(h, head, targets, temperature, True, chunk)
+        (g,) = torch.autograd.grad((ent * w.to(ent)).sum() + (lp * w.to(lp)).sum(), [h])
+        return ent.detach().double(), g.double()
+
+    ref_ent, ref_g = run(h64, head64, None)
+    h32, head32 = h64.detach().float().requires_grad_(), torch.nn.Linear(16, 4096).float()
+    with torch.no_grad():
+        head32.weight.copy_(head64.weight)
+        head32.bias.copy_(head64.bias)
+    (ent_s, g_s), (ent_p, g_p) = run(h32, head32, 512), run(h32, head32, None)
+    assert (ent_s >= 0).all()
+    err = lambda a, b: (a - b).abs().max().item()  # noqa: E731
+    assert err(ent_s, ref_ent) <= 2 * err(ent_p, ref_ent) + 1e-6, (err(ent_s, ref_ent), err(ent_p, ref_ent))
+    assert err(g_s, ref_g) <= 2 * err(g_p, ref_g) + 1e-6 * ref_g.abs().max().item()
+
+
+def test_entropy_only_and_unused_outputs():
+    """Gradient through the entropy alone (log-probs unused), and through the log-probs alone with the entropy
+    computed but unused: both equal the plain path's."""
+    h, head, targets = leaves()
+    for use_lp, use_ent in ((False, True), (True, False)):
+        def loss(lp, ent):
+            return (lp.sum() if use_lp else 0) + ((ent * ent).sum() if use_ent else 0)
+
+        got = torch.autograd.grad(loss(*head_logprobs(h, head, targets, 0.8, True, 9)), [h, head.weight])
+        want = torch.autograd.grad(loss(*token_logprobs(head(h), targets, 0.8, True)), [h, head.weight])
+        for a, b in zip(got, want):
+            assert ((a - b).norm() / b.norm()).item() < 1e-12
+
+
+def test_double_backward_refused():
+    h, head, targets = leaves()
+    lp, _ = head_logprobs(h, head, targets, 1.0, False, 9)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(lp.sum(), [h], create_graph=True)
+
+
+def test_bad_shapes():
+    h, head, targets = leaves()
+    with pytest.raises(ValueError, match="hidden"):
+        head_logprobs(h[None], head, targets, 1.0, False, 9)
+    with pytest.raises(ValueError, match="targets"):
+        head_logprobs(h, head, targets[:-1], 1.0, False, 9)

@@ -24,8 +24,11 @@ class _SharedPrefixAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernels' backward is not differentiable. Refuse rather than return gradients
+            # without their second-order terms.
+            raise RuntimeError("shared_prefix.attention has no double backward (create_graph=True)")
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _core.attention_backward(dout, q, k, v, out, lse, ctx.core_plan, ctx.scale, ctx.kernels)
         return dq, dk, dv, None, None, None

@@ -60,10 +60,10 @@ def _in_slice(targets, lo, hi):
 
 
 @functools.cache
-def _cuda_mm_out_dtype(dtype: torch.dtype) -> bool:
-    """Whether this build's CUDA matmul takes fp16/bf16 operands with an fp32 output (``out_dtype``)."""
+def _cuda_mm_out_dtype(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this build and device take fp16/bf16 CUDA matmul operands with an fp32 output (``out_dtype``)."""
     try:
-        one = torch.ones(1, 1, device="cuda", dtype=dtype)
+        one = torch.ones(1, 1, device=device, dtype=dtype)
         return torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
     except (RuntimeError, TypeError):
         return False
@@ -73,7 +73,7 @@ def _add_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` with the products summed in ``acc``'s dtype (fp32/fp64), not rounded to ``a``'s first."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif a.is_cuda and _cuda_mm_out_dtype(a.dtype):
+    elif a.is_cuda and _cuda_mm_out_dtype(a.dtype, a.device):
         acc += torch.mm(a, b, out_dtype=acc.dtype)
     else:  # fp16/bf16 on CPU (no such matmul there): upcast the slice; its fp32 copy is within the slice budget
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
@@ -85,65 +85,88 @@ class _ChunkedLogprobs(torch.autograd.Function):
         # Under autocast the head runs in autocast's dtype; backward recomputes under the same autocast state.
         device_type = hidden.device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        ctx.set_materialize_grads(False)  # an unused output (often the entropy) costs no backward work
         n, vocab = hidden.shape[0], weight.shape[0]
         acc = _accum(torch.promote_types(hidden.dtype, weight.dtype))
-        lse = hidden.new_full((n,), -math.inf, dtype=acc)
+        # Per row, over the slices so far: the running max m, S = Σ e^(u-m) and A = Σ e^(u-m)·(u-m), u = logits/T.
+        # Then lse = m + log S and the entropy H = log S - A/S: a sum of two non-negative terms (u - m ≤ 0), so
+        # it keeps its relative precision however peaked the distribution (lse - E_p[u] would cancel).
+        m = s_sum = a_sum = None
         target_u = hidden.new_zeros(n, dtype=acc)
-        mean_u = hidden.new_zeros(n if with_entropy else 0, dtype=acc)  # E_p[u] over the slices so far
         for lo in range(0, vocab, cols):
             hi = min(lo + cols, vocab)
             u, _ = _scaled_logits(hidden, weight, bias, lo, hi, temperature)
             inside, col = _in_slice(targets, lo, hi)
             target_u = torch.where(inside, u.gather(-1, col[:, None])[:, 0], target_u)
-            slice_lse = torch.logsumexp(u, -1)
-            new_lse = torch.logaddexp(lse, slice_lse)
+            m_new = u.amax(-1) if m is None else torch.maximum(m, u.amax(-1))
+            shifted = u.sub_(m_new[:, None])
+            e = shifted.exp() if with_entropy else shifted.exp_()  # without the entropy, u is not needed again
+            if m is not None:  # rescale the running sums to the new max
+                shift = m - m_new
+                r = shift.exp()
+                if with_entropy:
+                    a_sum = r * (a_sum + shift * s_sum)
+                s_sum = r * s_sum
+            s_slice = e.sum(-1)
+            s_sum = s_slice if m is None else s_sum + s_slice
             if with_entropy:
-                # Slice-local E[u], then a weighted merge with the running one: weights are the slices' shares of Z.
-                slice_mean = torch.exp(u - slice_lse[:, None]).mul_(u).sum(-1)
-                mean_u = mean_u * torch.exp(lse - new_lse) + slice_mean * torch.exp(slice_lse - new_lse)
-            lse = new_lse
-        picked = target_u - lse
-        entropy = lse - mean_u if with_entropy else mean_u  # H = -Σ p (u - lse) = lse - E_p[u]
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+                a_slice = e.mul_(shifted).sum(-1)
+                a_sum = a_slice if m is None else a_sum + a_slice
+            m = m_new
+        # log p = (u - m) - log S, as log_softmax computes it: rounding m + log S first would cost precision
+        # at large logits.
+        log_s = s_sum.log()
+        picked = (target_u - m) - log_s
+        entropy = log_s - a_sum / s_sum if with_entropy else target_u.new_zeros(0)
+        ctx.save_for_backward(hidden, weight, bias, targets, m, log_s, entropy)
         ctx.temperature, ctx.cols, ctx.with_entropy = temperature, cols, with_entropy
         if not with_entropy:
             ctx.mark_non_differentiable(entropy)
         return picked, entropy
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g_picked, g_entropy):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            # create_graph=True: the hand-written backward is not itself differentiable. Refuse rather than return
+            # gradients without their second-order terms.
+            raise RuntimeError("shared_prefix: the memory-lean LM head has no double backward (create_graph=True); "
+                               "pass chunk_size >= the vocabulary size for the plain autograd head")
         device_type, autocast_on, autocast_dtype = ctx.autocast
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
             return _ChunkedLogprobs._backward(ctx, g_picked, g_entropy)
 
     @staticmethod
     def _backward(ctx, g_picked, g_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, m, log_s, entropy = ctx.saved_tensors
         t, cols = ctx.temperature, ctx.cols
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         vocab = weight.shape[0]
         use_entropy = ctx.with_entropy and g_entropy is not None
+        if g_picked is None and not use_entropy:
+            return None, None, None, None, None, None, None
         # The hidden-state gradient sums over slices: in fp32 (fp64), rounded once at the end. Every row of the
         # weight (bias) gradient is written by exactly one slice.
-        dh = torch.zeros_like(hidden, dtype=lse.dtype) if need_h else None
+        dh = torch.zeros_like(hidden, dtype=m.dtype) if need_h else None
         dw = torch.empty_like(weight) if need_w else None
         db = torch.empty_like(bias) if (need_b and bias is not None) else None
-        gp = g_picked[:, None].to(lse.dtype)
+        gp = g_picked[:, None].to(m.dtype) if g_picked is not None else None
         h_cast = None
         for lo in range(0, vocab, cols):
             hi = min(lo + cols, vocab)
             u, logits_dtype = _scaled_logits(hidden, weight, bias, lo, hi, t)
-            logp = u.sub_(lse[:, None])
+            logp = u.sub_(m[:, None]).sub_(log_s[:, None])
             p = logp.exp()
             if use_entropy:
                 # H = -Σ p log p;  dH/du_j = -p_j (log p_j + H). Computed in logp's buffer.
                 ent_term = logp.add_(entropy[:, None]).mul_(p).mul_(g_entropy[:, None])
-            # d picked / d u = onehot - p, with u = logits / T. Computed in p's buffer.
-            inside, col = _in_slice(targets, lo, hi)
-            du = p.mul_(-gp).scatter_add_(-1, col[:, None], gp * inside[:, None])
-            if use_entropy:
-                du.sub_(ent_term)
+            if gp is not None:
+                # d picked / d u = onehot - p, with u = logits / T. Computed in p's buffer.
+                inside, col = _in_slice(targets, lo, hi)
+                du = p.mul_(-gp).scatter_add_(-1, col[:, None], gp * inside[:, None])
+                if use_entropy:
+                    du.sub_(ent_term)
+            else:
+                du = ent_term.neg_()
             # Back through the fp32 upcast and 1/T: the gradient reaches the logits in their own dtype.
             dz = (du.div_(t) if t != 1.0 else du).to(logits_dtype)
             if dh is not None:
@@ -195,6 +218,11 @@ def linear_logprobs(
 
     ``chunk_size`` vocabulary columns per slice; ``None`` picks one from the row count and vocabulary size.
     """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden: expected [rows, {weight.shape[-1]}] rows for a [vocab, hidden] head weight "
+                         f"{tuple(weight.shape)}, got {tuple(hidden.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets: expected one id per row, shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
     if chunk_size is None:
         chunk_size = auto_chunk_columns(hidden.shape[0], weight.shape[0])
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
