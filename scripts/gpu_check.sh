@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device check on a GPU machine: the GPU tests, `python -m shared_prefix.bench --preset gpu`, a profile of one
-# step at two configs, and the cuDNN operand-layout diagnosis (`scripts/gpu_cudnn_diag.py layouts`).
+# step at two configs, and the cuDNN diagnosis (`scripts/gpu_cudnn_diag.py layouts`: operand layouts, and whether
+# calls 1+2 can be one top-left-causal call).
 # Run from the repo root with the wheels in .whl/ (our abi3 wheel built on the CPU machine, plus pure-Python or
 # abi3 wheels the image lacks). Results land in $OUT (gpu.txt, gpu_tests.log, bench/results.{jsonl,md,png},
 # profile_*.txt, cudnn_layouts.jsonl). Timeouts default to 110 + 330 + 100 + 40 s, inside one 600 s device call.

@@ -124,6 +124,55 @@ def layouts(bq, lq, lk, causal, h=14, hkv=2, d=64, iters=20):
     return rows
 
 
+def fused_prefix_call(np_=8192, nc=4096, h=14, hkv=2, d=64, iters=20):
+    """Could calls 1 and 2 be one cuDNN call? Queries = prompt + completion rows (np_ + nc), keys = the prompt
+    (np_), is_causal: with a top-left aligned mask, prompt rows see keys up to themselves and completion rows see
+    the whole prompt, which is exactly calls 1 and 2. Reports which alignment the op uses (error against math with
+    each mask) and the time of the one call against the two separate calls (forward + backward each)."""
+    aten = torch.ops.aten
+    g = torch.Generator(device=dev).manual_seed(3)
+    q = torch.randn(1, np_ + nc, h, d, device=dev, dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    k, v = (torch.randn(1, np_, hkv, d, device=dev, dtype=torch.bfloat16, generator=g).transpose(1, 2) for _ in "kv")
+    rows = {}
+    try:
+        out = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False)[0]
+    except RuntimeError as e:
+        return [dict(test="fused_prefix_call", error=str(e).splitlines()[0][:200])]
+    qf, kf, vf = q.float(), k.float().repeat_interleave(h // hkv, 1), v.float().repeat_interleave(h // hkv, 1)
+    i = torch.arange(np_ + nc, device=dev)[:, None]
+    j = torch.arange(np_, device=dev)[None]
+    for name, allowed in (("top_left", j <= i), ("bottom_right", j <= i - nc)):
+        ref = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, attn_mask=allowed)
+        ok = allowed.any(-1)  # bottom-right leaves the first rows with no key at all
+        rows[name] = rel(out[:, :, ok], ref[:, :, ok])
+    seed = torch.zeros(1, device=dev, dtype=torch.long)
+    do = torch.randn_like(q)
+
+    def step(qq, kk, vv, causal, dout):
+        o, lse = aten._scaled_dot_product_cudnn_attention(qq, kk, vv, None, True, 0.0, causal, False)[:2]
+        aten._scaled_dot_product_cudnn_attention_backward(dout, qq, kk, vv, o, lse, seed, seed, None, None, None,
+                                                          qq.shape[2], kk.shape[2], 0.0, causal)
+
+    qp, qc = q[:, :, :np_], q[:, :, np_:]
+    timings = {}
+    for name, fn in (("one_call", lambda: step(q, k, v, True, do)),
+                     ("two_calls", lambda: (step(qp, k, v, True, do[:, :, :np_]),
+                                            step(qc, k, v, False, do[:, :, np_:])))):
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        timings[name] = start.elapsed_time(end) / iters
+    row = dict(test="fused_prefix_call", shape=[np_ + nc, np_], rel_vs_top_left=rows["top_left"],
+               rel_vs_bottom_right=rows["bottom_right"], ms=timings)
+    print(row)
+    return [row]
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["layouts"]:
     import json
 
@@ -132,6 +181,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["layouts"]:
                       (1, 4096, 4096, True), (1, 4096, 4096, False), (8, 512, 512, True)):  # 4096x512x8x1
             for row in layouts(*shape):
                 f.write(json.dumps(row) + "\n")
+        for row in fused_prefix_call():
+            f.write(json.dumps(row) + "\n")
 elif __name__ == "__main__":
     ours(8192, 256, 16, 1)
     ours(4096, 512, 8, 1)
