@@ -2,12 +2,13 @@
 
 With shared prefixes the peak of a step is the LM head over all completion rows: full-vocabulary logits in the
 activation dtype, an fp32 copy, and the log-softmax. Here the head runs over slices of the vocabulary (rows of the
-head weight): each slice's logits live only while that slice is processed, in forward (which keeps a running
-log-sum-exp per row) and again in backward (recomputed), so the full ``[rows, vocab]`` tensor never exists.
+head weight): each slice's logits live only while that slice is processed, in forward (which keeps a running max
+and two running sums per row) and again in backward (recomputed), so the full ``[rows, vocab]`` tensor never
+exists.
 
 Why vocabulary slices rather than row chunks: with row chunks the weight gradient sums over chunks, which needs a
-weight-sized fp32 accumulator plus weight-sized temporaries per chunk (about 1.4 GiB at a 152k × 896 head, more
-than a chunk's logits). With vocabulary slices each slice of the weight gradient is one GEMM over all rows, written
+weight-sized fp32 accumulator plus weight-sized temporaries per chunk (by their sizes, 1.4 GiB at a bf16
+152k × 896 head: more than a chunk's logits). With vocabulary slices each slice of the weight gradient is one GEMM over all rows, written
 once, exactly as the stock backward computes it; only the hidden-state gradient ``[rows, hidden]`` (small) sums
 over slices, in fp32. The backward is written out (exact, not an approximation) and returns the gradients of the
 hidden rows, the head weight (tied embeddings included: autograd adds both uses) and the bias.
