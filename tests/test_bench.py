@@ -18,7 +18,8 @@ def test_bench_writes_results(tmp_path):
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     by = {(r["config"], r["variant"]): r for r in rows}
     # flex is CUDA-only; prefix-grouper is installed in the test environment.
-    assert {v for _, v in by} == {"baseline", "packed_causal", "shared_prefix", "shared_prefix_full_head", "prefix_grouper"}
+    assert {v for _, v in by} == {"baseline", "packed_causal", "shared_prefix", "shared_prefix_full_head",
+                                  "prefix_grouper"}
     for r in rows:
         assert "error" not in r, r
         for key in ("median_s", "peak_mem_bytes", "max_abs_logp_diff", "grad_rel_l2", "grad_cos", "first_step_s"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import shared_prefix as sp
 from shared_prefix._logprobs import head_logprobs, token_logprobs
@@ -205,3 +207,34 @@ def test_bad_shapes():
         head_logprobs(h[None], head, targets, 1.0, False, 9)
     with pytest.raises(ValueError, match="targets"):
         head_logprobs(h, head, targets[:-1], 1.0, False, 9)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 40), hidden=st.integers(1, 12), vocab=st.integers(2, 300), chunk=st.integers(1, 310),
+    temperature=st.sampled_from([0.3, 0.7, 1.0, 2.0]), bias=st.booleans(),
+    entropy=st.sampled_from(["off", "unused", "used"]), logit_scale=st.sampled_from([0.1, 1.0, 10.0]), seed=st.integers(0, 2**16),
+)
+def test_slices_match_plain_autograd(n, hidden, vocab, chunk, temperature, bias, entropy, logit_scale, seed):
+    """Random shapes and slice widths (dividing the vocabulary or not, wider than it or 1), fp64: values, entropies
+    and the gradients of hidden rows, weight and bias equal plain autograd's."""
+    h, head, targets = leaves(n=n, hidden=hidden, vocab=vocab, bias=bias, seed=seed)
+    with torch.no_grad():
+        head.weight.mul_(logit_scale)
+    g = torch.Generator().manual_seed(seed + 1)
+    w1, w2 = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    params = [h, head.weight] + ([head.bias] if bias else [])
+    with_entropy = entropy != "off"
+
+    def loss(lp, ent):
+        return (lp * w1).sum() + ((ent * w2).sum() if entropy == "used" else 0)
+
+    lp, ent = head_logprobs(h, head, targets, temperature, with_entropy, chunk)
+    got = torch.autograd.grad(loss(lp, ent), params)
+    ref_lp, ref_ent = token_logprobs(head(h), targets, temperature, with_entropy)
+    want = torch.autograd.grad(loss(ref_lp, ref_ent), params)
+    assert (lp - ref_lp).abs().max().item() < 1e-10
+    if with_entropy:
+        assert (ent - ref_ent).abs().max().item() < 1e-10
+    for a, b in zip(got, want):
+        assert ((a - b).norm() / b.norm().clamp_min(1e-300)).item() < 1e-10

@@ -36,7 +36,8 @@ def main():
         rel = max(rel, ((a - b).norm() / b.norm().clamp_min(1e-12)).item())
     # tv.run asserts that ours really ran; record it per rank, with each rank's values to show the data differ.
     gathered = [None] * world
-    dist.all_gather_object(gathered, {"diff": diff, "ran": True, "first": stock["log_probs"].values()[pos][:4].tolist()})
+    first = stock["log_probs"].values()[pos][:4].tolist()
+    dist.all_gather_object(gathered, {"diff": diff, "ran": True, "first": first})
     if rank == 0:
         Path(sys.argv[1]).write_text(json.dumps({
             "world": world,

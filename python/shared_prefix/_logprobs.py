@@ -8,10 +8,11 @@ exists.
 
 Why vocabulary slices rather than row chunks: with row chunks the weight gradient sums over chunks, which needs a
 weight-sized fp32 accumulator plus weight-sized temporaries per chunk (by their sizes, 1.4 GiB at a bf16
-152k × 896 head: more than a chunk's logits). With vocabulary slices each slice of the weight gradient is one GEMM over all rows, written
-once, exactly as the stock backward computes it; only the hidden-state gradient ``[rows, hidden]`` (small) sums
-over slices, in fp32. The backward is written out (exact, not an approximation) and returns the gradients of the
-hidden rows, the head weight (tied embeddings included: autograd adds both uses) and the bias.
+152k × 896 head: more than a chunk's logits). With vocabulary slices each slice of the weight gradient is one GEMM
+over all rows, written once, exactly as the stock backward computes it; only the hidden-state gradient
+``[rows, hidden]`` (small) sums over slices, in fp32. The backward is written out (exact, not an approximation) and
+returns the gradients of the hidden rows, the head weight (tied embeddings included: autograd adds both uses) and
+the bias.
 """
 
 from __future__ import annotations
@@ -232,7 +233,8 @@ def linear_logprobs(
     if chunk_size >= weight.shape[0]:
         # One slice holds the whole vocabulary: plain autograd keeps the same peak without recomputing the head.
         return token_logprobs(torch.nn.functional.linear(hidden, weight, bias), targets, temperature, with_entropy)
-    picked, entropy = _ChunkedLogprobs.apply(hidden, weight, bias, targets, float(temperature), chunk_size, with_entropy)
+    picked, entropy = _ChunkedLogprobs.apply(hidden, weight, bias, targets, float(temperature), chunk_size,
+                                             with_entropy)
     return picked, (entropy if with_entropy else None)
 
 
