@@ -213,7 +213,8 @@ def test_bad_shapes():
 @given(
     n=st.integers(1, 40), hidden=st.integers(1, 12), vocab=st.integers(2, 300), chunk=st.integers(1, 310),
     temperature=st.sampled_from([0.3, 0.7, 1.0, 2.0]), bias=st.booleans(),
-    entropy=st.sampled_from(["off", "unused", "used"]), logit_scale=st.sampled_from([0.1, 1.0, 10.0]), seed=st.integers(0, 2**16),
+    entropy=st.sampled_from(["off", "unused", "used"]), logit_scale=st.sampled_from([0.1, 1.0, 10.0]),
+    seed=st.integers(0, 2**16),
 )
 def test_slices_match_plain_autograd(n, hidden, vocab, chunk, temperature, bias, entropy, logit_scale, seed):
     """Random shapes and slice widths (dividing the vocabulary or not, wider than it or 1), fp64: values, entropies
