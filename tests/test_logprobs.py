@@ -238,4 +238,6 @@ def test_slices_match_plain_autograd(n, hidden, vocab, chunk, temperature, bias,
     if with_entropy:
         assert (ent - ref_ent).abs().max().item() < 1e-10
     for a, b in zip(got, want):
-        assert ((a - b).norm() / b.norm().clamp_min(1e-300)).item() < 1e-10
+        # Relative, with an absolute floor: a saturated softmax (p ~ e^-100) leaves gradients of 1e-50 whose last
+        # digits depend on the order of operations.
+        assert (a - b).norm().item() <= 1e-10 * b.norm().item() + 1e-12
