@@ -8,7 +8,6 @@ Not exercised: the engine's constructor, the worker/trainer around the engine.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
@@ -19,6 +18,7 @@ pytest.importorskip("verl")
 import torch.distributed as dist  # noqa: E402
 import verl.utils.torch_functional as verl_F  # noqa: E402
 import verl.workers.engine.fsdp.transformer_impl as ti  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from verl.protocol import DataProto  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
@@ -44,9 +44,9 @@ def engine(monkeypatch):
     return make_engine()
 
 
-def make_engine():
+def make_engine(tie_word_embeddings=False):
     cfg = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128)
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie_word_embeddings)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     eng = object.__new__(ti.FSDPEngineWithLMHead)  # the engine's own methods, without building FSDP on a GPU
@@ -156,56 +156,66 @@ def test_flag_in_actor_config_enables():
     spv.enable(False)
 
 
-def _fully_shard_like_verl(module, head_too=False):
-    """FSDP2 as verl's apply_fsdp2 wraps a causal LM: each decoder layer, then the root (CPU mesh, every rank)."""
+def shard_like_verl(module):
+    """FSDP2 exactly as verl's engine applies it: verl's own ``apply_fsdp2`` with the engine's default
+    ``reshard_after_forward=True`` (decoder layers, embeddings and head when untied, then the root), on a CPU mesh
+    over every rank."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from verl.utils.fsdp_utils import apply_fsdp2
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in module.model.layers:
-        fully_shard(layer, mesh=mesh)
-    if head_too:
-        fully_shard(module.lm_head, mesh=mesh)
-    fully_shard(module, mesh=mesh)
+    apply_fsdp2(module, {"mesh": mesh, "reshard_after_forward": True}, {})
 
 
-def test_plugin_matches_stock_engine_under_fsdp2(engine, monkeypatch):
-    """Under FSDP2 the root's parameters (the LM head's included) stay unsharded from the forward until backward, so
-    our head runs on the gathered weight and its gradient goes through FSDP's own reduction, as the stock head's."""
-    _fully_shard_like_verl(engine.module)
-    seen = []
-    real = spv.linear_logprobs
-    monkeypatch.setattr(spv, "linear_logprobs", lambda h, w, *a: seen.append(type(w)) or real(h, w, *a))
-    td, rmask = micro_batch(True)
-    resp = rmask.sum(1)
-    stock, g_stock = run(engine, td, enabled=False, resp_lens=resp)
-    ours, g_ours = run(engine, td, enabled=True, resp_lens=resp)
-    assert seen and all(t is torch.nn.Parameter for t in seen)  # plain (gathered) weight, not a DTensor shard
+def fsdp2_comparison(tie_word_embeddings, seed=1):
+    """Stock engine vs plugin under verl's FSDP2 wrapping: (max |Δ| of log-probs/entropies at response positions,
+    max gradient rel diff over parameters (full tensors), the head weight's type when the plugin reached it, and
+    the type it computed with)."""
+    engine = make_engine(tie_word_embeddings)
+    shard_like_verl(engine.module)
+    seen = {}
+    real = spv._unsharded_head
+
+    def spy(module):
+        seen["before"] = type(module.get_output_embeddings().weight)
+        weight, bias = real(module)
+        seen["used"] = type(weight)
+        return weight, bias
+
+    spv._unsharded_head = spy
+    try:
+        td, rmask = micro_batch(True, seed=seed)
+        resp = rmask.sum(1)
+        stock, g_stock = run(engine, td, enabled=False, resp_lens=resp)
+        ours, g_ours = run(engine, td, enabled=True, resp_lens=resp)
+    finally:
+        spv._unsharded_head = real
+        spv.enable(False)
     pos = response_positions(stock["log_probs"].offsets(), resp)
-    for key in ("log_probs", "entropy"):
-        assert (ours[key].values()[pos] - stock[key].values()[pos]).abs().max().item() <= 1e-5, key
+    diff = max((ours[k].values()[pos] - stock[k].values()[pos]).abs().max().item() for k in ("log_probs", "entropy"))
+    rel = 0.0
     for n in g_stock:
         a, b = g_ours[n].full_tensor(), g_stock[n].full_tensor()  # gradients of FSDP2 parameters are DTensors
-        assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() <= 1e-5, n
-    spv.enable(False)
+        rel = max(rel, ((a - b).norm() / b.norm().clamp_min(1e-12)).item())
+    return diff, rel, seen, stock["log_probs"].values()[pos][:4].tolist()
 
 
-def test_head_in_its_own_fsdp2_unit_falls_back(engine, caplog):
-    _fully_shard_like_verl(engine.module, head_too=True)
-    td, _ = micro_batch(True)
-    spv.enable(True)
-    try:
-        with caplog.at_level(logging.WARNING):
-            _, output_args = engine.prepare_model_inputs(td)
-    finally:
-        spv.enable(False)
-    assert spv._KEY not in output_args
-    assert "own FSDP2 unit" in caplog.text
+@pytest.mark.parametrize("tie_word_embeddings", [False, True])
+def test_plugin_matches_stock_engine_under_fsdp2(monkeypatch, tie_word_embeddings):
+    """verl reshards after forward, so the head (in the root's unit when tied, in its own when untied) is sharded
+    again when the plugin reaches it: the plugin unshards that unit, and FSDP reduce-scatters the head's gradient
+    like any other. Values and every parameter's gradient equal the stock engine's."""
+    monkeypatch.setattr(ti, "get_device_id", lambda: "cpu")
+    monkeypatch.setattr(ti, "get_device_name", lambda: "cpu")
+    diff, rel, seen, _ = fsdp2_comparison(tie_word_embeddings)
+    assert seen["before"] is DTensor and seen["used"] is torch.nn.Parameter  # the case this guards was hit
+    assert diff <= 1e-5 and rel <= 1e-5, (diff, rel)
 
 
 def test_two_ranks_under_fsdp2(tmp_path):
-    """torchrun with 2 CPU ranks (gloo), FSDP2 as verl wraps the model, each rank its own micro-batch: log-probs and
-    entropies equal the stock engine's on every rank, and so do the gradients after FSDP's reduce-scatter."""
+    """torchrun with 2 CPU ranks (gloo), FSDP2 as verl applies it (tied and untied head), each rank its own
+    micro-batch: log-probs and entropies equal the stock engine's on every rank, and so do the gradients after
+    FSDP's reduce-scatter (a rank-local head gradient would differ)."""
     import json
     import shutil
     import subprocess
@@ -224,7 +234,9 @@ def test_two_ranks_under_fsdp2(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["world"] == 2 and res["ours_ran"] == [True, True]
-    assert max(res["max_value_diff"]) <= 1e-5
-    assert res["max_grad_rel"] <= 1e-5
-    assert res["ranks_differ"]  # the two ranks really had different data
+    assert res["world"] == 2
+    for tie in ("untied", "tied"):
+        r = res[tie]
+        assert r["head_was_sharded"] == [True, True] and r["unsharded_used"] == [True, True], r
+        assert max(r["max_value_diff"]) <= 1e-5 and r["max_grad_rel"] <= 1e-5, r
+        assert r["ranks_differ"]  # the two ranks really had different data
