@@ -2,9 +2,10 @@
 SDPA cuDNN backend vs its flash backend on the shapes of our three calls. Usage: python3 scripts/gpu_cudnn_diag.py
 
 ``python3 scripts/gpu_cudnn_diag.py layouts OUT.jsonl``: the ATen cuDNN op on our calls' shapes with three operand
-layouts — all contiguous [B, H, L, D] (what our cuDNN path does now, copies included in the time), all strided views
-of [B, L, H, D] storage (q/k/v/out/dout alike: no copies, the layout HF's SDPA hands cuDNN), and strided q/k/v with
-contiguous out/dout (the mix that gave wrong gradients) — gradient error against fp32 math attention and time.
+layouts, each in its own process — all contiguous [B, H, L, D] (what our cuDNN path does now, copies included in
+the time), all strided views of [B, L, H, D] storage (q/k/v/out/dout alike: no copies, the layout HF's SDPA hands
+cuDNN), and strided q/k/v with contiguous out/dout (the mix that gave wrong gradients) — gradient error against
+fp32 math attention and time; then whether calls 1 and 2 can be one top-left-causal call.
 """
 
 import sys
@@ -73,7 +74,7 @@ def torch_sdpa(bq, lq, lk, causal, h=14, hkv=2, d=64):
                   f"dk {rel(g[1], r[1]):.2e} dv {rel(g[2], r[2]):.2e}")
 
 
-def layouts(bq, lq, lk, causal, h=14, hkv=2, d=64, iters=20):
+def layouts(bq, lq, lk, causal, modes=("contiguous", "strided", "mixed"), h=14, hkv=2, d=64, iters=20):
     """One call shape, each operand layout: rel error of dq/dk/dv vs fp32 math, and fwd+bwd time in ms."""
     aten = torch.ops.aten
     g = torch.Generator(device=dev).manual_seed(2)
@@ -102,7 +103,7 @@ def layouts(bq, lq, lk, causal, h=14, hkv=2, d=64, iters=20):
             dout, qq, kk, vv, out, lse, seed, seed, None, None, None, lq, lk, 0.0, causal)
 
     rows = []
-    for mode in ("contiguous", "strided", "mixed"):
+    for mode in modes:
         try:
             grads = run(mode)
             for _ in range(3):
@@ -158,31 +159,46 @@ def fused_prefix_call(np_=8192, nc=4096, h=14, hkv=2, d=64, iters=20):
     for name, fn in (("one_call", lambda: step(q, k, v, True, do)),
                      ("two_calls", lambda: (step(qp, k, v, True, do[:, :, :np_]),
                                             step(qc, k, v, False, do[:, :, np_:])))):
-        for _ in range(3):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        timings[name] = start.elapsed_time(end) / iters
+        try:
+            for _ in range(3):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            timings[name] = start.elapsed_time(end) / iters
+        except RuntimeError as e:
+            timings[name] = "error: " + str(e).splitlines()[0][:200]
     row = dict(test="fused_prefix_call", shape=[np_ + nc, np_], rel_vs_top_left=rows["top_left"],
                rel_vs_bottom_right=rows["bottom_right"], ms=timings)
     print(row)
     return [row]
 
 
+SHAPES = ((1, 8192, 8192, True), (1, 4096, 8192, False), (16, 256, 256, True),  # the calls at 8192x256x16x1
+          (1, 4096, 4096, True), (1, 4096, 4096, False), (8, 512, 512, True))  # and at 4096x512x8x1
+
 if __name__ == "__main__" and sys.argv[1:2] == ["layouts"]:
+    # Each operand layout in its own process: ATen caches cuDNN graphs by q/k/v shapes and strides only, so modes
+    # sharing q/k/v strides ("strided", "mixed") would otherwise reuse each other's graph.
+    import subprocess
+
+    open(sys.argv[2], "w").close()
+    for part in ("contiguous", "strided", "mixed", "fused"):
+        subprocess.run([sys.executable, __file__, "layouts-part", part, sys.argv[2]], timeout=60)
+elif __name__ == "__main__" and sys.argv[1:2] == ["layouts-part"]:
     import json
 
-    with open(sys.argv[2], "w") as f:
-        for shape in ((1, 8192, 8192, True), (1, 4096, 8192, False), (16, 256, 256, True),  # 8192x256x16x1
-                      (1, 4096, 4096, True), (1, 4096, 4096, False), (8, 512, 512, True)):  # 4096x512x8x1
-            for row in layouts(*shape):
+    part, path = sys.argv[2], sys.argv[3]
+    with open(path, "a") as f:
+        shapes = [()] if part == "fused" else SHAPES
+        for shape in shapes:
+            rows = fused_prefix_call() if part == "fused" else layouts(*shape, modes=(part,))
+            for row in rows:
                 f.write(json.dumps(row) + "\n")
-        for row in fused_prefix_call():
-            f.write(json.dumps(row) + "\n")
+                f.flush()
 elif __name__ == "__main__":
     ours(8192, 256, 16, 1)
     ours(4096, 512, 8, 1)

@@ -148,9 +148,11 @@ impl Kernels for FlashKernels {
 static CUDNN_LSE_RANK: AtomicI64 = AtomicI64::new(0);
 
 /// cuDNN dense attention. With `contiguous`, every operand is copied to a contiguous `[B, H, L, D]` tensor (the
-/// verified default: strided q/k/v with contiguous dO/O gave wrong gradients at some shapes). Without, every
-/// operand — q, k, v, out and dO alike — goes in as the strided `[B, H, L, D]` view of `[B, L, H, D]` storage that
-/// `Runs` hands over (the layout transformers' SDPA gives cuDNN), saving the copies. `cudnn_views` selects the
+/// verified default: strided q/k/v with contiguous dO/O gave wrong gradients at some shapes — transformers hands
+/// q/k/v over head-major while out/dO are token-major, so the operands' layouts differed). Without, every
+/// operand — q, k, v, out and dO alike — goes in as the strided `[B, H, L, D]` view of token-major `[B, L, H, D]`
+/// storage that `Runs` hands over (the executor makes q/k/v token-major first, once per attention call), saving
+/// the per-call copies. `cudnn_views` selects the
 /// latter: NOT yet verified on a GPU (added without a device; `tests/test_cuda.py` and
 /// `scripts/gpu_cudnn_diag.py layouts` check it).
 pub struct CudnnDense {
@@ -164,6 +166,11 @@ impl CudnnDense {
 }
 
 impl Dense for CudnnDense {
+    // Without copies the views keep the packed tensors' layout: make that one layout (token-major) for all.
+    fn token_major(&self) -> bool {
+        !self.contiguous
+    }
+
     fn fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<(Tensor, Tensor)> {
         let (q, k, v) = (self.operand(q), self.operand(k), self.operand(v));
         let (mut out, mut lse) = (std::ptr::null_mut(), std::ptr::null_mut());

@@ -37,6 +37,18 @@ pub trait Kernels {
 
     /// Gradients of this call's q, k, v given the final (merged) `out` and `lse` of its query rows.
     fn backward(&self, s: &Saved, seg: &Segments, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)>;
+
+    /// Whether every `[T, H, D]` operand must be token-major contiguous, so that all of them (q, k, v, out, dO)
+    /// reach the kernel in one layout. transformers hands q/k/v over head-major ([H, T, D] storage) while our
+    /// out and dO are token-major; kernels that take strided views but need one layout for all operands say so.
+    fn token_major(&self) -> bool {
+        false
+    }
+}
+
+/// `x` itself, or a token-major contiguous copy when the kernels need one layout for every operand.
+fn laid_out(kern: &dyn Kernels, x: &Tensor) -> Tensor {
+    if kern.token_major() { x.contiguous() } else { x.shallow_clone() }
 }
 
 /// The dtype the merge computes in: fp32, or fp64 for fp64 inputs.
@@ -68,7 +80,8 @@ fn split(x: &Tensor, n_prefix: i64) -> Result<(Tensor, Tensor)> {
 pub fn forward(kern: &dyn Kernels, p: &DevicePlan, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64)
     -> Result<(Tensor, Tensor)> {
     let np = p.host.prefix_tokens as i64;
-    let ((qp, qc), (kp, kc), (vp, vc)) = (split(q, np)?, split(k, np)?, split(v, np)?);
+    let (q, k, v) = (laid_out(kern, q), laid_out(kern, k), laid_out(kern, v));
+    let ((qp, qc), (kp, kc), (vp, vc)) = (split(&q, np)?, split(&k, np)?, split(&v, np)?);
     let (o1, l1) = kern.forward(&qp, &kp, &vp, &p.seg_prefix(), true, scale)?;
     if p.host.completion_tokens == 0 {
         return Ok((o1, l1.f_to_kind(accum_kind(q.kind()))?));
@@ -94,8 +107,10 @@ pub fn backward(
     scale: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let np = p.host.prefix_tokens as i64;
-    let ((qp, qc), (kp, kc), (vp, vc)) = (split(q, np)?, split(k, np)?, split(v, np)?);
-    let ((dop, doc), (op, oc), (lp, lc)) = (split(dout, np)?, split(out, np)?, split(lse, np)?);
+    let (q, k, v) = (laid_out(kern, q), laid_out(kern, k), laid_out(kern, v));
+    let (dout, out) = (laid_out(kern, dout), laid_out(kern, out));
+    let ((qp, qc), (kp, kc), (vp, vc)) = (split(&q, np)?, split(&k, np)?, split(&v, np)?);
+    let ((dop, doc), (op, oc), (lp, lc)) = (split(&dout, np)?, split(&out, np)?, split(lse, np)?);
     let call1 = Saved { dout: &dop, q: &qp, k: &kp, v: &vp, out: &op, lse: &lp };
     let (dq1, dk1, dv1) = kern.backward(&call1, &p.seg_prefix(), true, scale)?;
     if p.host.completion_tokens == 0 {

@@ -12,6 +12,11 @@ pub trait Dense {
     fn fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<(Tensor, Tensor)>;
     /// `s` holds dense batches: `[batch, H, L, D]` tensors and `lse` `[batch, Hq, Lq]`.
     fn bwd(&self, s: &Saved, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)>;
+
+    /// See `Kernels::token_major`.
+    fn token_major(&self) -> bool {
+        false
+    }
 }
 
 pub struct Runs<D: Dense>(pub D);
@@ -39,6 +44,10 @@ fn unbatched(x: &Tensor) -> Result<Tensor> {
 }
 
 impl<D: Dense> Kernels for Runs<D> {
+    fn token_major(&self) -> bool {
+        self.0.token_major()
+    }
+
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, seg: &Segments, causal: bool, scale: f64)
         -> Result<(Tensor, Tensor)> {
         let (mut outs, mut lses) = (Vec::with_capacity(seg.runs.len()), Vec::with_capacity(seg.runs.len()));

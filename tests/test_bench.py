@@ -49,3 +49,34 @@ def test_demo_runs(capsys):
                       "--hidden", "32", "--layers", "2", "--vocab", "128", "--threads", "1"]) == 0
     text = capsys.readouterr().out
     assert "shared_prefix" in text and "stock" in text
+
+
+def test_measure_methods_keeps_going():
+    """A method failing at once is recorded as an error; one failing in the timed rounds keeps its peak and
+    agreement; the others are measured and compared with the first."""
+    import torch
+
+    from shared_prefix._measure import measure_methods
+
+    lin = torch.nn.Linear(4, 3).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    calls = {"late": 0}
+
+    def good():
+        return torch.log_softmax(lin(x), -1)
+
+    def broken():
+        raise RuntimeError("no kernel\nsecond line")
+
+    def late():
+        calls["late"] += 1
+        if calls["late"] > 3:
+            raise MemoryError("out of memory")
+        return good()
+
+    res = measure_methods(lin, {"ref": good, "broken": broken, "late": late, "same": good},
+                          torch.ones(5, dtype=torch.float64), torch.ones(5, 3), torch.device("cpu"), steps=3)
+    assert res["broken"] == {"error": "RuntimeError: no kernel"}
+    assert res["late"]["error"].startswith("MemoryError") and "median_s" not in res["late"]
+    assert res["late"]["peak_mem_bytes"] >= 0 and res["late"]["max_abs_logp_diff"] == 0.0
+    assert res["same"]["median_s"] > 0 and res["same"]["grad_rel_l2"] == 0.0 and "error" not in res["same"]

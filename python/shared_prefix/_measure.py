@@ -142,6 +142,7 @@ def measure_methods(model, methods: dict[str, Callable], advantages, mask, devic
                 if progress is not None:
                     progress.update(1)
         except Exception as e:  # an OOM, an unsupported case or a failing method: recorded, the run goes on
+            out = logp = grad = None  # free this method's tensors before the next one runs
             results[name] = failed(e)
             continue
         results[name] = dict(peak_mem_bytes=peak, first_step_s=first, times=[])
@@ -155,8 +156,9 @@ def measure_methods(model, methods: dict[str, Callable], advantages, mask, devic
             try:
                 with setup(name):
                     results[name]["times"].append(_timed(step, device))
-            except Exception as e:
-                results[name] = failed(e)
+            except Exception as e:  # keep what was measured (peak, agreement), drop the partial timings
+                results[name].pop("times")
+                results[name].update(failed(e))
                 del steps_of[name]
             if progress is not None:
                 progress.update(1)

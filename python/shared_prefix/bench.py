@@ -208,13 +208,17 @@ def run_config(model, cfg, args, device, bar):
     @contextlib.contextmanager
     def setup(name):
         model.set_attn_implementation("sdpa")  # every variant starts from the stock implementation
+        before = os.environ.get("SHARED_PREFIX_KERNELS")
         if name in KERNEL_VARIANTS:
             # For the whole step, so the checkpoint recompute in backward uses the forward's kernels.
             os.environ["SHARED_PREFIX_KERNELS"] = KERNEL_VARIANTS[name]
         try:
             yield
         finally:
-            os.environ.pop("SHARED_PREFIX_KERNELS", None)
+            if before is None:
+                os.environ.pop("SHARED_PREFIX_KERNELS", None)
+            else:
+                os.environ["SHARED_PREFIX_KERNELS"] = before
 
     fns = variant_fns(model, batch, g, device, args.variants)
     results = measure_methods(model, fns, adv, cmask, device, args.steps, bar, setup)
