@@ -195,3 +195,45 @@ def test_two_process_training_equals_stock(tmp_path):
     for a, b in zip(ours["losses"], stock["losses"]):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(b))
     assert ours["saved"] and all(s > 0 for s in ours["saved"])
+
+
+@pytest.mark.parametrize("head_unit", ["root", "own"])
+def test_logps_and_grads_equal_stock_under_fsdp2(tmp_path, head_unit):
+    """FSDP2 with reshard_after_forward (one CPU rank): after the forward the head is sharded again, in the root's
+    unit or its own. Ours unshards that unit (not a rank-local gather) and equals TRL's stock path, values and
+    gradients; a model with FSDP1 flat parameters falls back to stock."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29700 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    ids, mask, lc = batch()
+    results = []
+    for cls, sub in ((trl.GRPOTrainer, "a"), (SharedPrefixGRPOTrainer, "b")):
+        t = trainer(cls, tmp_path / sub)
+        m = t.model
+        for layer in m.model.layers:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+        if head_unit == "own":
+            fully_shard(m.lm_head, mesh=mesh, reshard_after_forward=True)
+        fully_shard(m, mesh=mesh, reshard_after_forward=True)
+        m.train()
+        m.zero_grad(set_to_none=True)
+        logps, ent, _ = t._get_per_token_logps_and_entropies(m, ids, mask, lc, compute_entropy=True)
+        w = torch.randn(logps.shape, generator=torch.Generator().manual_seed(2))
+        ((logps * w).sum() + (ent * w).sum()).backward()
+        results.append((logps.detach(), ent.detach(), {n: p.grad.full_tensor() for n, p in m.named_parameters()}))
+        if cls is SharedPrefixGRPOTrainer:
+            assert t._metrics["train"][METRIC][-1] > 0  # ours ran
+            assert not t._shared_prefix_fallbacks
+    (lp_s, ent_s, g_s), (lp_o, ent_o, g_o) = results
+    assert (lp_o - lp_s).abs().max().item() <= 1e-6
+    assert (ent_o - ent_s).abs().max().item() <= 1e-6
+    for n in g_s:
+        assert ((g_o[n] - g_s[n]).norm() / g_s[n].norm().clamp_min(1e-12)).item() <= 1e-5, n

@@ -174,22 +174,22 @@ def fsdp2_comparison(tie_word_embeddings, seed=1):
     engine = make_engine(tie_word_embeddings)
     shard_like_verl(engine.module)
     seen = {}
-    real = spv._unsharded_head
+    real = spv.hf.unsharded_lm_head
 
-    def spy(module):
-        seen["before"] = type(module.get_output_embeddings().weight)
-        weight, bias = real(module)
+    def spy(root, head=None):
+        seen["before"] = type(root.get_output_embeddings().weight)
+        weight, bias = real(root, head)
         seen["used"] = type(weight)
         return weight, bias
 
-    spv._unsharded_head = spy
+    spv.hf.unsharded_lm_head = spy
     try:
         td, rmask = micro_batch(True, seed=seed)
         resp = rmask.sum(1)
         stock, g_stock = run(engine, td, enabled=False, resp_lens=resp)
         ours, g_ours = run(engine, td, enabled=True, resp_lens=resp)
     finally:
-        spv._unsharded_head = real
+        spv.hf.unsharded_lm_head = real
         spv.enable(False)
     pos = response_positions(stock["log_probs"].offsets(), resp)
     diff = max((ours[k].values()[pos] - stock[k].values()[pos]).abs().max().item() for k in ("log_probs", "entropy"))

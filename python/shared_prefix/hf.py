@@ -105,6 +105,45 @@ def shared_prefix_attention_forward(
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
+def unsharded_lm_head(root: torch.nn.Module, head: Optional[torch.nn.Module] = None):
+    """The LM head's ``(weight, bias)`` as FSDP2 hands them to the head's own forward, for code that runs the head
+    outside it (after ``packed_model_inputs``'s forward, which ran it on one row).
+
+    With ``reshard_after_forward`` the head is sharded again after the root's forward, in the root's unit or in its
+    own. Unsharding the nearest FSDP2 unit that holds it, as that unit's forward would, gives the unsharded
+    parameters; FSDP's post-backward then reduce-scatters their gradients across ranks and reshards, as for any
+    parameter. Gathering the DTensor directly (``full_tensor()``) would not: its gradient would stay rank-local.
+    Without FSDP2 this is just the head's parameters.
+    """
+    head = root.get_output_embeddings() if head is None else head
+    if _is_dtensor(head.weight):
+        from torch.distributed.fsdp import FSDPModule
+
+        path = next((name for name, m in root.named_modules() if m is head), None)
+        owner = None
+        if path is not None:
+            parts = path.split(".") if path else []
+            for depth in range(len(parts) + 1):  # root first, the head itself last: keep the deepest unit
+                m = root.get_submodule(".".join(parts[:depth]))
+                if isinstance(m, FSDPModule):
+                    owner = m
+        if owner is None:
+            raise RuntimeError("the LM head's weight is a sharded DTensor but no FSDP2 unit under the model holds "
+                               "the head")
+        owner.unshard()
+        if _is_dtensor(head.weight):
+            raise RuntimeError("the LM head stayed sharded after unsharding its FSDP2 unit")
+    return head.weight, head.bias
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(t, DTensor)
+
+
 def packed_model_inputs(p: Plan) -> dict:
     """Keyword arguments for calling a (possibly wrapped) causal LM on the packed stream when only its last
     hidden state is wanted (the LM head then runs on the predictor rows alone)."""

@@ -115,6 +115,10 @@ class SharedPrefixMixin:
             return "the model returns router logits"
         if not isinstance(base.get_output_embeddings(), torch.nn.Linear):
             return "the LM head is not a torch.nn.Linear"
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            return "FSDP1 (flat parameters): the LM head is not reachable outside its forward"
         return None
 
     def _get_per_token_logps_and_entropies(
@@ -156,14 +160,14 @@ class SharedPrefixMixin:
             with hf._attn_implementation(base, hf.NAME), self.accelerator.autocast():
                 out = model(**hf.packed_model_inputs(p), use_cache=False)
             hidden = p.predictor_rows(out.hidden_states[-1])
-            head = base.get_output_embeddings()
+            weight, bias = hf.unsharded_lm_head(self.accelerator.unwrap_model(model), base.get_output_embeddings())
             # As TRL's fused head: optionally in fp32 outside autocast, else under the trainer's autocast.
             if cast_fp32:
                 hidden = hidden.float()
             head_ctx = torch.autocast(hidden.device.type, enabled=False) if cast_fp32 else self.accelerator.autocast()
             with head_ctx:
                 per_token = ChunkedLogProbFunction.apply(
-                    hidden, head.weight, head.bias, p.completion_targets(), self.temperature, 32768, None, 1.0,
+                    hidden, weight, bias, p.completion_targets(), self.temperature, 32768, None, 1.0,
                     outputs,
                 )
             all_logps.append(p.unpack_completions(per_token[0]))

@@ -27,8 +27,7 @@ import os
 from typing import Optional
 
 import torch
-from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from . import hf
 from ._logprobs import linear_logprobs
@@ -126,27 +125,6 @@ def _prepare_model_inputs(self, micro_batch, _orig, ti, tu):
     return model_inputs, {_KEY: state}
 
 
-def _unsharded_head(module):
-    """The LM head's weight and bias as FSDP2 hands them to the head's own forward.
-
-    verl shards with ``reshard_after_forward=True``: after the root's forward (which ran the head on one row) the
-    head is sharded again, in the root's unit (tied embeddings) or in its own (untied: verl wraps ``lm_head``
-    separately). Unsharding that unit, as its forward would, gives the unsharded parameters; FSDP's post-backward
-    then reduce-scatters their gradients across ranks and reshards, as for any parameter. Gathering the DTensor
-    ourselves (``full_tensor()``) would not: its gradient would stay local to each rank.
-    """
-    head = module.get_output_embeddings()
-    if isinstance(head.weight, DTensor):
-        unit = head if isinstance(head, FSDPModule) else module
-        if not isinstance(unit, FSDPModule):
-            raise RuntimeError("shared_prefix.verl: the LM head is sharded but neither it nor the root module is an "
-                               "FSDP2 unit; disable the plugin for this model")
-        unit.unshard()
-    if isinstance(head.weight, DTensor):
-        raise RuntimeError("shared_prefix.verl: the LM head stayed sharded after unsharding its FSDP2 unit")
-    return head.weight, head.bias
-
-
 def _prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func, _orig, tu):
     state = output_args.get(_KEY) if isinstance(output_args, dict) else None
     if state is None:
@@ -154,7 +132,7 @@ def _prepare_model_outputs(self, output, output_args, micro_batch, logits_proces
     p = state["plan"]
     entropy_wanted = tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False)
     hidden = p.predictor_rows(output.hidden_states[-1])
-    weight, bias = _unsharded_head(self.module)
+    weight, bias = hf.unsharded_lm_head(self.module)
     logp, ent = linear_logprobs(hidden, weight, bias, p.completion_targets(), state["temperature"], entropy_wanted)
     # Back to the engine's layout: nested over prompt+response, position t predicts token t+1.
     offsets, mask = state["offsets"], state["mask"]
