@@ -222,3 +222,37 @@ class TestUnsupported:
             sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0)
         with pytest.raises(TypeError, match="model:"):
             sp.completion_logprobs(object(), pid, pmask, cid, cmask)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_completion_logprobs_under_fsdp2(tie):
+    """A model under FSDP2 with reshard_after_forward (one CPU rank): completion_logprobs goes through the root's
+    forward and unshards the head through its unit; values and gradients equal the stock per-row model's."""
+    import copy
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29800 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    ref_model = tiny_model("qwen2", tie_word_embeddings=tie)
+    assert (ref_model.get_output_embeddings().weight is ref_model.get_input_embeddings().weight) == tie
+    model = copy.deepcopy(ref_model)
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    if not tie:
+        fully_shard(model.lm_head, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    rows, pid, pmask, cid, cmask = make_batch(seed=3)
+    ref, ref_ent = stock_logprobs(ref_model, rows, cid.shape[1], 0.8)
+    ref_grads = param_grads(ref_model, ref.sum() + ref_ent.sum())
+    lp, ent = sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0.8, return_entropy=True, chunk_size=7)
+    assert (lp - ref).abs().max().item() <= 1e-9 and (ent - ref_ent).abs().max().item() <= 1e-9
+    grads = {n: g.full_tensor() for n, g in param_grads(model, lp.sum() + ent.sum()).items()}
+    assert set(grads) == set(ref_grads)
+    assert max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in grads) <= 1e-6

@@ -17,7 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ._attention import attention
-from ._logprobs import head_logprobs
+from ._logprobs import linear_logprobs
 from ._plan import Plan, plan as make_plan
 
 NAME = "shared_prefix"
@@ -134,6 +134,14 @@ def unsharded_lm_head(root: torch.nn.Module, head: Optional[torch.nn.Module] = N
         if _is_dtensor(head.weight):
             raise RuntimeError("the LM head stayed sharded after unsharding its FSDP2 unit")
     return head.weight, head.bias
+
+
+def _is_fsdp2(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -278,17 +286,25 @@ def completion_logprobs(
     _check_model(model)
     register()
     p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, group_sizes=group_sizes, group_ids=group_ids)
+    head = _lm_head(model)
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"model: the LM head is a {type(head).__name__}, expected torch.nn.Linear")
     with _attn_implementation(model, NAME):
-        out = model.get_decoder()(
-            input_ids=p.input_ids,
-            position_ids=p.position_ids,
-            attention_mask=p.attention_mask,
-            use_cache=False,
-            **{PLAN_KWARG: p},
-        )
-    hidden = p.predictor_rows(out.last_hidden_state)
-    picked, entropy = head_logprobs(
-        hidden, _lm_head(model), p.completion_targets(), float(temperature), return_entropy, chunk_size
+        if _is_fsdp2(model):
+            # Through the root's forward, so FSDP2 gathers the root unit's parameters (the embeddings); the head
+            # is then unsharded through its unit, so its gradient is reduced like any other.
+            hidden = model(**packed_model_inputs(p), use_cache=False).hidden_states[-1]
+        else:  # the decoder alone: no LM head on any row, no tuple of every layer's hidden states
+            hidden = model.get_decoder()(
+                input_ids=p.input_ids,
+                position_ids=p.position_ids,
+                attention_mask=p.attention_mask,
+                use_cache=False,
+                **{PLAN_KWARG: p},
+            ).last_hidden_state
+    weight, bias = unsharded_lm_head(model, head)  # the head's own parameters unless FSDP2 resharded them
+    picked, entropy = linear_logprobs(
+        p.predictor_rows(hidden), weight, bias, p.completion_targets(), float(temperature), return_entropy, chunk_size
     )
     logprobs = p.unpack_completions(picked)
     if return_entropy:
