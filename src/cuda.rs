@@ -6,7 +6,7 @@
 //!
 //! GQA is native in both (Hkv < Hq): K/V are never repeated.
 
-use crate::executor::{Kernels, Result, Saved, Segments};
+use crate::executor::{contiguous_if, Kernels, Result, Saved, Segments};
 use crate::runs::Dense;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::ffi::CStr;
@@ -152,16 +152,15 @@ static CUDNN_LSE_RANK: AtomicI64 = AtomicI64::new(0);
 /// q/k/v over head-major while out/dO are token-major, so the operands' layouts differed). Without, every
 /// operand — q, k, v, out and dO alike — goes in as the strided `[B, H, L, D]` view of token-major `[B, L, H, D]`
 /// storage that `Runs` hands over (the executor makes q/k/v token-major first, once per attention call), saving
-/// the per-call copies. `cudnn_views` selects the
-/// latter: NOT yet verified on a GPU (added without a device; `tests/test_cuda.py` and
-/// `scripts/gpu_cudnn_diag.py layouts` check it).
+/// the per-call copies. `cudnn_views` selects the latter: NOT yet verified on a GPU (added without a device;
+/// `tests/test_cuda.py` and `scripts/gpu_cudnn_diag.py layouts` check it).
 pub struct CudnnDense {
     pub contiguous: bool,
 }
 
 impl CudnnDense {
     fn operand(&self, x: &Tensor) -> Tensor {
-        if self.contiguous { x.contiguous() } else { x.shallow_clone() }
+        contiguous_if(self.contiguous, x)
     }
 }
 

@@ -46,9 +46,14 @@ pub trait Kernels {
     }
 }
 
+/// A contiguous copy of `x` when `yes` (a no-op if it already is), else `x` itself.
+pub fn contiguous_if(yes: bool, x: &Tensor) -> Tensor {
+    if yes { x.contiguous() } else { x.shallow_clone() }
+}
+
 /// `x` itself, or a token-major contiguous copy when the kernels need one layout for every operand.
 fn laid_out(kern: &dyn Kernels, x: &Tensor) -> Tensor {
-    if kern.token_major() { x.contiguous() } else { x.shallow_clone() }
+    contiguous_if(kern.token_major(), x)
 }
 
 /// The dtype the merge computes in: fp32, or fp64 for fp64 inputs.

@@ -229,25 +229,13 @@ def test_completion_logprobs_under_fsdp2(tie):
     """A model under FSDP2 with reshard_after_forward (one CPU rank): completion_logprobs goes through the root's
     forward and unshards the head through its unit; values and gradients equal the stock per-row model's."""
     import copy
-    import os
 
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from helpers import fully_shard_causal_lm
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29800 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
     ref_model = tiny_model("qwen2", tie_word_embeddings=tie)
     assert (ref_model.get_output_embeddings().weight is ref_model.get_input_embeddings().weight) == tie
     model = copy.deepcopy(ref_model)
-    mesh = init_device_mesh("cpu", (1,))
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
-    if not tie:
-        fully_shard(model.lm_head, mesh=mesh, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    fully_shard_causal_lm(model, head_unit=not tie)  # a tied head lives in the root's unit
     rows, pid, pmask, cid, cmask = make_batch(seed=3)
     ref, ref_ent = stock_logprobs(ref_model, rows, cid.shape[1], 0.8)
     ref_grads = param_grads(ref_model, ref.sum() + ref_ent.sum())

@@ -201,28 +201,15 @@ def test_two_process_training_equals_stock(tmp_path):
 def test_logps_and_grads_equal_stock_under_fsdp2(tmp_path, head_unit):
     """FSDP2 with reshard_after_forward (one CPU rank): after the forward the head is sharded again, in the root's
     unit or its own. Ours unshards that unit (not a rank-local gather) and equals TRL's stock path, values and
-    gradients; a model with FSDP1 flat parameters falls back to stock."""
-    import os
+    gradients."""
+    from helpers import fully_shard_causal_lm
 
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29700 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    mesh = init_device_mesh("cpu", (1,))
     ids, mask, lc = batch()
     results = []
     for cls, sub in ((trl.GRPOTrainer, "a"), (SharedPrefixGRPOTrainer, "b")):
         t = trainer(cls, tmp_path / sub)
         m = t.model
-        for layer in m.model.layers:
-            fully_shard(layer, mesh=mesh, reshard_after_forward=True)
-        if head_unit == "own":
-            fully_shard(m.lm_head, mesh=mesh, reshard_after_forward=True)
-        fully_shard(m, mesh=mesh, reshard_after_forward=True)
+        fully_shard_causal_lm(m, head_unit=head_unit == "own")
         m.train()
         m.zero_grad(set_to_none=True)
         logps, ent, _ = t._get_per_token_logps_and_entropies(m, ids, mask, lc, compute_entropy=True)

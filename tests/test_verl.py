@@ -26,14 +26,12 @@ from verl.workers.config import FSDPEngineConfig  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
 
 import shared_prefix.verl as spv  # noqa: E402
+from helpers import ensure_gloo  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
 def gloo():
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29600 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    ensure_gloo()
     yield
 
 

@@ -238,6 +238,11 @@ def linear_logprobs(
     return picked, (entropy if with_entropy else None)
 
 
+def check_linear_head(head: torch.nn.Module) -> None:
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"model: the LM head is a {type(head).__name__}, expected torch.nn.Linear")
+
+
 def head_logprobs(
     hidden: torch.Tensor,
     head: torch.nn.Module,
@@ -247,6 +252,5 @@ def head_logprobs(
     chunk_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """:func:`linear_logprobs` through an LM head, which must be a ``torch.nn.Linear`` (every supported model's)."""
-    if not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"model: the LM head is a {type(head).__name__}, expected torch.nn.Linear")
+    check_linear_head(head)
     return linear_logprobs(hidden, head.weight, head.bias, targets, temperature, with_entropy, chunk_size)

@@ -93,6 +93,10 @@ def _no_setup(name: str):
     yield
 
 
+# Steps measure_methods runs per method besides the timed rounds (the first step, the peak-memory probe).
+UNTIMED_STEPS = 2
+
+
 def measure_methods(model, methods: dict[str, Callable], advantages, mask, device, steps: int, progress=None,
                     setup=_no_setup, keep_going: bool = True) -> dict[str, dict]:
     """Log-prob methods side by side, one step = forward+backward of ``grpo_loss``.

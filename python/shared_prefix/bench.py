@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import shared_prefix as sp
 from shared_prefix._logprobs import token_logprobs
-from shared_prefix._measure import measure_methods
+from shared_prefix._measure import UNTIMED_STEPS, measure_methods
 from shared_prefix._reference import stock_logprobs
 
 MODELS = {
@@ -340,7 +340,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     meta = dict(device_name=device_name(device), model=args.model, dtype=args.dtype, grad_ckpt=args.grad_ckpt,
                 torch=torch.__version__, commit=git_commit(), steps=args.steps,
                 date=datetime.date.today().isoformat(), python=sys.version.split()[0])
-    per_variant = args.steps + 2
+    per_variant = args.steps + UNTIMED_STEPS
     total = len(configs) * len(args.variants) * per_variant
     rows: list[dict] = []
     with tqdm(total=total, desc="bench", unit="step") as bar, open(out / "results.jsonl", "w") as f:

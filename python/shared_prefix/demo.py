@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 import shared_prefix as sp
-from shared_prefix._measure import measure_methods
+from shared_prefix._measure import UNTIMED_STEPS, measure_methods
 from shared_prefix._reference import stock_logprobs
 
 
@@ -76,7 +76,7 @@ def run(args) -> list[dict]:
     # What each forward processes: the stock batch is padded rows [prompt, completion]; ours is the packed stream.
     tokens = {"stock (TRL-style rows)": pid.numel() + cid.numel(), "shared_prefix": plan.num_tokens}
 
-    with tqdm(total=len(methods) * (args.steps + 2), desc="demo", unit="step", leave=False) as bar:
+    with tqdm(total=len(methods) * (args.steps + UNTIMED_STEPS), desc="demo", unit="step", leave=False) as bar:
         measured = measure_methods(model, methods, advantages, cmask, device, args.steps, bar, keep_going=False)
     results = [{"method": name, "tokens": tokens[name], **stats} for name, stats in measured.items()]
     return results

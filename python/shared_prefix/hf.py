@@ -17,7 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ._attention import attention
-from ._logprobs import linear_logprobs
+from ._logprobs import check_linear_head, linear_logprobs
 from ._plan import Plan, plan as make_plan
 
 NAME = "shared_prefix"
@@ -250,10 +250,11 @@ def _attn_implementation(model: torch.nn.Module, name: str):
             model.set_attn_implementation(previous)
 
 
-def _lm_head(model: torch.nn.Module) -> torch.nn.Module:
+def _lm_head(model: torch.nn.Module) -> torch.nn.Linear:
     head = model.get_output_embeddings()
     if head is None:
         raise TypeError(f"model: {type(model).__name__} has no output embeddings (LM head)")
+    check_linear_head(head)
     return head
 
 
@@ -287,8 +288,6 @@ def completion_logprobs(
     register()
     p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, group_sizes=group_sizes, group_ids=group_ids)
     head = _lm_head(model)
-    if not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"model: the LM head is a {type(head).__name__}, expected torch.nn.Linear")
     with _attn_implementation(model, NAME):
         if _is_fsdp2(model):
             # Through the root's forward, so FSDP2 gathers the root unit's parameters (the embeddings); the head

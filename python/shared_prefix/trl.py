@@ -142,8 +142,8 @@ class SharedPrefixMixin:
         from trl.kernels import ChunkedLogProbFunction
 
         batch_size = batch_size or input_ids.size(0)
-        base = self.accelerator.unwrap_model(model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        root = self.accelerator.unwrap_model(model)
+        base = root.get_base_model() if hasattr(root, "get_base_model") else root
         cast_fp32 = bool(getattr(self.args, "cast_lm_head_to_fp32", False))
         outputs = ("log_probs", "entropy") if compute_entropy else ("log_probs",)
         all_logps, all_entropies = [], []
@@ -160,7 +160,7 @@ class SharedPrefixMixin:
             with hf._attn_implementation(base, hf.NAME), self.accelerator.autocast():
                 out = model(**hf.packed_model_inputs(p), use_cache=False)
             hidden = p.predictor_rows(out.hidden_states[-1])
-            weight, bias = hf.unsharded_lm_head(self.accelerator.unwrap_model(model), base.get_output_embeddings())
+            weight, bias = hf.unsharded_lm_head(root, base.get_output_embeddings())
             # As TRL's fused head: optionally in fp32 outside autocast, else under the trainer's autocast.
             if cast_fp32:
                 hidden = hidden.float()
