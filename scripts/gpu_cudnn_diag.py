@@ -74,6 +74,19 @@ def torch_sdpa(bq, lq, lk, causal, h=14, hkv=2, d=64):
                   f"dk {rel(g[1], r[1]):.2e} dv {rel(g[2], r[2]):.2e}")
 
 
+def cuda_ms(fn, iters):
+    """Mean milliseconds of ``fn`` on the GPU over ``iters`` calls, after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def layouts(bq, lq, lk, causal, modes=("contiguous", "strided", "mixed"), h=14, hkv=2, d=64, iters=20):
     """One call shape, each operand layout: rel error of dq/dk/dv vs fp32 math, and fwd+bwd time in ms."""
     aten = torch.ops.aten
@@ -106,15 +119,7 @@ def layouts(bq, lq, lk, causal, modes=("contiguous", "strided", "mixed"), h=14, 
     for mode in modes:
         try:
             grads = run(mode)
-            for _ in range(3):
-                run(mode)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                run(mode)
-            end.record()
-            torch.cuda.synchronize()
-            row = dict(shape=[bq, lq, lk], causal=causal, mode=mode, ms=start.elapsed_time(end) / iters,
+            row = dict(shape=[bq, lq, lk], causal=causal, mode=mode, ms=cuda_ms(lambda: run(mode), iters),
                        dq=rel(grads[0], ref[0]), dk=rel(grads[1], ref[1]), dv=rel(grads[2], ref[2]),
                        out_stride=list(aten._scaled_dot_product_cudnn_attention(
                            q, k, v, None, True, 0.0, causal, False)[0].stride()))
@@ -160,15 +165,7 @@ def fused_prefix_call(np_=8192, nc=4096, h=14, hkv=2, d=64, iters=20):
                      ("two_calls", lambda: (step(qp, k, v, True, do[:, :, :np_]),
                                             step(qc, k, v, False, do[:, :, np_:])))):
         try:
-            for _ in range(3):
-                fn()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            timings[name] = start.elapsed_time(end) / iters
+            timings[name] = cuda_ms(fn, iters)
         except RuntimeError as e:
             timings[name] = "error: " + str(e).splitlines()[0][:200]
     row = dict(test="fused_prefix_call", shape=[np_ + nc, np_], rel_vs_top_left=rows["top_left"],
