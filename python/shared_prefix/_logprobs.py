@@ -51,8 +51,14 @@ def _scaled_logits(h, weight, bias, lo, hi, temperature):
     """fp32 (fp64) ``logits / T`` of vocabulary columns ``[lo, hi)``, computed as the stock head computes them; and
     the logits' dtype (the activation dtype, or autocast's)."""
     logits = torch.nn.functional.linear(h, weight[lo:hi], None if bias is None else bias[lo:hi])
-    u = logits.to(_accum(logits.dtype))  # a fresh tensor either way (the linear's output or its upcast)
-    return (u.div_(temperature) if temperature != 1.0 else u), logits.dtype
+    acc = _accum(logits.dtype)
+    if logits.dtype == acc:  # the linear's fresh output: divide in place
+        return (logits.div_(temperature) if temperature != 1.0 else logits), logits.dtype
+    if temperature == 1.0:
+        return logits.to(acc), logits.dtype
+    # Upcast and divide in one pass: a one-element fp32 divisor promotes the fp16/bf16 logits (a Python scalar
+    # would keep their dtype).
+    return torch.div(logits, logits.new_full((1,), temperature, dtype=acc)), logits.dtype
 
 
 def _in_slice(targets, lo, hi):
@@ -140,7 +146,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g_picked, g_entropy):
         hidden, weight, bias, targets, m, log_s, entropy = ctx.saved_tensors
-        t, cols = ctx.temperature, ctx.cols
+        cols, inv_t = ctx.cols, 1.0 / ctx.temperature
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         vocab = weight.shape[0]
         use_entropy = ctx.with_entropy and g_entropy is not None
@@ -151,26 +157,37 @@ class _ChunkedLogprobs(torch.autograd.Function):
         dh = torch.zeros_like(hidden, dtype=m.dtype) if need_h else None
         dw = torch.empty_like(weight) if need_w else None
         db = torch.empty_like(bias) if (need_b and bias is not None) else None
-        gp = g_picked[:, None].to(m.dtype) if g_picked is not None else None
+        # Gradient of the logits z (u = z/T), per row: with p = softmax(u), picked = log p_t and H = -Σ p log p
+        # (dH/du_j = -p_j (log p_j + H)), writing d = u - m (so log p = d - log S):
+        #   dz_j = [j = t]·g/T + p_j·(a·d_j + c),   a = -g_H/T,   c = -(g + g_H·(H - log S))/T.
+        # u is recomputed exactly as in forward, so the largest d is exactly 0 and the probabilities near 1 keep
+        # their precision (u - (m + log S) in one step would not). A slice then takes three passes over its
+        # logits without the entropy (d, e^d, dz) and five with it, besides the upcast and the GEMMs.
+        gp = g_picked.to(m.dtype) if g_picked is not None else None
+        inv_s = (-log_s).exp()[:, None]
+        if use_entropy:
+            ge = g_entropy.to(m.dtype)
+            a = (-inv_t * ge)[:, None]
+            spread = ge * (entropy - log_s)
+            c = (-inv_t * (spread if gp is None else gp + spread))[:, None]
+        else:
+            c = (-inv_t * gp)[:, None] * inv_s
         h_cast = None
         for lo in range(0, vocab, cols):
             hi = min(lo + cols, vocab)
-            u, logits_dtype = _scaled_logits(hidden, weight, bias, lo, hi, t)
-            logp = u.sub_(m[:, None]).sub_(log_s[:, None])
-            p = logp.exp()
+            u, logits_dtype = _scaled_logits(hidden, weight, bias, lo, hi, ctx.temperature)
+            d = u.sub_(m[:, None])
             if use_entropy:
-                # H = -Σ p log p;  dH/du_j = -p_j (log p_j + H). Computed in logp's buffer.
-                ent_term = logp.add_(entropy[:, None]).mul_(p).mul_(g_entropy[:, None])
-            if gp is not None:
-                # d picked / d u = onehot - p, with u = logits / T. Computed in p's buffer.
-                inside, col = _in_slice(targets, lo, hi)
-                du = p.mul_(-gp).scatter_add_(-1, col[:, None], gp * inside[:, None])
-                if use_entropy:
-                    du.sub_(ent_term)
+                p = d.exp().mul_(inv_s)
+                dz = torch.addcmul(c, d, a, out=d).mul_(p)
+                del p
             else:
-                du = ent_term.neg_()
-            # Back through the fp32 upcast and 1/T: the gradient reaches the logits in their own dtype.
-            dz = (du.div_(t) if t != 1.0 else du).to(logits_dtype)
+                dz = d.exp_().mul_(c)
+            if gp is not None:
+                inside, col = _in_slice(targets, lo, hi)
+                dz.scatter_add_(-1, col[:, None], (inv_t * gp * inside)[:, None])
+            # Back through the fp32 upcast: the gradient reaches the logits in their own dtype.
+            dz = dz.to(logits_dtype)
             if dh is not None:
                 _add_mm(dh, dz, weight[lo:hi].to(logits_dtype))
             if dw is not None:
