@@ -80,3 +80,59 @@ def test_measure_methods_keeps_going():
     assert res["late"]["error"].startswith("MemoryError") and "median_s" not in res["late"]
     assert res["late"]["peak_mem_bytes"] >= 0 and res["late"]["max_abs_logp_diff"] == 0.0
     assert res["same"]["median_s"] > 0 and res["same"]["grad_rel_l2"] == 0.0 and "error" not in res["same"]
+
+
+def _interrupt_on_call(n: int, fn):
+    """``fn`` that raises KeyboardInterrupt (what SIGINT from ``timeout -s INT`` raises) on its n-th call."""
+    calls = [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def test_measure_methods_interrupted():
+    """An interrupt in the timed rounds keeps every method's completed rounds (median over them); without
+    keep_going it propagates."""
+    import torch
+
+    from shared_prefix._measure import measure_methods
+
+    lin = torch.nn.Linear(4, 3).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+
+    def good():
+        return torch.log_softmax(lin(x), -1)
+
+    def methods():  # the 4th call of "b" is its second timed round (after its first step and peak probe)
+        return {"a": good, "b": _interrupt_on_call(4, good), "c": good}
+
+    args = (torch.ones(5, dtype=torch.float64), torch.ones(5, 3), torch.device("cpu"))
+    res = measure_methods(lin, methods(), *args, steps=5)
+    assert [res[k]["rounds"] for k in "abc"] == [2, 1, 1]
+    assert all(res[k]["interrupted"] and res[k]["median_s"] > 0 and "error" not in res[k] for k in "abc")
+    with pytest.raises(KeyboardInterrupt):
+        measure_methods(lin, methods(), *args, steps=5, keep_going=False)
+
+
+def test_bench_keeps_partial_results_when_interrupted(tmp_path, monkeypatch):
+    """SIGINT in the second config's rounds: rows of the first config and the completed rounds of the second are
+    written (jsonl, table, plot), the remaining configs are skipped and the exit status is 130."""
+    out = tmp_path / "bench"
+    # baseline runs 2 untimed + 3 timed steps in the first config; its 8th call is the second config's first round.
+    monkeypatch.setattr(bench, "stock_logprobs", _interrupt_on_call(8, bench.stock_logprobs))
+    argv = ["--config", "24x4x2x1", "--config", "20x5x2x2", "--config", "16x3x2x1", "--steps", "3",
+            "--variants", "baseline,shared_prefix", "--out", str(out), "--threads", "1"]
+    assert bench.main(argv) == 130
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["config"], r["variant"]) for r in rows] == [
+        ("24x4x2x1", "baseline"), ("24x4x2x1", "shared_prefix"), ("20x5x2x2", "baseline"),
+        ("20x5x2x2", "shared_prefix")]
+    assert [r["rounds"] for r in rows[:2]] == [3, 3] and not any(r.get("interrupted") for r in rows[:2])
+    assert rows[2]["interrupted"] and rows[2]["error"] == "interrupted before a timed round"
+    assert rows[3]["interrupted"] and "error" in rows[3]
+    assert "interrupted" in (out / "results.md").read_text() and (out / "results.png").stat().st_size > 0

@@ -106,8 +106,10 @@ def measure_methods(model, methods: dict[str, Callable], advantages, mask, devic
     before, gradients included). Then ``steps`` rounds run the methods in turn, one timed step each, so that drifts
     in the machine's speed (other tenants, clocks) fall on every method alike; ``median_s`` is each method's median.
     ``setup(name)`` is a context manager entered around every call of that method. With ``keep_going`` a method
-    that raises gets ``{"error": ...}`` and the others go on; without, the exception propagates. Returns one dict
-    per method, in order.
+    that raises gets ``{"error": ...}`` and the others go on, and a ``KeyboardInterrupt`` (SIGINT, e.g. from
+    ``timeout -s INT``) ends the measurement early with the rounds completed so far (``rounds`` counts them;
+    ``interrupted`` is set), so a time limit does not lose them; without ``keep_going`` both propagate.
+    Returns one dict per method, in order.
     """
 
     def make_step(fn):
@@ -129,46 +131,62 @@ def measure_methods(model, methods: dict[str, Callable], advantages, mask, devic
 
     results: dict[str, dict] = {}
     steps_of: dict[str, Callable] = {}
-    ref_logp = ref_grad = None
-    for name, fn in methods.items():
-        step = make_step(fn)
-        try:
-            with setup(name):
-                out: list[torch.Tensor] = []
-                first = _timed(lambda: out.append(step().detach()), device)
-                logp = out[0]
-                grad = grad_vector(model)
-                if progress is not None:
-                    progress.update(1)
-                model.zero_grad(set_to_none=True)
-                peak = peak_memory_bytes(step, device)
-                model.zero_grad(set_to_none=True)
-                if progress is not None:
-                    progress.update(1)
-        except Exception as e:  # an OOM, an unsupported case or a failing method: recorded, the run goes on
-            out = logp = grad = None  # free this method's tensors before the next one runs
-            results[name] = failed(e)
-            continue
-        results[name] = dict(peak_mem_bytes=peak, first_step_s=first, times=[])
-        results[name].update(agreement(logp, grad, ref_logp, ref_grad, mask))
-        if ref_logp is None:
-            ref_logp, ref_grad = logp, grad
-        del grad
-        steps_of[name] = step
-    for _ in range(steps):
-        for name, step in list(steps_of.items()):
+
+    def first_steps() -> None:
+        """Each method's first step (agreement with the first method) and its peak-memory step."""
+        ref_logp = ref_grad = None
+        for name, fn in methods.items():
+            step = make_step(fn)
             try:
                 with setup(name):
-                    results[name]["times"].append(_timed(step, device))
-            except Exception as e:  # keep what was measured (peak, agreement), drop the partial timings
-                results[name].pop("times")
-                results[name].update(failed(e))
-                del steps_of[name]
-            if progress is not None:
-                progress.update(1)
+                    out: list[torch.Tensor] = []
+                    first = _timed(lambda: out.append(step().detach()), device)
+                    logp = out[0]
+                    grad = grad_vector(model)
+                    if progress is not None:
+                        progress.update(1)
+                    model.zero_grad(set_to_none=True)
+                    peak = peak_memory_bytes(step, device)
+                    model.zero_grad(set_to_none=True)
+                    if progress is not None:
+                        progress.update(1)
+            except Exception as e:  # an OOM, an unsupported case or a failing method: recorded, the run goes on
+                out = logp = grad = None  # free this method's tensors before the next one runs
+                results[name] = failed(e)
+                continue
+            results[name] = dict(peak_mem_bytes=peak, first_step_s=first, times=[])
+            results[name].update(agreement(logp, grad, ref_logp, ref_grad, mask))
+            if ref_logp is None:
+                ref_logp, ref_grad = logp, grad
+            del grad
+            steps_of[name] = step
+
+    try:
+        first_steps()
+        for _ in range(steps):
+            for name, step in list(steps_of.items()):
+                try:
+                    with setup(name):
+                        results[name]["times"].append(_timed(step, device))
+                except Exception as e:  # keep what was measured (peak, agreement), drop the partial timings
+                    results[name].pop("times")
+                    results[name].update(failed(e))
+                    del steps_of[name]
+                if progress is not None:
+                    progress.update(1)
+    except KeyboardInterrupt:
+        if not keep_going:
+            raise
+        for name in methods:
+            results.setdefault(name, dict(error="interrupted before it ran"))["interrupted"] = True
     model.zero_grad(set_to_none=True)
     for name in steps_of:
-        results[name]["median_s"] = statistics.median(results[name].pop("times"))
+        times = results[name].pop("times")
+        results[name]["rounds"] = len(times)
+        if times:
+            results[name]["median_s"] = statistics.median(times)
+        else:
+            results[name]["error"] = "interrupted before a timed round"
     return results
 
 

@@ -258,9 +258,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 continue
             speed = f"{base['median_s'] / r['median_s']:.2f}× faster" if base else "—"
             ratio = f"{r['median_s'] / limit['median_s']:.2f}×" if limit else "—"
-            note = f"+{r['compile_s']:.0f} s first compile" if "compile_s" in r else ""
+            notes = [f"+{r['compile_s']:.0f} s first compile" if "compile_s" in r else ""]
             if r["variant"] == "packed_causal":
-                note = "limit proxy; wrong mask by design"
+                notes = ["limit proxy; wrong mask by design"]
+            if r.get("interrupted"):
+                notes.append(f"interrupted: median of {r['rounds']} of {meta['steps']} rounds")
+            note = "; ".join(n for n in notes if n)
             lines.append(
                 f"| {cfg} | {r['variant']} | {r['median_s']:.3f} | {speed} | {ratio} | "
                 f"{r['peak_mem_bytes'] / 2**30:.2f} | {r['max_abs_logp_diff']:.1e} | {r['grad_rel_l2']:.1e} | "
@@ -343,14 +346,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     per_variant = args.steps + UNTIMED_STEPS
     total = len(configs) * len(args.variants) * per_variant
     rows: list[dict] = []
+    interrupted = False
     with tqdm(total=total, desc="bench", unit="step") as bar, open(out / "results.jsonl", "w") as f:
         for i, cfg in enumerate(configs):
             bar.set_postfix_str("x".join(map(str, cfg)))
-            for r in run_config(model, cfg, args, device, bar):
+            config_rows = run_config(model, cfg, args, device, bar)
+            for r in config_rows:
                 r.update(meta)
                 f.write(json.dumps(r) + "\n")
                 f.flush()
                 rows.append(r)
+            if any(r.get("interrupted") for r in config_rows):
+                interrupted = True  # SIGINT (e.g. a time limit): keep what was measured, skip the rest
+                break
             bar.total = bar.n * len(configs) // (i + 1)  # variants unavailable here take no steps
             bar.refresh()
     table = markdown(rows, meta)
@@ -358,6 +366,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     plot(rows, out / "results.png")
     print(table)
     print(f"wrote {out / 'results.jsonl'}, {out / 'results.md'}, {out / 'results.png'}")
+    if interrupted:
+        print("interrupted: the results above are partial (see each row's rounds)", file=sys.stderr)
+        return 130
     return 0
 
 
