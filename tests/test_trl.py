@@ -224,3 +224,28 @@ def test_logps_and_grads_equal_stock_under_fsdp2(tmp_path, head_unit):
     assert (ent_o - ent_s).abs().max().item() <= 1e-6
     for n in g_s:
         assert ((g_o[n] - g_s[n]).norm() / g_s[n].norm().clamp_min(1e-12)).item() <= 1e-5, n
+
+
+def test_fsdp1_falls_back_to_stock(tmp_path, caplog):
+    """FSDP1 (flat parameters; one CPU rank): the head is not reachable outside the wrapped forward, so ours logs
+    the reason once and runs TRL's stock method; values and gradients equal the stock trainer's."""
+    from helpers import ensure_gloo
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    ensure_gloo()
+    ids, mask, lc = batch()
+    results = []
+    for cls, sub in ((trl.GRPOTrainer, "a"), (SharedPrefixGRPOTrainer, "b")):
+        t = trainer(cls, tmp_path / sub)
+        m = FullyShardedDataParallel(t.model, device_id=torch.device("cpu"), use_orig_params=False)
+        m.train()
+        with caplog.at_level(logging.WARNING, logger="shared_prefix"):
+            logps, ent, _ = t._get_per_token_logps_and_entropies(m, ids, mask, lc, compute_entropy=True)
+        w = torch.randn(logps.shape, generator=torch.Generator().manual_seed(2))
+        ((logps * w).sum() + (ent * w).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters()}  # the flat parameter(s), same layout in both
+        results.append((logps.detach(), ent.detach(), grads))
+    assert caplog.text.count("FSDP1") == 1
+    (lp_s, ent_s, g_s), (lp_o, ent_o, g_o) = results
+    assert (lp_o - lp_s).abs().max().item() <= 1e-6 and (ent_o - ent_s).abs().max().item() <= 1e-6
+    assert g_s and all(((g_o[n] - g_s[n]).norm() / g_s[n].norm()).item() <= 1e-6 for n in g_s)

@@ -141,6 +141,19 @@ def test_fallbacks_are_stock(engine, caplog):
     spv.enable(False)
 
 
+def test_fsdp1_falls_back(engine, caplog):
+    """FSDP1's flat parameters: the head is not reachable outside the wrapped forward, so the stock path runs."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    engine.module = FullyShardedDataParallel(engine.module, device_id=torch.device("cpu"))
+    td, _ = micro_batch(True)
+    spv.enable(True)
+    with caplog.at_level("WARNING", logger="shared_prefix"):
+        mi, oa = engine.prepare_model_inputs(td)
+    assert spv._KEY not in oa and "shared_prefix_plan" not in mi and "FSDP1" in caplog.text
+    spv.enable(False)
+
+
 def test_flag_in_actor_config_enables():
     from verl.workers.config import FSDPActorConfig
 
