@@ -421,6 +421,16 @@ fn mask_positions(mask: PyTensor) -> PyResult<PyTensor> {
     Ok(PyTensor(Tensor::f_from_slice(&pos).and_then(|t| t.f_to_device(mask.device())).map_err(torch_err)?))
 }
 
+/// Set the explicit-math kernel's score budget per block of query rows (bytes, at least 1); returns the previous
+/// value. The default (256 MiB) suits real runs; tests set a tiny one to exercise many blocks.
+#[pyfunction]
+fn set_math_block_bytes(n: usize) -> PyResult<usize> {
+    if n == 0 {
+        return Err(PyValueError::new_err("n: the math kernel's block budget must be at least 1 byte"));
+    }
+    Ok(runs::MATH_BLOCK_BYTES.swap(n, std::sync::atomic::Ordering::Relaxed))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(make_compat_plan, m)?)?;
@@ -429,5 +439,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(make_plan, m)?)?;
     m.add_function(wrap_pyfunction!(attention_forward, m)?)?;
     m.add_function(wrap_pyfunction!(attention_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(set_math_block_bytes, m)?)?;
     Ok(())
 }

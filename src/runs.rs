@@ -5,6 +5,7 @@
 //! dtype (the correct path for fp32/fp64 on CUDA, and an independent implementation the CPU tests check).
 
 use crate::executor::{Kernels, Result, Saved, Segments};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tch::{Kind, Tensor};
 
 /// Attention on dense batches. `lse` is `[batch, Hq, Lq]`; GQA (`Hkv < Hq`) must be supported.
@@ -103,8 +104,13 @@ impl Dense for CpuFlash {
     }
 }
 
-/// Attention written out with matmuls, softmax statistics and the textbook backward. Any device, any float dtype;
-/// memory O(batch · H · Lq · Lk) per run. K/V heads are expanded for GQA here (this path is not the fast one).
+/// Bytes of attention scores one block of query rows may take in the explicit-math kernel: queries are processed in
+/// blocks so that the `[batch, Hq, rows, Lk]` score tensors (and the 3 temporaries of the same size) stay bounded
+/// at any sequence length (a 16k-token prompt would otherwise need 15 GB per fp32 score tensor with 14 heads).
+pub static MATH_BLOCK_BYTES: AtomicUsize = AtomicUsize::new(256 << 20);
+
+/// Attention written out with matmuls, softmax statistics and the textbook backward, over blocks of query rows.
+/// Any device, any float dtype. K/V heads are expanded for GQA here (this path is not the fast one).
 pub struct Math;
 
 impl Math {
@@ -113,15 +119,32 @@ impl Math {
         if h == hq { Ok(x.shallow_clone()) } else { x.f_repeat_interleave_self_int(hq / h, 1, None::<i64>) }
     }
 
-    /// Scaled scores `[b, Hq, Lq, Lk]` with the causal mask applied (bottom-right aligned, as flash kernels do).
-    fn scores(q: &Tensor, k: &Tensor, causal: bool, scale: f64) -> Result<Tensor> {
+    /// Query rows per block for `q [b, Hq, Lq, D]` against `lk` keys.
+    fn block_rows(q: &Tensor, lk: i64) -> i64 {
+        let s = q.size();
+        let row_bytes = (s[0] * s[1] * lk.max(1)) as usize * q.kind().elt_size_in_bytes();
+        let budget = MATH_BLOCK_BYTES.load(Ordering::Relaxed);
+        ((budget / row_bytes.max(1)) as i64).clamp(1, s[2].max(1))
+    }
+
+    /// Scaled scores `[b, Hq, rows, Lk]` of query rows `[r0, r0 + rows)` out of `lq`, with the causal mask applied
+    /// (bottom-right aligned, as flash kernels do).
+    fn scores(q: &Tensor, k: &Tensor, causal: bool, scale: f64, r0: i64, lq: i64) -> Result<Tensor> {
         let s = q.f_matmul(&k.f_transpose(-2, -1)?)? * scale;
         if !causal {
             return Ok(s);
         }
-        let (lq, lk) = (q.size()[2], k.size()[2]);
-        let future = Tensor::f_ones([lq, lk], (Kind::Bool, q.device()))?.f_triu(1 + lk - lq)?;
+        let (rows, lk) = (q.size()[2], k.size()[2]);
+        let future = Tensor::f_ones([rows, lk], (Kind::Bool, q.device()))?.f_triu(1 + lk - lq + r0)?;
         s.f_masked_fill(&future, f64::NEG_INFINITY)
+    }
+
+    /// `acc + x` in `acc`'s dtype, or `x` itself (upcast to `kind`) for the first block.
+    fn accumulate(acc: Option<Tensor>, x: Tensor, kind: Kind) -> Result<Option<Tensor>> {
+        Ok(Some(match acc {
+            None => x.f_to_kind(kind)?,
+            Some(a) => a + x,
+        }))
     }
 }
 
@@ -129,31 +152,58 @@ impl Dense for Math {
     fn fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<(Tensor, Tensor)> {
         let hq = q.size()[1];
         let (k, v) = (Math::expand_heads(k, hq)?, Math::expand_heads(v, hq)?);
-        let s = Math::scores(q, &k, causal, scale)?;
-        let lse = s.f_logsumexp(&[-1i64][..], false)?;
-        let p = (s - lse.f_unsqueeze(-1)?).f_exp()?;
-        Ok((p.f_matmul(&v)?, lse))
+        let (lq, lk) = (q.size()[2], k.size()[2]);
+        let block = Math::block_rows(q, lk);
+        let (mut outs, mut lses) = (Vec::new(), Vec::new());
+        for r0 in (0..lq).step_by(block as usize) {
+            let qb = q.f_narrow(2, r0, block.min(lq - r0))?;
+            let s = Math::scores(&qb, &k, causal, scale, r0, lq)?;
+            let lse = s.f_logsumexp(&[-1i64][..], false)?;
+            let p = (s - lse.f_unsqueeze(-1)?).f_exp()?;
+            outs.push(p.f_matmul(&v)?);
+            lses.push(lse);
+        }
+        if outs.len() == 1 {
+            return Ok((outs.pop().unwrap(), lses.pop().unwrap()));
+        }
+        Ok((Tensor::f_cat(&outs, 2)?, Tensor::f_cat(&lses, 2)?))
     }
 
     fn bwd(&self, s: &Saved, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
         let Saved { dout, q, k, v, out, lse } = *s;
         let (hq, hkv) = (q.size()[1], k.size()[1]);
         let (ke, ve) = (Math::expand_heads(k, hq)?, Math::expand_heads(v, hq)?);
-        // P from the merged lse: the probabilities of this call's keys within the full softmax.
-        let p = (Math::scores(q, &ke, causal, scale)? - lse.f_to_kind(q.kind())?.f_unsqueeze(-1)?).f_exp()?;
-        let dv = p.f_transpose(-2, -1)?.f_matmul(dout)?;
-        let dp = dout.f_matmul(&ve.f_transpose(-2, -1)?)?;
-        let row = (dout * out).f_sum_dim_intlist(&[-1i64][..], true, None::<Kind>)?;
-        let ds = p * (dp - row);
-        let dq = ds.f_matmul(&ke)? * scale;
-        let dk = ds.f_transpose(-2, -1)?.f_matmul(q)? * scale;
-        let fold = |x: Tensor| -> Result<Tensor> {
-            if hq == hkv {
-                return Ok(x);
-            }
+        let (lq, lk) = (q.size()[2], ke.size()[2]);
+        let block = Math::block_rows(q, lk);
+        // dK and dV sum over query blocks: in fp32 (fp64) when there are several, rounded once at the end.
+        let acc = if q.kind() == Kind::Double { Kind::Double } else if lq > block { Kind::Float } else { q.kind() };
+        let (mut dqs, mut dk, mut dv) = (Vec::new(), None, None);
+        for r0 in (0..lq).step_by(block as usize) {
+            let n = block.min(lq - r0);
+            let rows = |x: &Tensor| x.f_narrow(2, r0, n);
+            let (qb, dob, ob) = (rows(q)?, rows(dout)?, rows(out)?);
+            let lb = lse.f_narrow(2, r0, n)?;
+            // P from the merged lse: the probabilities of this call's keys within the full softmax.
+            let p = (Math::scores(&qb, &ke, causal, scale, r0, lq)? - lb.f_to_kind(q.kind())?.f_unsqueeze(-1)?)
+                .f_exp()?;
+            dv = Math::accumulate(dv, p.f_transpose(-2, -1)?.f_matmul(&dob)?, acc)?;
+            let dp = dob.f_matmul(&ve.f_transpose(-2, -1)?)?;
+            let row = (&dob * &ob).f_sum_dim_intlist(&[-1i64][..], true, None::<Kind>)?;
+            let ds = p * (dp - row);
+            dqs.push(ds.f_matmul(&ke)? * scale);
+            dk = Math::accumulate(dk, ds.f_transpose(-2, -1)?.f_matmul(&qb)? * scale, acc)?;
+        }
+        let fold = |x: Option<Tensor>| -> Result<Tensor> {
+            let Some(x) = x else { return ke.f_zeros_like()?.f_narrow(1, 0, hkv) };  // no query rows
             let s = x.size();
-            x.f_view([s[0], hkv, hq / hkv, s[2], s[3]])?.f_sum_dim_intlist(&[2i64][..], false, None::<Kind>)
+            let x = if hq == hkv {
+                x
+            } else {
+                x.f_view([s[0], hkv, hq / hkv, s[2], s[3]])?.f_sum_dim_intlist(&[2i64][..], false, None::<Kind>)?
+            };
+            x.f_to_kind(q.kind())
         };
+        let dq = if dqs.len() == 1 { dqs.pop().unwrap() } else { Tensor::f_cat(&dqs, 2)? };
         Ok((dq, fold(dk)?, fold(dv)?))
     }
 }

@@ -154,6 +154,61 @@ def test_edge_shapes(groups, kernels):
     check_case(3, groups, 2, 2, 8, True, False, True, kernels)
 
 
+@pytest.fixture
+def math_block_bytes():
+    """Set the explicit-math kernel's score budget per query block for one test (restored after)."""
+    from shared_prefix import _core
+
+    previous = []
+    yield lambda n: previous.append(_core.set_math_block_bytes(n))
+    if previous:
+        _core.set_math_block_bytes(previous[0])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    groups=group_strategy,
+    ratio=st.sampled_from([1, 3]),
+    budget=st.sampled_from([1, 700, 5000]),
+    left_prompt=st.booleans(),
+)
+def test_math_kernel_in_query_blocks(math_block_bytes, seed, groups, ratio, budget, left_prompt):
+    """The explicit-math kernel (CUDA's fp32/fp64 path) over blocks of query rows, down to one row per block, with
+    the causal diagonal offset per block and dK/dV summed over blocks: still exact."""
+    math_block_bytes(budget)
+    check_case(seed, groups, 2, ratio, 8, left_prompt, True, True, "math")
+
+
+def test_math_kernel_memory_is_bounded_by_blocks(math_block_bytes):
+    """One 1024-token prompt with 4 completions: with a 1 MiB score budget the math kernel's peak (forward and
+    backward) is a fraction of the unblocked one, whose score tensors are 4 x 1024 x 1024 x 8 bytes each."""
+    from shared_prefix._measure import peak_memory_bytes
+
+    pid = torch.randint(1, 50, (1, 1024)).repeat(4, 1)
+    cid = torch.randint(1, 50, (4, 16))
+    plan = sp.plan(pid, torch.ones_like(pid), cid, torch.ones_like(cid))
+    q = torch.randn(plan.num_tokens, 4, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(plan.num_tokens, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+
+    def step():
+        sp.attention(q, k, v, plan, kernels="math").sum().backward()
+
+    peaks = {}
+    for budget in (2**40, 2**20):
+        math_block_bytes(budget)
+        peaks[budget] = peak_memory_bytes(step, torch.device("cpu"))
+    assert peaks[2**20] < 0.25 * peaks[2**40], peaks
+
+
+def test_math_block_budget_rejects_zero():
+    from shared_prefix import _core
+
+    with pytest.raises(ValueError, match="at least 1 byte"):
+        _core.set_math_block_bytes(0)
+
+
 def test_wrong_mask_is_caught():
     """Negative control: plain causal attention over the packed stream (completions see each other) must fail."""
     prompts, rows, prompt_ids, _ = build_case(11, [(6, [3, 4]), (5, [2])], 2, 2, 8, True, False, False)

@@ -83,3 +83,5 @@ def make_compat_plan(
     max_suffix)."""
 def mask_positions(mask: torch.Tensor) -> torch.Tensor:
     """Flat row-major positions of a mask's true entries, on the mask's device."""
+def set_math_block_bytes(n: int) -> int:
+    """Score bytes per block of query rows in the explicit-math kernel (default 256 MiB); returns the previous."""
