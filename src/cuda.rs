@@ -148,8 +148,8 @@ impl Kernels for FlashKernels {
 static CUDNN_LSE_RANK: AtomicI64 = AtomicI64::new(0);
 
 /// cuDNN dense attention. With `contiguous`, every operand is copied to a contiguous `[B, H, L, D]` tensor (the
-/// verified default: strided q/k/v with contiguous dO/O gave wrong gradients at some shapes — transformers hands
-/// q/k/v over head-major while out/dO are token-major, so the operands' layouts differed). Without, every
+/// verified default: q/k/v as strided `[B, H, L, D]` views of token-major storage with dO/O copied to contiguous,
+/// i.e. head-major, `[B, H, L, D]` gave wrong gradients at some shapes — the operands' layouts differed). Without, every
 /// operand — q, k, v, out and dO alike — goes in as the strided `[B, H, L, D]` view of token-major `[B, L, H, D]`
 /// storage that `Runs` hands over (the executor makes q/k/v token-major first, once per attention call), saving
 /// the per-call copies. `cudnn_views` selects the latter: NOT yet verified on a GPU (added without a device;

@@ -39,8 +39,9 @@ pub trait Kernels {
     fn backward(&self, s: &Saved, seg: &Segments, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)>;
 
     /// Whether every `[T, H, D]` operand must be token-major contiguous, so that all of them (q, k, v, out, dO)
-    /// reach the kernel in one layout. transformers hands q/k/v over head-major ([H, T, D] storage) while our
-    /// out and dO are token-major; kernels that take strided views but need one layout for all operands say so.
+    /// reach the kernel in one layout. Callers may pass q/k/v in any layout (transformers' come token-major
+    /// after RoPE; a head-major view is just as valid); kernels that take strided views but need one layout for
+    /// all operands say so.
     fn token_major(&self) -> bool {
         false
     }
@@ -65,15 +66,17 @@ fn accum_kind(kind: Kind) -> Kind {
     }
 }
 
-/// Combine two partial attentions over disjoint key sets into the attention over their union.
-fn merge(o2: &Tensor, l2: &Tensor, o3: &Tensor, l3: &Tensor) -> Result<(Tensor, Tensor)> {
-    let acc = accum_kind(o2.kind());
+/// Combine two partial attentions over disjoint key sets into the attention over their union, written into `out`
+/// (the input dtype) and `lse` (fp32, or fp64). The fp16/bf16 partial outputs times the fp32 weights promote to
+/// fp32 inside each op, so the merge is computed in fp32 without upcast copies and rounded once, on the write.
+fn merge_into(o2: &Tensor, l2: &Tensor, o3: &Tensor, l3: &Tensor, out: &Tensor, lse: &Tensor) -> Result<()> {
+    let acc = lse.kind();
     let (l2, l3) = (l2.f_to_kind(acc)?, l3.f_to_kind(acc)?);
-    let lse = l2.f_logaddexp(&l3)?;
-    let w2 = (&l2 - &lse).f_exp()?.f_unsqueeze(-1)?;
-    let w3 = (&l3 - &lse).f_exp()?.f_unsqueeze(-1)?;
-    let out = (o2.f_to_kind(acc)? * w2 + o3.f_to_kind(acc)? * w3).f_to_kind(o2.kind())?;
-    Ok((out, lse))
+    let _ = l2.f_logaddexp_out(lse, &l3)?;
+    let w2 = (l2 - lse).f_exp_()?.f_unsqueeze(-1)?;
+    let w3 = (l3 - lse).f_exp_()?.f_unsqueeze(-1)?;
+    let _ = (o2 * w2).f_addcmul_out(out, o3, &w3)?;
+    Ok(())
 }
 
 fn split(x: &Tensor, n_prefix: i64) -> Result<(Tensor, Tensor)> {
@@ -88,13 +91,20 @@ pub fn forward(kern: &dyn Kernels, p: &DevicePlan, q: &Tensor, k: &Tensor, v: &T
     let (q, k, v) = (laid_out(kern, q), laid_out(kern, k), laid_out(kern, v));
     let ((qp, qc), (kp, kc), (vp, vc)) = (split(&q, np)?, split(&k, np)?, split(&v, np)?);
     let (o1, l1) = kern.forward(&qp, &kp, &vp, &p.seg_prefix(), true, scale)?;
+    let acc = accum_kind(q.kind());
     if p.host.completion_tokens == 0 {
-        return Ok((o1, l1.f_to_kind(accum_kind(q.kind()))?));
+        return Ok((o1, l1.f_to_kind(acc)?));
     }
     let (o2, l2) = kern.forward(&qc, &kp, &vp, &p.seg_group(), false, scale)?;
     let (o3, l3) = kern.forward(&qc, &kc, &vc, &p.seg_completion(), true, scale)?;
-    let (oc, lc) = merge(&o2, &l2, &o3, &l3)?;
-    Ok((Tensor::f_cat(&[o1, oc], 0)?, Tensor::f_cat(&[l1.f_to_kind(lc.kind())?, lc], 0)?))
+    // One [T, Hq, D] output and one [T, Hq] lse: prefix rows copied in, completion rows merged in place.
+    let (t, hq) = (q.size()[0], q.size()[1]);
+    let out = Tensor::f_empty([t, hq, v.size()[2]], (o1.kind(), o1.device()))?;
+    let lse = Tensor::f_empty([t, hq], (acc, o1.device()))?;
+    out.f_narrow(0, 0, np)?.f_copy_(&o1)?;
+    lse.f_narrow(0, 0, np)?.f_copy_(&l1)?;
+    merge_into(&o2, &l2, &o3, &l3, &out.f_narrow(0, np, t - np)?, &lse.f_narrow(0, np, t - np)?)?;
+    Ok((out, lse))
 }
 
 /// Exact backward: each call's kernel backward runs with the merged `out`/`lse` of the rows it served, then the
