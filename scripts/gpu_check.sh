@@ -6,8 +6,8 @@
 # abi3 wheels the image lacks). Results land in $OUT (gpu.txt, gpu_tests.log, bench/results.{jsonl,md,png},
 # profile_*.txt, cudnn_layouts.jsonl). Timeouts default to 105 + 290 + 95 + 65 s, inside one 600 s device call;
 # each sends SIGINT first, so pytest prints its summary and the bench writes the rounds it completed.
-# The kernel-forcing variants (shared_prefix_fa2/_cudnn) are left out by default: their comparison is recorded
-# (BENCHMARKS.md, run 4).
+# Of the kernel-forcing variants only shared_prefix_cudnn_views runs by default (unmeasured end to end; its agreement
+# column shows whether its gradients are right); the fa2/cudnn comparison is recorded (BENCHMARKS.md, run 4).
 # Preparing .whl here (the image has torch 2.11 but transformers 5.17): `make wheel` then copy dist/*.whl, and
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl
 # transformers==5.10.4 tokenizers==0.22.2 prefix-grouper==0.0.1.post1` (see the device README).
@@ -25,7 +25,7 @@ python3 -c "import torch, transformers, shared_prefix; print('torch', torch.__ve
 transformers.__version__, 'gpu', torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/gpu.txt"
 timeout -s INT -k 15 "${TEST_TIMEOUT:-105}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -25
-VARIANTS=${VARIANTS:-baseline,packed_causal,shared_prefix,shared_prefix_full_head,flex,prefix_grouper}
+VARIANTS=${VARIANTS:-baseline,packed_causal,shared_prefix,shared_prefix_cudnn_views,shared_prefix_full_head,flex,prefix_grouper}
 timeout -s INT -k 15 "${BENCH_TIMEOUT:-290}" python3 -m shared_prefix.bench --preset gpu --variants "$VARIANTS" --out "$OUT/bench" \
   ${BENCH_ARGS:-} 2>&1 \
   | grep -v "step/s\]\|s/step\]" | tee "$OUT/bench.log" | tail -30
