@@ -73,9 +73,10 @@ fn merge_into(o2: &Tensor, l2: &Tensor, o3: &Tensor, l3: &Tensor, out: &Tensor, 
     let acc = lse.kind();
     let (l2, l3) = (l2.f_to_kind(acc)?, l3.f_to_kind(acc)?);
     let _ = l2.f_logaddexp_out(lse, &l3)?;
-    let w2 = (l2 - lse).f_exp_()?.f_unsqueeze(-1)?;
-    let w3 = (l3 - lse).f_exp_()?.f_unsqueeze(-1)?;
-    let _ = (o2 * w2).f_addcmul_out(out, o3, &w3)?;
+    // Fallible ops throughout (tch's operators unwrap, so an out-of-memory error there would be a panic).
+    let w2 = l2.f_sub(lse)?.f_exp_()?.f_unsqueeze(-1)?;
+    let w3 = l3.f_sub(lse)?.f_exp_()?.f_unsqueeze(-1)?;
+    let _ = o2.f_mul(&w2)?.f_addcmul_out(out, o3, &w3)?;
     Ok(())
 }
 
@@ -137,8 +138,8 @@ pub fn backward(
     let (dq2, dk2, dv2) = kern.backward(&call2, &p.seg_group(), false, scale)?;
     let (dq3, dk3, dv3) = kern.backward(&call3, &p.seg_completion(), true, scale)?;
     Ok((
-        Tensor::f_cat(&[dq1, dq2 + dq3], 0)?,
-        Tensor::f_cat(&[dk1 + dk2, dk3], 0)?,
-        Tensor::f_cat(&[dv1 + dv2, dv3], 0)?,
+        Tensor::f_cat(&[dq1, dq2.f_add(&dq3)?], 0)?,
+        Tensor::f_cat(&[dk1.f_add(&dk2)?, dk3], 0)?,
+        Tensor::f_cat(&[dv1.f_add(&dv2)?, dv3], 0)?,
     ))
 }

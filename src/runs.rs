@@ -109,6 +109,13 @@ impl Dense for CpuFlash {
 /// at any sequence length (a 16k-token prompt would otherwise need 15 GB per fp32 score tensor with 14 heads).
 pub static MATH_BLOCK_BYTES: AtomicUsize = AtomicUsize::new(256 << 20);
 
+/// `v` as a 0-dim CPU tensor: binary ops with it run on any device and keep the other operand's dtype. Used instead
+/// of tch's Scalar-taking ops, which free their Scalar before reading the op's error, so a failing op (out of
+/// memory) would panic there instead of returning the error.
+fn host_scalar(v: f64) -> Result<Tensor> {
+    Tensor::f_from_slice(&[v])?.f_squeeze()
+}
+
 /// Attention written out with matmuls, softmax statistics and the textbook backward, over blocks of query rows.
 /// Any device, any float dtype. K/V heads are expanded for GQA here (this path is not the fast one).
 pub struct Math;
@@ -130,20 +137,23 @@ impl Math {
     /// Scaled scores `[b, Hq, rows, Lk]` of query rows `[r0, r0 + rows)` out of `lq`, with the causal mask applied
     /// (bottom-right aligned, as flash kernels do).
     fn scores(q: &Tensor, k: &Tensor, causal: bool, scale: f64, r0: i64, lq: i64) -> Result<Tensor> {
-        let s = q.f_matmul(&k.f_transpose(-2, -1)?)? * scale;
+        let s = q.f_matmul(&k.f_transpose(-2, -1)?)?.f_mul(&host_scalar(scale)?)?;
         if !causal {
             return Ok(s);
         }
         let (rows, lk) = (q.size()[2], k.size()[2]);
         let future = Tensor::f_ones([rows, lk], (Kind::Bool, q.device()))?.f_triu(1 + lk - lq + r0)?;
-        s.f_masked_fill(&future, f64::NEG_INFINITY)
+        s.f_masked_fill_tensor(&future, &host_scalar(f64::NEG_INFINITY)?)
     }
 
-    /// `acc + x` in `acc`'s dtype, or `x` itself (upcast to `kind`) for the first block.
+    /// `acc += x` in `acc`'s dtype, or `x` itself (upcast to `kind`) for the first block.
     fn accumulate(acc: Option<Tensor>, x: Tensor, kind: Kind) -> Result<Option<Tensor>> {
         Ok(Some(match acc {
             None => x.f_to_kind(kind)?,
-            Some(a) => a + x,
+            Some(mut a) => {
+                let _ = a.f_add_(&x)?;
+                a
+            }
         }))
     }
 }
@@ -159,7 +169,7 @@ impl Dense for Math {
             let qb = q.f_narrow(2, r0, block.min(lq - r0))?;
             let s = Math::scores(&qb, &k, causal, scale, r0, lq)?;
             let lse = s.f_logsumexp(&[-1i64][..], false)?;
-            let p = (s - lse.f_unsqueeze(-1)?).f_exp()?;
+            let p = s.f_sub(&lse.f_unsqueeze(-1)?)?.f_exp()?;
             outs.push(p.f_matmul(&v)?);
             lses.push(lse);
         }
@@ -184,14 +194,16 @@ impl Dense for Math {
             let (qb, dob, ob) = (rows(q)?, rows(dout)?, rows(out)?);
             let lb = lse.f_narrow(2, r0, n)?;
             // P from the merged lse: the probabilities of this call's keys within the full softmax.
-            let p = (Math::scores(&qb, &ke, causal, scale, r0, lq)? - lb.f_to_kind(q.kind())?.f_unsqueeze(-1)?)
+            let p = Math::scores(&qb, &ke, causal, scale, r0, lq)?
+                .f_sub(&lb.f_to_kind(q.kind())?.f_unsqueeze(-1)?)?
                 .f_exp()?;
             dv = Math::accumulate(dv, p.f_transpose(-2, -1)?.f_matmul(&dob)?, acc)?;
             let dp = dob.f_matmul(&ve.f_transpose(-2, -1)?)?;
-            let row = (&dob * &ob).f_sum_dim_intlist(&[-1i64][..], true, None::<Kind>)?;
-            let ds = p * (dp - row);
-            dqs.push(ds.f_matmul(&ke)? * scale);
-            dk = Math::accumulate(dk, ds.f_transpose(-2, -1)?.f_matmul(&qb)? * scale, acc)?;
+            let row = dob.f_mul(&ob)?.f_sum_dim_intlist(&[-1i64][..], true, None::<Kind>)?;
+            let ds = p.f_mul(&dp.f_sub(&row)?)?;
+            let scale = host_scalar(scale)?;
+            dqs.push(ds.f_matmul(&ke)?.f_mul(&scale)?);
+            dk = Math::accumulate(dk, ds.f_transpose(-2, -1)?.f_matmul(&qb)?.f_mul(&scale)?, acc)?;
         }
         let fold = |x: Option<Tensor>| -> Result<Tensor> {
             let Some(x) = x else { return ke.f_zeros_like()?.f_narrow(1, 0, hkv) };  // no query rows

@@ -181,6 +181,29 @@ def test_math_kernel_in_query_blocks(math_block_bytes, seed, groups, ratio, budg
     check_case(seed, groups, 2, ratio, 8, left_prompt, True, True, "math")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_math_kernel_blocks_in_low_precision(math_block_bytes, dtype):
+    """fp32/bf16 through the math kernel in blocks (dK/dV summed over blocks in fp32): as close to the fp64 result
+    as the unblocked kernel in the same dtype."""
+    pid = torch.randint(1, 50, (1, 40)).repeat(3, 1)
+    cid = torch.randint(1, 50, (3, 7))
+    plan = sp.plan(pid, torch.ones_like(pid), cid, torch.ones_like(cid))
+    g = torch.Generator().manual_seed(0)
+    q, k, v, w = (torch.randn(plan.num_tokens, h, 8, dtype=torch.float64, generator=g) for h in (6, 2, 2, 6))
+
+    def run(dt):
+        leaves = [x.to(dt).requires_grad_() for x in (q, k, v)]
+        out = sp.attention(*leaves, plan, kernels="math")
+        return [t.double() for t in (out, *torch.autograd.grad((out * w.to(dt)).sum(), leaves))]
+
+    want = run(torch.float64)
+    whole = run(dtype)
+    math_block_bytes(1)  # one query row per block
+    blocked = run(dtype)
+    for b, u, ref in zip(blocked, whole, want):
+        assert rel(b, ref) <= 1.5 * rel(u, ref) + 1e-7, (rel(b, ref), rel(u, ref))
+
+
 def test_math_kernel_memory_is_bounded_by_blocks(math_block_bytes):
     """One 1024-token prompt with 4 completions: with a 1 MiB score budget the math kernel's peak (forward and
     backward) is a fraction of the unblocked one, whose score tensors are 4 x 1024 x 1024 x 8 bytes each."""
@@ -295,3 +318,31 @@ class TestBadInputs:
             sp.attention(q, q, q, self.plan, kernels="flash")
         with pytest.raises(ValueError, match="kernels: \"nope\""):
             sp.attention(q, q, q, self.plan, kernels="nope")
+
+
+def test_out_of_memory_is_an_exception_not_a_panic(tmp_path):
+    """A libtorch error inside the Rust kernels (here: the math kernel running out of memory, in a child process
+    with an address-space limit) reaches Python as a RuntimeError. tch's Scalar-taking ops turned it into a Rust
+    panic (pyo3's PanicException, not an Exception, so `except Exception` missed it)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "oom.py"
+    script.write_text(
+        "import resource, torch\n"
+        "import shared_prefix as sp\n"
+        "pid = torch.randint(1, 50, (1, 4096)); cid = torch.randint(1, 50, (1, 4))\n"
+        "plan = sp.plan(pid, torch.ones_like(pid), cid, torch.ones_like(cid))\n"
+        "q = torch.randn(plan.num_tokens, 4, 8, dtype=torch.float64)\n"
+        "k = torch.randn(plan.num_tokens, 1, 8, dtype=torch.float64)\n"
+        "sp._core.set_math_block_bytes(2**40)  # one block: each score tensor [1, 4, 4096, 4096] fp64 is 512 MiB\n"
+        "vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + 700 * 2**20, resource.RLIM_INFINITY))  # one fits, not two\n"
+        "try:\n"
+        "    sp.attention(q, k, k, plan, kernels='math')\n"
+        "    print('no error')\n"
+        "except Exception as e:\n"
+        "    print('exception', type(e).__name__, 'alloc' in str(e) or 'memory' in str(e))\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == "exception RuntimeError True", (proc.stdout, proc.stderr[-2000:])

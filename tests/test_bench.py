@@ -119,6 +119,26 @@ def test_measure_methods_interrupted():
         measure_methods(lin, methods(), *args, steps=5, keep_going=False)
 
 
+def test_measure_methods_interrupted_between_steps(monkeypatch):
+    """An interrupt while a method's agreement is computed (after its first step, before its rounds): every method
+    still ends with rounds/error, so the bench's table can be written."""
+    import torch
+
+    from shared_prefix import _measure
+
+    lin = torch.nn.Linear(4, 3).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    monkeypatch.setattr(_measure, "agreement", _interrupt_on_call(2, _measure.agreement))
+    res = _measure.measure_methods(lin, {"a": lambda: torch.log_softmax(lin(x), -1), "b": lambda: lin(x)},
+                                   torch.ones(5, dtype=torch.float64), torch.ones(5, 3), torch.device("cpu"), steps=3)
+    for r in res.values():
+        assert r["interrupted"] and r["rounds"] == 0 and r["error"] == "interrupted before a timed round", r
+    rows = [dict(config="1x1x1x1", variant=k, **v) for k, v in res.items()]
+    meta = dict(device_name="cpu", model="m", dtype="float64", grad_ckpt=False, torch="t", commit="c", date="d",
+                steps=3)
+    assert "| 1x1x1x1 | b | — |" in bench.markdown(rows, meta)
+
+
 def test_bench_keeps_partial_results_when_interrupted(tmp_path, monkeypatch):
     """SIGINT in the second config's rounds: rows of the first config and the completed rounds of the second are
     written (jsonl, table, plot), the remaining configs are skipped and the exit status is 130."""

@@ -51,12 +51,14 @@ def test_without_entropy_and_partial_grads():
     assert ((g - want).norm() / want.norm()).item() < 1e-12
 
 
-def test_bf16_head_close_to_unchunked():
-    h, head, targets = leaves(n=64, hidden=32, vocab=301, bias=False, dtype=torch.bfloat16)
-    lp, _ = head_logprobs(h, head, targets, 1.0, False, 8)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_half_head_close_to_unchunked(dtype, temperature):
+    h, head, targets = leaves(n=64, hidden=32, vocab=301, bias=False, dtype=dtype)
+    lp, _ = head_logprobs(h, head, targets, temperature, False, 8)
     assert lp.dtype == torch.float32
-    ref, _ = token_logprobs(head(h), targets, 1.0, False)
-    assert (lp - ref).abs().max().item() < 1e-5  # same bf16 logits, same fp32 softmax
+    ref, _ = token_logprobs(head(h), targets, temperature, False)
+    assert (lp - ref).abs().max().item() < 1e-5  # same half-precision logits, same fp32 softmax
     (g,) = torch.autograd.grad(lp.sum(), [head.weight])
     (want,) = torch.autograd.grad(ref.sum(), [head.weight])
     assert ((g.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
@@ -101,7 +103,8 @@ def test_bad_chunk_size():
         head_logprobs(h, torch.nn.Sequential(head), targets, 1.0, False, 4)
 
 
-def test_autocast_backward_recomputes_like_forward():
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_autocast_backward_recomputes_like_forward(temperature):
     """Under autocast the head runs in bf16; the chunked backward must differentiate that same computation (bf16
     logits), not an fp32 recompute of it. Reference: the fp64 gradient of the bf16 computation (bf16 operands,
     bf16-rounded logits). Plain autograd is within bf16 rounding of the logits' gradient (~2e-3) of it; a backward
@@ -113,12 +116,12 @@ def test_autocast_backward_recomputes_like_forward():
 
     def grads(chunk):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            lp, _ = head_logprobs(h, head, targets, 1.0, False, chunk)
+            lp, _ = head_logprobs(h, head, targets, temperature, False, chunk)
         return torch.autograd.grad((lp * w).sum(), [h, head.weight])
 
     hb, wb = h.detach().bfloat16().double(), head.weight.detach().bfloat16().double()
-    p = torch.softmax((hb @ wb.t()).bfloat16().double(), -1)
-    dz = (torch.nn.functional.one_hot(targets, 211).double() - p) * w.double()[:, None]
+    p = torch.softmax((hb @ wb.t()).bfloat16().double() / temperature, -1)
+    dz = (torch.nn.functional.one_hot(targets, 211).double() - p) * w.double()[:, None] / temperature
     want = (dz @ wb, dz.t() @ hb)
 
     def rel(a, b):

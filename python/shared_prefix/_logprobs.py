@@ -54,10 +54,11 @@ def _scaled_logits(h, weight, bias, lo, hi, temperature):
     acc = _accum(logits.dtype)
     if logits.dtype == acc:  # the linear's fresh output: divide in place
         return (logits.div_(temperature) if temperature != 1.0 else logits), logits.dtype
-    if temperature == 1.0:
-        return logits.to(acc), logits.dtype
-    # Upcast and divide in one pass: a one-element fp32 divisor promotes the fp16/bf16 logits (a Python scalar
-    # would keep their dtype).
+    if temperature == 1.0 or not logits.is_cuda:
+        u = logits.to(acc)
+        return (u.div_(temperature) if temperature != 1.0 else u), logits.dtype
+    # On CUDA, upcast and divide in one pass: a one-element fp32 divisor promotes the fp16/bf16 logits (a Python
+    # scalar would keep their dtype). The CPU kernel would make an fp32 copy first, so it takes the two steps.
     return torch.div(logits, logits.new_full((1,), temperature, dtype=acc)), logits.dtype
 
 
@@ -121,6 +122,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 a_slice = e.mul_(shifted).sum(-1)
                 a_sum = a_slice if m is None else a_sum + a_slice
             m = m_new
+            del u, shifted, e  # this slice's logits go before the next slice's are computed
         # log p = (u - m) - log S, as log_softmax computes it: rounding m + log S first would cost precision
         # at large logits.
         log_s = s_sum.log()
@@ -199,6 +201,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                     dw[lo:hi] = dz.t() @ h_cast
             if db is not None:
                 db[lo:hi] = dz.sum(0)
+            del u, d, dz  # this slice's logits go before the next slice's are recomputed
         dh = dh.to(hidden.dtype) if dh is not None else None
         return dh, dw, db, None, None, None, None
 

@@ -180,13 +180,16 @@ def measure_methods(model, methods: dict[str, Callable], advantages, mask, devic
         for name in methods:
             results.setdefault(name, dict(error="interrupted before it ran"))["interrupted"] = True
     model.zero_grad(set_to_none=True)
-    for name in steps_of:
-        times = results[name].pop("times")
-        results[name]["rounds"] = len(times)
+    # Every result still holding its timings (whenever the interrupt came) gets its rounds and median.
+    for res in results.values():
+        if "times" not in res:
+            continue
+        times = res.pop("times")
+        res["rounds"] = len(times)
         if times:
-            results[name]["median_s"] = statistics.median(times)
+            res["median_s"] = statistics.median(times)
         else:
-            results[name]["error"] = "interrupted before a timed round"
+            res["error"] = "interrupted before a timed round" if res.get("interrupted") else "no timed round"
     return results
 
 
