@@ -52,9 +52,11 @@ pub fn contiguous_if(yes: bool, x: &Tensor) -> Tensor {
     if yes { x.contiguous() } else { x.shallow_clone() }
 }
 
-/// `x` itself, or a token-major contiguous copy when the kernels need one layout for every operand.
+/// `x` itself, or a token-major contiguous copy when the kernels need one layout for every operand or when its
+/// last dimension is not unit-stride (a transposed or expanded view): the dense kernels read each head's D values
+/// as one contiguous row, and ATen's CPU flash kernel returned garbage for such views (found by fuzzing).
 fn laid_out(kern: &dyn Kernels, x: &Tensor) -> Tensor {
-    contiguous_if(kern.token_major(), x)
+    contiguous_if(kern.token_major() || x.stride().last().is_some_and(|&s| s != 1), x)
 }
 
 /// The dtype the merge computes in: fp32, or fp64 for fp64 inputs.

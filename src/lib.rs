@@ -129,7 +129,7 @@ fn dense_labels(py: Python<'_>, ids: &Bound<'_, PyAny>, rows: usize) -> PyResult
         if t.is_floating_point() {
             return Err(PyTypeError::new_err("group_ids: expected integer ids, got a floating-point tensor"));
         }
-        let v: Vec<i64> = Vec::try_from(t.f_to_kind(Kind::Int64).map_err(torch_err)?.to_device(Device::Cpu))
+        let v: Vec<i64> = Vec::try_from(t.f_to_kind(Kind::Int64).and_then(|t| t.f_to_device(Device::Cpu)).map_err(torch_err)?)
             .map_err(torch_err)?;
         return Ok(v.into_iter().map(|x| x as u64).collect());
     }
@@ -139,6 +139,9 @@ fn dense_labels(py: Python<'_>, ids: &Bound<'_, PyAny>, rows: usize) -> PyResult
         PyTypeError::new_err(format!("group_ids: expected a sequence or tensor of ids, got {}", ids.get_type()))
     })?;
     for item in iter {
+        if out.len() == rows {  // one more than expected: stop here (the iterable may be endless)
+            return Err(PyValueError::new_err(format!("group_ids: has more than {rows} elements, expected one per row")));
+        }
         let item = item?;
         let next = seen.len();
         let label = match seen.get_item(&item).map_err(|e| {
@@ -179,7 +182,8 @@ fn make_plan(
         0,
     )
     .map_err(torch_err)?
-    .to_device(Device::Cpu);
+    .f_to_device(Device::Cpu)
+    .map_err(torch_err)?;
     let host: Vec<i64> = Vec::try_from(host).map_err(torch_err)?;
     let (ids, rest) = host.split_at(b * lp);
     let (pm, cm) = rest.split_at((b * lp).min(rest.len()));
@@ -353,8 +357,8 @@ fn parse_device(text: &str) -> PyResult<Device> {
 }
 
 fn host_bools(t: &Tensor) -> PyResult<Vec<bool>> {
-    let v: Vec<i64> = Vec::try_from(t.f_reshape([-1]).map_err(torch_err)?.f_to_kind(Kind::Int64).map_err(torch_err)?.to_device(Device::Cpu))
-        .map_err(torch_err)?;
+    let host = t.f_reshape([-1]).and_then(|t| t.f_to_kind(Kind::Int64)).and_then(|t| t.f_to_device(Device::Cpu));
+    let v: Vec<i64> = Vec::try_from(host.map_err(torch_err)?).map_err(torch_err)?;
     Ok(v.into_iter().map(|x| x != 0).collect())
 }
 

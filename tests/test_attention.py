@@ -305,7 +305,7 @@ class TestBadInputs:
             sp.attention(q, q, torch.randn(self.t, 1, 4), self.plan)
         with pytest.raises(TypeError, match="v: dtype"):
             sp.attention(q, q, q.double(), self.plan)
-        with pytest.raises(TypeError, match="q: expected a floating-point"):
+        with pytest.raises(TypeError, match="q: expected float16, bfloat16, float32 or float64"):
             sp.attention(q.long(), q.long(), q.long(), self.plan)
         with pytest.raises(TypeError, match="plan:"):
             sp.attention(q, q, q, "plan")
@@ -346,3 +346,48 @@ def test_out_of_memory_is_an_exception_not_a_panic(tmp_path):
     )
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert proc.stdout.strip() == "exception RuntimeError True", (proc.stdout, proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("kernels", ["cpu_flash", "math"])
+def test_any_layout_of_q_k_v(kernels):
+    """Views whose last dimension is not unit-stride (a transpose, an expanded dimension): the same values and
+    gradients as contiguous inputs. ATen's CPU flash kernel returned garbage for them (found by fuzzing)."""
+    pid = torch.randint(1, 50, (1, 9)).repeat(3, 1)
+    cid = torch.randint(1, 50, (3, 4))
+    plan = sp.plan(pid, torch.ones_like(pid), cid, torch.ones_like(cid))
+    t = plan.num_tokens
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(t, h, 8, dtype=torch.float64, generator=g) for h in (4, 2, 2)]
+    w = torch.randn(t, 4, 8, dtype=torch.float64, generator=g)
+
+    def run(make):
+        leaves = [x.clone().requires_grad_() for x in base]
+        out = sp.attention(*[make(x) for x in leaves], plan, kernels=kernels)
+        return [out.detach(), *torch.autograd.grad((out * w).sum(), leaves)]
+
+    want = run(lambda x: x)
+    transposed = run(lambda x: x.transpose(1, 2).contiguous().transpose(1, 2))  # strides (H*D, 1, H)
+    last_dim_strided = run(lambda x: x.transpose(0, 2).contiguous().transpose(0, 2))  # strides (1, T, T*H)
+    for got in (transposed, last_dim_strided):
+        for a, b in zip(got, want):
+            assert rel(a, b) < 1e-12
+    q1 = base[0][:, :, :1].expand(t, 4, 8)  # stride(-1) = 0
+    out = sp.attention(q1, base[1], base[2], plan, kernels=kernels)
+    ref = sp.attention(q1.contiguous(), base[1], base[2], plan, kernels=kernels)
+    assert rel(out, ref) < 1e-12
+
+
+def test_bad_dtype_and_scale():
+    pid = torch.tensor([[1, 2, 3]] * 2)
+    plan = sp.plan(pid, torch.ones_like(pid), torch.tensor([[4], [5]]), torch.ones(2, 1, dtype=torch.bool))
+    q = torch.randn(plan.num_tokens, 2, 8, dtype=torch.float64)
+    for dtype in (torch.uint16, torch.int32, torch.complex64):
+        with pytest.raises(TypeError, match="q: expected float16, bfloat16, float32 or float64"):
+            sp.attention(q.to(dtype), q, q, plan)
+    for scale in (0.0, -0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale: must be a finite positive number"):
+            sp.attention(q, q, q, plan, scale=scale)
+    with pytest.raises(TypeError, match="scale"):
+        sp.attention(q, q, q, plan, scale="0.3")
+    with pytest.raises(ValueError, match="D >= 1"):
+        sp.attention(q[..., :0], q[..., :0], q[..., :0], plan)

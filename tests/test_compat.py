@@ -153,10 +153,24 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="group_sizes"):
         PrefixGrouper.from_ungrouped_masks(pm, sm, 2)
     pg = PrefixGrouper.from_ungrouped_masks(pm, sm, [2, 1])
-    with pytest.raises(ValueError, match="prefix_mask, suffix_mask"):
+    with pytest.raises(ValueError, match=r"suffix_mask: valid tokens per row \[1, 1, 1\] differ"):
         pg.concat_input(torch.ones(2, 4), pm, torch.ones(3, 3), masks([1, 1, 1], 3, False))
     with pytest.raises(ValueError, match="include_prefix_last"):
         pg.split_output(torch.zeros(pg.padding_mask.shape), include_prefix_last=-1)
+    # Same totals, rows off by a token: tokens would move between groups.
+    shifted = masks([3, 2], 4, True)
+    with pytest.raises(ValueError, match=r"prefix_mask: valid tokens per row \[3, 2\] differ"):
+        pg.concat_input(torch.ones(2, 4), shifted, torch.ones(3, 3), sm)
+    q = torch.randn(*pg.x_shape[:1], 2, pg.x_shape[1], 8)
+    with pytest.raises(ValueError, match="q: expected"):
+        pg.forward(None, q[0], q, q)
+    with pytest.raises(ValueError, match="k: expected"):
+        pg.forward(None, q, q[:, :, :-1], q)
+    with pytest.raises(ValueError, match="padding_mode"):
+        PrefixGrouper.convert_padding(torch.ones(2, 4), pm, padding_mode=torch.ones(4, dtype=torch.bool))
+    for info in ([[2**64 - 1, 2]], [[1, 2**63, 2**63]], [[2**31, 1]]):  # would wrap or overflow the int32 tables
+        with pytest.raises(ValueError, match="group_info"):
+            PrefixGrouper(info)
 
 
 def test_transformers_registration_matches_stock_rows():

@@ -218,8 +218,14 @@ class TestUnsupported:
     def test_bad_temperature_and_model(self):
         model = tiny_model("llama")
         _, pid, pmask, cid, cmask = make_batch()
-        with pytest.raises(ValueError, match="temperature"):
-            sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0)
+        for bad in (0, -1.0, float("inf"), float("nan"), True):
+            with pytest.raises(ValueError, match="temperature"):
+                sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=bad)
+        oov = cid.clone()
+        r, j = cmask.nonzero()[0].tolist()
+        oov[r, j] = VOCAB  # a valid completion token outside the vocabulary
+        with pytest.raises(ValueError, match="prompt_ids, completion_ids: token ids must lie in"):
+            sp.completion_logprobs(model, pid, pmask, oov, cmask)
         with pytest.raises(TypeError, match="model:"):
             sp.completion_logprobs(object(), pid, pmask, cid, cmask)
 

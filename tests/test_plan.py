@@ -98,6 +98,13 @@ class TestBadInputs:
             sp.plan(pid, pmask, cid, cmask, group_ids=torch.tensor([1.0, 2.0, 1.0, 3.0]))
         with pytest.raises(TypeError, match="group_ids"):
             sp.plan(pid, pmask, cid, cmask, group_ids=[[1], [2], [1], [3]])  # unhashable
+        with pytest.raises(TypeError, match="group_ids"):
+            sp.plan(pid, pmask, cid, cmask, group_ids=torch.tensor([0j, 1j, 0j, 2j]))  # the imaginary part matters
+        for dtype in (torch.uint16, torch.uint32, torch.uint64):  # no gather takes them
+            with pytest.raises(TypeError, match="prompt_ids: expected an integer tensor"):
+                sp.plan(pid.to(dtype), pmask, cid, cmask)
+        with pytest.raises(ValueError, match="prompt_ids: expected a cpu or cuda tensor"):
+            sp.plan(pid.to("meta"), pmask.to("meta"), cid.to("meta"), cmask.to("meta"))
 
     def test_rows_and_groups(self):
         pid, pmask, cid, cmask = batch()
@@ -123,6 +130,14 @@ class TestBadInputs:
             sp.plan(pid, pmask, cid, cmask, group_ids=[1, 2, 3])
         with pytest.raises(ValueError, match="at most one"):
             sp.plan(pid, pmask, cid, cmask, group_sizes=1, group_ids=[1, 2, 3, 4])
+        # Sizes whose sum would wrap around in the planner's unsigned arithmetic.
+        for sizes in ([2**64 - 1, 5], [2, 2**64 - 1, 3], [2, 2**64 - 2]):
+            with pytest.raises(ValueError, match="group_sizes: sizes sum to"):
+                sp.plan(pid, pmask, cid, cmask, group_sizes=sizes)
+        import itertools  # an endless iterable of ids stops at one more than the rows
+
+        with pytest.raises(ValueError, match="group_ids: has more than 4 elements"):
+            sp.plan(pid, pmask, cid, cmask, group_ids=itertools.repeat(0))
 
     def test_pack_shapes(self):
         p = sp.plan(*batch())

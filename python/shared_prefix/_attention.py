@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from typing import Optional
 
 import torch
 
 from . import _core
-from ._plan import Plan
+from ._plan import _FLOAT_KINDS, Plan
 
 
 class _SharedPrefixAttention(torch.autograd.Function):
@@ -61,10 +63,17 @@ def attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_KINDS:
+            raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {t.dtype}")
     if scale is None:
-        if q.dim() != 3:
-            raise ValueError(f"q: expected a packed [T, H, D] tensor, got shape {tuple(q.shape)}")
+        if q.dim() != 3 or q.shape[-1] == 0:
+            raise ValueError(f"q: expected a packed [T, H, D] tensor with D >= 1, got shape {tuple(q.shape)}")
         scale = q.shape[-1] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a real number, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        # ATen's CPU flash kernel returns NaN for scale <= 0; no attention layer uses one.
+        raise ValueError(f"scale: must be a finite positive number, got {scale!r}")
     if kernels is None:
         kernels = os.environ.get("SHARED_PREFIX_KERNELS") or None
     return _SharedPrefixAttention.apply(q, k, v, plan._core, float(scale), kernels)

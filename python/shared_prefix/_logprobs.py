@@ -217,14 +217,15 @@ def token_logprobs(
     return picked, entropy
 
 
-def _check_targets(targets: torch.Tensor, vocab: int) -> None:
-    # The slices only gather targets that fall inside them, so an out-of-range id must be caught here rather than
-    # by a gather. On CUDA the check is an asynchronous device assert (no host sync).
-    ok = ((targets >= 0) & (targets < vocab)).all()
-    if targets.device.type == "cuda":
-        torch._assert_async(ok, f"targets: token ids must lie in [0, {vocab})")
+def check_token_ids(ids: torch.Tensor, vocab: int, name: str = "targets") -> None:
+    """Token ids within ``[0, vocab)``: a ValueError naming ``name`` on CPU, an asynchronous device assert on CUDA
+    (no host sync). The head's slices only gather targets that fall inside them, so an out-of-range id must be
+    caught here rather than by a gather."""
+    ok = ((ids >= 0) & (ids < vocab)).all()
+    if ids.device.type == "cuda":
+        torch._assert_async(ok, f"{name}: token ids must lie in [0, {vocab})")
     elif not bool(ok):
-        raise ValueError(f"targets: token ids must lie in [0, {vocab}) (the LM head's vocabulary)")
+        raise ValueError(f"{name}: token ids must lie in [0, {vocab}) (the model's vocabulary)")
 
 
 def linear_logprobs(
@@ -249,7 +250,7 @@ def linear_logprobs(
         chunk_size = auto_chunk_columns(hidden.shape[0], weight.shape[0])
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
-    _check_targets(targets, weight.shape[0])
+    check_token_ids(targets, weight.shape[0])
     if chunk_size >= weight.shape[0]:
         # One slice holds the whole vocabulary: plain autograd keeps the same peak without recomputing the head.
         return token_logprobs(torch.nn.functional.linear(hidden, weight, bias), targets, temperature, with_entropy)

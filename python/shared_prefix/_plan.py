@@ -15,11 +15,17 @@ from . import _core
 _FLOAT_KINDS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+# Integer dtypes that every op on ids (gathers, embeddings) takes; not uint16/32/64 or quantized ones.
+_ID_KINDS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def _check_ids(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name}: expected an integer tensor of token ids, got {t.dtype}")
+    if t.dtype not in _ID_KINDS:
+        raise TypeError(f"{name}: expected an integer tensor of token ids (int64, int32, ...), got {t.dtype}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: expected a cpu or cuda tensor, got one on {t.device}")
     if t.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D [B, L] tensor, got shape {tuple(t.shape)}")
     return t
@@ -181,8 +187,10 @@ def plan(
                 raise TypeError("group_sizes: every entry must be an int")
             if any(s < 1 for s in group_sizes):
                 raise ValueError("group_sizes: every group size must be at least 1")
+            if sum(group_sizes) != b:
+                raise ValueError(f"group_sizes: sizes sum to {sum(group_sizes)} but the batch has {b} rows")
             sizes = list(group_sizes)
-    if isinstance(group_ids, torch.Tensor) and group_ids.dtype.is_floating_point:
+    if isinstance(group_ids, torch.Tensor) and (group_ids.dtype.is_floating_point or group_ids.dtype.is_complex):
         raise TypeError(f"group_ids: expected integer ids, got {group_ids.dtype}")
     core = _core.make_plan(prompt_ids, prompt_mask, completion_mask, sizes, group_ids)
     return Plan(core, (prompt_ids, completion_ids))

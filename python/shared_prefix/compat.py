@@ -21,6 +21,7 @@ from ._plan import Plan
 ATTENTION_NAME = "prefix_grouper_attention"
 
 PaddingMode = Union[str, torch.Tensor]
+_MAX_TOKENS = 2**31 - 1
 
 
 class Info:
@@ -72,6 +73,9 @@ class PrefixGrouper:
             raise ValueError("group_info: every group needs a prefix length and at least one suffix length")
         if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for g in group_info for n in g):
             raise ValueError(f"group_info: lengths must be non-negative ints, got {group_info!r}")
+        # The grouped layout's segment tables are int32: a group's sequence and the whole stream must fit.
+        if sum(sum(g) for g in group_info) > _MAX_TOKENS:
+            raise ValueError(f"group_info: more than {_MAX_TOKENS} tokens in all (the segment tables are int32)")
         self.group_info = [Info(g[0], list(g[1:])) for g in group_info]
         if isinstance(padding_mode, torch.Tensor):
             mask, left = padding_mode, False
@@ -185,12 +189,13 @@ class PrefixGrouper:
         if prefix_mask.shape != prefix.shape[:2] or suffix_mask.shape != suffix.shape[:2]:
             raise ValueError("prefix_mask, suffix_mask: must match the first two dims of prefix and suffix")
         self._use(prefix.device)
+        # Per row, not only in total: equal totals with rows off by some tokens would move tokens between groups.
+        for name, mask, want in (("prefix_mask", prefix_mask, [g.prefix_len for g in self.group_info]),
+                                 ("suffix_mask", suffix_mask, [n for g in self.group_info for n in g.suffix_lens])):
+            got = mask.sum(1).tolist()
+            if got != want:
+                raise ValueError(f"{name}: valid tokens per row {got} differ from group_info's {want}")
         src_p, src_s = _positions(prefix_mask.to(prefix.device)), _positions(suffix_mask.to(prefix.device))
-        if src_p.numel() != self._idx["grouped_prefix"].numel() or src_s.numel() != self._idx["grouped_suffix"].numel():
-            raise ValueError(
-                f"prefix_mask, suffix_mask: {src_p.numel()} prefix and {src_s.numel()} suffix tokens, but group_info "
-                f"has {self._idx['grouped_prefix'].numel()} and {self._idx['grouped_suffix'].numel()}"
-            )
         rest = prefix.shape[2:]
         values = torch.cat(
             [
@@ -230,12 +235,12 @@ class PrefixGrouper:
     def convert_padding(x: torch.Tensor, x_mask: torch.Tensor, padding_mode: PaddingMode = "right") -> torch.Tensor:
         """Re-pad ``x [b, seq, ...]`` (valid tokens by ``x_mask``) to ``[b, max_len, ...]`` padded ``"left"``,
         ``"right"`` or as a given mask. Differentiable."""
-        if x_mask.dim() != 2 or x_mask.shape != x.shape[:2]:
+        if x.dim() < 2 or x_mask.dim() != 2 or x_mask.shape != x.shape[:2]:
             raise ValueError("x_mask: expected a 2-D mask matching the first two dims of x")
         lens = x_mask.sum(1)
         if isinstance(padding_mode, torch.Tensor):
             target = padding_mode.to(device=x.device, dtype=torch.bool)
-            if target.shape[0] != x.shape[0] or not torch.equal(target.sum(1), lens):
+            if target.dim() != 2 or target.shape[0] != x.shape[0] or not torch.equal(target.sum(1), lens):
                 raise ValueError("padding_mode: the mask's token counts differ from x_mask's")
         elif padding_mode in ("left", "right"):
             width = int(lens.max()) if lens.numel() else 0
@@ -253,9 +258,12 @@ class PrefixGrouper:
         (a ``scale``, ``softmax_scale`` or ``scaling`` keyword sets the softmax scale, default ``dim ** -0.5``)."""
         scale = next((kwargs[n] for n in ("scale", "softmax_scale", "scaling") if kwargs.get(n) is not None), None)
         self._use(q.device)
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[::2]) != tuple(self.x_shape):
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"{name}: expected [{self.x_shape[0]}, heads, {self.x_shape[1]}, dim] for this "
+                                 f"group_info, got {got}")
         b, _, seq, _ = q.shape
-        if (b, seq) != tuple(self.x_shape):
-            raise ValueError(f"q: expected [{b}, heads, {self.x_shape[1]}, dim] for this group_info, got {tuple(q.shape)}")
 
         def packed(x):
             return x.transpose(1, 2).reshape(b * seq, x.shape[1], x.shape[3]).index_select(0, self._packed)

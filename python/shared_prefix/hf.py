@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
@@ -17,7 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ._attention import attention
-from ._logprobs import check_linear_head, linear_logprobs
+from ._logprobs import check_linear_head, check_token_ids, linear_logprobs
 from ._plan import Plan, plan as make_plan
 
 NAME = "shared_prefix"
@@ -282,11 +283,16 @@ def completion_logprobs(
     """
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_decoder"):
         raise TypeError(f"model: expected a transformers causal LM, got {type(model).__name__}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature: must be a positive number, got {temperature!r}")
+    if isinstance(temperature, bool) or not (
+        isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"temperature: must be a finite positive number, got {temperature!r}")
     _check_model(model)
     register()
     p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, group_sizes=group_sizes, group_ids=group_ids)
+    embeddings = model.get_input_embeddings()
+    if isinstance(embeddings, torch.nn.Embedding):  # the valid tokens only: ids at padding are never read
+        check_token_ids(p.input_ids, embeddings.num_embeddings, "prompt_ids, completion_ids")
     head = _lm_head(model)
     with _attn_implementation(model, NAME):
         if _is_fsdp2(model):

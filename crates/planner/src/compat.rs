@@ -75,8 +75,14 @@ pub fn compat_layout(
         _ => totals.iter().copied().max().unwrap_or(0),
     };
 
-    // Valid positions of each grouped row, in order.
-    let mut padding_mask = vec![false; groups * width];
+    // Valid positions of each grouped row, in order. The [groups, width] mask is the one allocation not bounded by
+    // the token count: allocated fallibly, so a layout too large is an error rather than an abort.
+    let cells = groups.checked_mul(width).ok_or_else(|| lens_error(format!("{groups} x {width} grouped layout")))?;
+    let mut padding_mask = Vec::new();
+    padding_mask
+        .try_reserve_exact(cells)
+        .map_err(|_| lens_error(format!("the {groups} x {width} grouped layout does not fit in memory")))?;
+    padding_mask.resize(cells, false);
     let mut row_positions: Vec<Vec<usize>> = Vec::with_capacity(groups);
     for g in 0..groups {
         let positions: Vec<usize> = match padding {

@@ -182,11 +182,11 @@ pub fn plan(batch: &Batch<'_>, grouping: Grouping<'_>) -> Result<Plan, PlanError
             if sizes.contains(&0) {
                 return Err(PlanError::GroupSizes { detail: "every group size must be at least 1".into() });
             }
-            let total: usize = sizes.iter().sum();
-            if total != b {
-                return Err(PlanError::GroupSizes {
-                    detail: format!("sizes sum to {total} but the batch has {b} rows"),
-                });
+            // Checked: sizes come from Python ints, and a wrapped sum could pass the comparison.
+            let total = sizes.iter().try_fold(0usize, |acc, &s| acc.checked_add(s));
+            if total != Some(b) {
+                let shown = total.map_or_else(|| "more than the address space".to_string(), |t| t.to_string());
+                return Err(PlanError::GroupSizes { detail: format!("sizes sum to {shown} but the batch has {b} rows") });
             }
             sizes.iter().enumerate().flat_map(|(g, &s)| std::iter::repeat_n(g, s)).collect()
         }
@@ -238,7 +238,16 @@ pub fn plan(batch: &Batch<'_>, grouping: Grouping<'_>) -> Result<Plan, PlanError
         fill[g] += 1;
     }
 
-    // Region sizes and segment tables.
+    // Region sizes and segment tables. The tables are i32 (the flash-attention convention): refuse what would wrap.
+    let packed: usize = (0..n).map(|g| prompt_run[group_first_row[g]].1).sum::<usize>()
+        + (0..b).map(|r| comp_run[r].1).sum::<usize>();
+    if packed > i32::MAX as usize {
+        return Err(PlanError::Shape {
+            arg: "prompt_mask",
+            detail: format!("the packed stream would hold {packed} tokens, more than the {} the segment tables take",
+                            i32::MAX),
+        });
+    }
     let mut cu_prefix = Vec::with_capacity(n + 1);
     cu_prefix.push(0i32);
     for g in 0..n {

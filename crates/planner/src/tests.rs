@@ -185,6 +185,11 @@ fn bad_inputs_name_the_argument() {
     assert_eq!(e.to_string(), "group_sizes: sizes sum to 1 but the batch has 2 rows");
     let e = plan(&rows.batch(), Grouping::Sizes(&[2, 0])).unwrap_err();
     assert!(e.to_string().starts_with("group_sizes:"));
+    // Sizes whose sum wraps around usize must not pass for the batch size (nor reach an allocation).
+    for sizes in [&[usize::MAX, 3][..], &[1, usize::MAX, 3][..], &[usize::MAX - 1, 4][..]] {
+        let e = plan(&rows.batch(), Grouping::Sizes(sizes)).unwrap_err();
+        assert_eq!(e.to_string(), "group_sizes: sizes sum to more than the address space but the batch has 2 rows");
+    }
     let e = plan(&rows.batch(), Grouping::Labels(&[1])).unwrap_err();
     assert!(e.to_string().starts_with("group_ids:"));
 
