@@ -62,6 +62,8 @@ def test_group_options():
     assert sp.plan(pid, pmask, cid, cmask, group_sizes=1).group_sizes == [1, 1, 1, 1]
     assert sp.plan(pid, pmask, cid, cmask, group_ids=["a", "b", "a", "c"]).group_sizes == [2, 1, 1]
     assert sp.plan(pid, pmask, cid, cmask, group_ids=torch.tensor([7, 8, 7, 9])).row_group == [0, 1, 0, 2]
+    # A list of 0-d tensors groups by value (tensors themselves hash by identity).
+    assert sp.plan(pid, pmask, cid, cmask, group_ids=list(torch.tensor([7, 8, 7, 9]))).row_group == [0, 1, 0, 2]
     assert sp.plan(pid, pmask, cid, cmask, group_ids=np.array(["u", "v", "u", "w"], dtype=object)).group_sizes == [2, 1, 1]
     # Declared groups that split identical prompts are allowed (no sharing across them).
     assert sp.plan(pid, pmask, cid, cmask, group_ids=[1, 2, 3, 4]).num_tokens == 3 + 2 + 3 + 4 + 6
@@ -100,6 +102,8 @@ class TestBadInputs:
             sp.plan(pid, pmask, cid, cmask, group_ids=[[1], [2], [1], [3]])  # unhashable
         with pytest.raises(TypeError, match="group_ids"):
             sp.plan(pid, pmask, cid, cmask, group_ids=torch.tensor([0j, 1j, 0j, 2j]))  # the imaginary part matters
+        with pytest.raises(TypeError, match="group_ids: a list of tensors"):
+            sp.plan(pid, pmask, cid, cmask, group_ids=[torch.tensor([1]), 2, 1, 3])
         for dtype in (torch.uint16, torch.uint32, torch.uint64):  # no gather takes them
             with pytest.raises(TypeError, match="prompt_ids: expected an integer tensor"):
                 sp.plan(pid.to(dtype), pmask, cid, cmask)
