@@ -129,9 +129,7 @@ fn dense_labels(py: Python<'_>, ids: &Bound<'_, PyAny>, rows: usize) -> PyResult
         if t.is_floating_point() {
             return Err(PyTypeError::new_err("group_ids: expected integer ids, got a floating-point tensor"));
         }
-        let v: Vec<i64> = Vec::try_from(t.f_to_kind(Kind::Int64).and_then(|t| t.f_to_device(Device::Cpu)).map_err(torch_err)?)
-            .map_err(torch_err)?;
-        return Ok(v.into_iter().map(|x| x as u64).collect());
+        return Ok(host_i64(&t)?.into_iter().map(|x| x as u64).collect());
     }
     let seen = PyDict::new(py);
     let mut out = Vec::with_capacity(rows);
@@ -181,10 +179,8 @@ fn make_plan(
         &[flat(&prompt_ids).map_err(torch_err)?, flat(&prompt_mask).map_err(torch_err)?, flat(&completion_mask).map_err(torch_err)?],
         0,
     )
-    .map_err(torch_err)?
-    .f_to_device(Device::Cpu)
     .map_err(torch_err)?;
-    let host: Vec<i64> = Vec::try_from(host).map_err(torch_err)?;
+    let host = host_i64(&host)?;
     let (ids, rest) = host.split_at(b * lp);
     let (pm, cm) = rest.split_at((b * lp).min(rest.len()));
     let pmask: Vec<bool> = pm.iter().map(|&x| x != 0).collect();
@@ -356,10 +352,14 @@ fn parse_device(text: &str) -> PyResult<Device> {
     }
 }
 
-fn host_bools(t: &Tensor) -> PyResult<Vec<bool>> {
+/// Any integer/bool tensor's elements, row-major, as host `i64` (one device→host transfer; errors, never panics).
+fn host_i64(t: &Tensor) -> PyResult<Vec<i64>> {
     let host = t.f_reshape([-1]).and_then(|t| t.f_to_kind(Kind::Int64)).and_then(|t| t.f_to_device(Device::Cpu));
-    let v: Vec<i64> = Vec::try_from(host.map_err(torch_err)?).map_err(torch_err)?;
-    Ok(v.into_iter().map(|x| x != 0).collect())
+    Vec::try_from(host.map_err(torch_err)?).map_err(torch_err)
+}
+
+fn host_bools(t: &Tensor) -> PyResult<Vec<bool>> {
+    Ok(host_i64(t)?.into_iter().map(|x| x != 0).collect())
 }
 
 /// The original Prefix Grouper's grouped layout on `device`: the attention plan and the index tensors

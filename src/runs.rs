@@ -188,6 +188,7 @@ impl Dense for Math {
         // dK and dV sum over query blocks: in fp32 (fp64) when there are several, rounded once at the end.
         let acc = if q.kind() == Kind::Double { Kind::Double } else if lq > block { Kind::Float } else { q.kind() };
         let (mut dqs, mut dk, mut dv) = (Vec::new(), None, None);
+        let scale_t = host_scalar(scale)?;
         for r0 in (0..lq).step_by(block as usize) {
             let n = block.min(lq - r0);
             let rows = |x: &Tensor| x.f_narrow(2, r0, n);
@@ -201,12 +202,12 @@ impl Dense for Math {
             let dp = dob.f_matmul(&ve.f_transpose(-2, -1)?)?;
             let row = dob.f_mul(&ob)?.f_sum_dim_intlist(&[-1i64][..], true, None::<Kind>)?;
             let ds = p.f_mul(&dp.f_sub(&row)?)?;
-            let scale = host_scalar(scale)?;
-            dqs.push(ds.f_matmul(&ke)?.f_mul(&scale)?);
-            dk = Math::accumulate(dk, ds.f_transpose(-2, -1)?.f_matmul(&qb)?.f_mul(&scale)?, acc)?;
+            dqs.push(ds.f_matmul(&ke)?.f_mul(&scale_t)?);
+            dk = Math::accumulate(dk, ds.f_transpose(-2, -1)?.f_matmul(&qb)?.f_mul(&scale_t)?, acc)?;
         }
         let fold = |x: Option<Tensor>| -> Result<Tensor> {
-            let Some(x) = x else { return ke.f_zeros_like()?.f_narrow(1, 0, hkv) };  // no query rows
+            // Runs never have empty query blocks (the planner skips segments without query rows).
+            let x = x.ok_or_else(|| tch::TchError::Shape("math kernel: a run with no query rows".into()))?;
             let s = x.size();
             let x = if hq == hkv {
                 x

@@ -52,14 +52,12 @@ def _scaled_logits(h, weight, bias, lo, hi, temperature):
     the logits' dtype (the activation dtype, or autocast's)."""
     logits = torch.nn.functional.linear(h, weight[lo:hi], None if bias is None else bias[lo:hi])
     acc = _accum(logits.dtype)
-    if logits.dtype == acc:  # the linear's fresh output: divide in place
-        return (logits.div_(temperature) if temperature != 1.0 else logits), logits.dtype
-    if temperature == 1.0 or not logits.is_cuda:
-        u = logits.to(acc)
-        return (u.div_(temperature) if temperature != 1.0 else u), logits.dtype
-    # On CUDA, upcast and divide in one pass: a one-element fp32 divisor promotes the fp16/bf16 logits (a Python
-    # scalar would keep their dtype). The CPU kernel would make an fp32 copy first, so it takes the two steps.
-    return torch.div(logits, logits.new_full((1,), temperature, dtype=acc)), logits.dtype
+    if logits.dtype != acc and temperature != 1.0 and logits.is_cuda:
+        # On CUDA, upcast and divide in one pass: a one-element fp32 divisor promotes the fp16/bf16 logits (a Python
+        # scalar would keep their dtype). The CPU kernel would make an fp32 copy first, so it takes the two steps.
+        return torch.div(logits, logits.new_full((1,), temperature, dtype=acc)), logits.dtype
+    u = logits.to(acc)  # the linear's fresh output itself when already fp32/fp64: divided in place
+    return (u.div_(temperature) if temperature != 1.0 else u), logits.dtype
 
 
 def _in_slice(targets, lo, hi):

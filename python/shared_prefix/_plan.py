@@ -190,15 +190,13 @@ def plan(
             if sum(group_sizes) != b:
                 raise ValueError(f"group_sizes: sizes sum to {sum(group_sizes)} but the batch has {b} rows")
             sizes = list(group_sizes)
-    if isinstance(group_ids, torch.Tensor) and (group_ids.dtype.is_floating_point or group_ids.dtype.is_complex):
-        raise TypeError(f"group_ids: expected integer ids, got {group_ids.dtype}")
     if isinstance(group_ids, (list, tuple)) and any(isinstance(g, torch.Tensor) for g in group_ids):
         # Tensors hash by identity: 0-d ones become their values (a list of them would otherwise make every row
         # its own group).
         if not all(isinstance(g, torch.Tensor) and g.dim() == 0 for g in group_ids):
             raise TypeError("group_ids: a list of tensors must hold 0-d tensors only (one id per row)")
         group_ids = torch.stack(list(group_ids))
-        if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex:
-            raise TypeError(f"group_ids: expected integer ids, got {group_ids.dtype}")
+    if isinstance(group_ids, torch.Tensor) and (group_ids.dtype.is_floating_point or group_ids.dtype.is_complex):
+        raise TypeError(f"group_ids: expected integer ids, got {group_ids.dtype}")
     core = _core.make_plan(prompt_ids, prompt_mask, completion_mask, sizes, group_ids)
     return Plan(core, (prompt_ids, completion_ids))
