@@ -266,6 +266,46 @@ def test_float32_close_to_fp64():
     assert rel(out32.double(), out64) < 1e-5
 
 
+@pytest.mark.parametrize("kernels", ["cpu_flash", "math"])
+def test_autocast_casts_operands_like_sdpa(kernels):
+    """Under autocast, q/k/v run in autocast's dtype as scaled_dot_product_attention's do (HF's RoPE hands fp32 q/k
+    beside a bf16 v there), gradients return in each leaf's dtype, fp64 is left alone, and neither forward nor a
+    backward called inside the autocast region changes the kernels' dtypes."""
+    pid = torch.randint(1, 50, (1, 9)).repeat(3, 1)
+    cid = torch.randint(1, 50, (3, 4))
+    plan = sp.plan(pid, torch.ones_like(pid), cid, torch.ones_like(cid))
+    g = torch.Generator().manual_seed(3)
+    q, k, v, w = (torch.randn(plan.num_tokens, h, 8, generator=g) for h in (4, 2, 2, 4))
+    leaves = [q.clone().requires_grad_(), k.clone().requires_grad_(), v.bfloat16().requires_grad_()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sp.attention(*leaves, plan, kernels=kernels)
+        grads = torch.autograd.grad((out * w.bfloat16()).sum(), leaves)
+    assert out.dtype == torch.bfloat16
+    assert [x.dtype for x in grads] == [torch.float32, torch.float32, torch.bfloat16]
+    # The same as the op on bf16 operands outside autocast, bit for bit.
+    plain = [x.detach().bfloat16().requires_grad_() for x in leaves]
+    want = sp.attention(*plain, plan, kernels=kernels)
+    want_grads = torch.autograd.grad((want * w.bfloat16()).sum(), plain)
+    assert torch.equal(out, want)
+    for got, ref in zip(grads, want_grads):
+        assert torch.equal(got, ref.to(got.dtype))
+    # fp64 operands stay fp64 (autocast does not cast them), with the fp64 result.
+    q64 = [x.double().requires_grad_() for x in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out64 = sp.attention(*q64, plan, kernels=kernels)
+    assert out64.dtype == torch.float64
+    assert torch.equal(out64, sp.attention(*q64, plan, kernels=kernels))
+    # An fp32 forward whose backward is called inside autocast: the same fp32 gradients (the math kernel's matmuls
+    # would otherwise run in bf16 there).
+    q32 = [x.clone().requires_grad_() for x in (q, k, v)]
+    out32 = sp.attention(*q32, plan, kernels=kernels)
+    want32 = torch.autograd.grad((out32 * w).sum(), q32, retain_graph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got32 = torch.autograd.grad((out32 * w).sum(), q32)
+    for got, ref in zip(got32, want32):
+        assert torch.equal(got, ref)
+
+
 def test_double_backward_refused():
     """create_graph=True would need the kernels' backward to be differentiable: refused, not silently first-order."""
     pid = torch.tensor([[1, 2, 3], [1, 2, 3]])

@@ -154,6 +154,26 @@ def test_completion_logprobs_on_gpu(dtype):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_completion_logprobs_under_cuda_autocast():
+    """fp32 weights under CUDA bf16 autocast (TRL's `bf16=True`): attention gets fp32 q/k beside a bf16 v and runs
+    them as bf16 on the fp16/bf16 kernels; as close to the fp64 rows as the stock rows under the same autocast."""
+    model64 = tiny_model("qwen2")
+    rows, pid, pmask, cid, cmask = make_batch()
+    ref, _ = stock_logprobs(model64, rows, cid.shape[1], 0.8)
+    model = tiny_model("qwen2", dtype=torch.float32).to(DEV)
+    model.gradient_checkpointing_enable()
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        lp = sp.completion_logprobs(model, pid.to(DEV), pmask.to(DEV), cid.to(DEV), cmask.to(DEV), temperature=0.8)
+        stock = stock_logprobs(model, [(p.to(DEV), c.to(DEV)) for p, c in rows], cid.shape[1], 0.8)[0]
+    lp.sum().backward()
+    err = (lp.double().cpu() - ref.detach()).abs().max().item()
+    floor = (stock.detach().cpu() - ref.detach()).abs().max().item()
+    assert 1e-5 < floor and err <= 2 * floor + 1e-4, (err, floor)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in model.parameters())
+
+
 def _head_case(dtype, n=96, hidden=64, vocab=5000):
     """fp64 CPU leaves of an LM head and their copies on the GPU in ``dtype``."""
     from test_logprobs import leaves as head_leaves

@@ -250,3 +250,38 @@ def test_completion_logprobs_under_fsdp2(tie):
     grads = {n: g.full_tensor() for n, g in param_grads(model, lp.sum() + ent.sum()).items()}
     assert set(grads) == set(ref_grads)
     assert max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in grads) <= 1e-6
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("grad_ckpt", [False, True], ids=["no-ckpt", "ckpt"])
+def test_autocast_bf16_as_close_as_stock(family, grad_ckpt):
+    """fp32 weights under bf16 autocast (TRL's `bf16=True`, verl's engine): the model hands our attention fp32 q/k
+    beside a bf16 v, as it hands SDPA. Ours must run and be as close to the fp64 rows as the stock rows under the
+    same autocast are, in values and gradients."""
+    model = tiny_model(family, dtype=torch.float32)
+    if grad_ckpt:
+        model.gradient_checkpointing_enable()
+        model.train()
+    rows, pid, pmask, cid, cmask = make_batch()
+    w = torch.randn(cid.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def loss(lp, ent):
+        return (lp.double() * w).sum() + 0.1 * (ent.double() * w).sum()
+
+    model.double()
+    ref_lp, ref_ent = stock_logprobs(model, rows, cid.shape[1], 0.7)
+    ref = param_grads(model, loss(ref_lp, ref_ent))
+    model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stock_lp, stock_ent = stock_logprobs(model, rows, cid.shape[1], 0.7)
+        ours_lp, ours_ent = sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0.7, return_entropy=True)
+    stock = param_grads(model, loss(stock_lp, stock_ent))
+    ours = param_grads(model, loss(ours_lp, ours_ent))
+
+    def err(lp, ent, grads):
+        g = max(((grads[n].double() - ref[n]).norm() / ref[n].norm()).item() for n in ref)
+        return (lp.double() - ref_lp).abs().max().item(), (ent.double() - ref_ent).abs().max().item(), g
+
+    mine, theirs = err(ours_lp, ours_ent, ours), err(stock_lp, stock_ent, stock)
+    assert all(m <= 2 * t + 1e-4 for m, t in zip(mine, theirs)), (mine, theirs)
+    assert 0 < theirs[0] < 0.05, theirs  # bf16 was in effect for both, and the comparison is meaningful

@@ -49,12 +49,12 @@ def config(tmp_path, **kw):
     return trl.GRPOConfig(**args)
 
 
-def trainer(cls, tmp_path, **kw):
+def trainer(cls, tmp_path, bf16=False, **kw):
     # A local checkpoint (no Hub): with beta > 0 TRL builds the reference model from the model's path.
     path = tmp_path / "model"
     if not path.exists():
         model().save_pretrained(path)
-    return cls(model=str(path), reward_funcs=reward_len, args=config(tmp_path), train_dataset=dataset(),
+    return cls(model=str(path), reward_funcs=reward_len, args=config(tmp_path, bf16=bf16), train_dataset=dataset(),
                processing_class=tokenizer(), **kw)
 
 
@@ -96,6 +96,35 @@ def test_logps_entropies_and_grads_equal_stock(tmp_path):
     for n in g_s:
         assert ((g_o[n] - g_s[n]).norm() / g_s[n].norm().clamp_min(1e-12)).item() <= 1e-5, n
     assert ours._metrics["train"][METRIC][-1] > 0
+
+
+def test_bf16_mixed_precision_as_close_as_stock(tmp_path):
+    """`bf16=True` with fp32 weights (accelerate's autocast; the model hands attention fp32 q/k beside a bf16 v):
+    ours runs and is as close to the fp32 computation as the stock trainer under the same autocast, in log-probs,
+    entropies and gradients."""
+    ids, mask, lc = batch()
+    w = torch.randn(ids.shape[0], lc, generator=torch.Generator().manual_seed(2))
+    results = {}
+    for name, cls, bf16 in (("ref", trl.GRPOTrainer, False), ("stock", trl.GRPOTrainer, True),
+                            ("ours", SharedPrefixGRPOTrainer, True)):
+        t = trainer(cls, tmp_path / name, bf16=bf16)
+        m = t.model
+        assert next(m.parameters()).dtype == torch.float32
+        m.train()
+        m.zero_grad(set_to_none=True)
+        logps, ent, _ = t._get_per_token_logps_and_entropies(m, ids, mask, lc, compute_entropy=True)
+        ((logps.float() * w).sum() + (ent.float() * w).sum()).backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+        results[name] = (logps.detach().float(), ent.detach().float(), grads)
+    ref = results["ref"]
+
+    def err(r):
+        return ((r[0] - ref[0]).abs().max().item(), (r[1] - ref[1]).abs().max().item(),
+                ((r[2] - ref[2]).norm() / ref[2].norm()).item())
+
+    mine, theirs = err(results["ours"]), err(results["stock"])
+    assert all(m <= 2 * s + 1e-4 for m, s in zip(mine, theirs)), (mine, theirs)
+    assert theirs[0] > 1e-5, theirs  # autocast was in effect
 
 
 def test_rloo_logps_equal_stock(tmp_path):

@@ -32,7 +32,9 @@ class _SharedPrefixAttention(torch.autograd.Function):
             # without their second-order terms.
             raise RuntimeError("shared_prefix.attention has no double backward (create_graph=True)")
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _core.attention_backward(dout, q, k, v, out, lse, ctx.core_plan, ctx.scale, ctx.kernels)
+        # backward() may be called inside an autocast region; the kernels' backward runs in the forward's dtypes.
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = _core.attention_backward(dout, q, k, v, out, lse, ctx.core_plan, ctx.scale, ctx.kernels)
         return dq, dk, dv, None, None, None
 
 
@@ -76,4 +78,21 @@ def attention(
         raise ValueError(f"scale: must be a finite positive number, got {scale!r}")
     if kernels is None:
         kernels = os.environ.get("SHARED_PREFIX_KERNELS") or None
+    device = q.device.type
+    if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
+        # As autocast treats scaled_dot_product_attention: fp16/bf16/fp32 operands run in autocast's dtype (fp64
+        # stays fp64). Under autocast HF's RoPE returns fp32 q/k beside a bf16 v (cos/sin follow the fp32 hidden
+        # states), which SDPA accepts only because autocast casts them. Autograd casts the gradients back.
+        q, k, v = (_autocast_operand(t, device) for t in (q, k, v))
+        with torch.autocast(device, enabled=False):  # our kernels run in exactly these dtypes
+            return _SharedPrefixAttention.apply(q, k, v, plan._core, float(scale), kernels)
     return _SharedPrefixAttention.apply(q, k, v, plan._core, float(scale), kernels)
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_operand(t: torch.Tensor, device: str) -> torch.Tensor:
+    if t.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return t.to(torch.get_autocast_dtype(device))
+    return t
