@@ -127,6 +127,38 @@ def test_bf16_mixed_precision_as_close_as_stock(tmp_path):
     assert theirs[0] > 1e-5, theirs  # autocast was in effect
 
 
+def test_lora_adapters_equal_stock(tmp_path):
+    """GRPO with a PEFT LoRA config (TRL wraps the model in a PeftModel; the reference log-probs run with the
+    adapters disabled): ours runs on the wrapped model, with the stock log-probs and LoRA gradients."""
+    from peft import LoraConfig
+
+    ids, mask, lc = batch()
+    results = []
+    for cls, sub in ((trl.GRPOTrainer, "stock"), (SharedPrefixGRPOTrainer, "ours")):
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj"],
+                          lora_dropout=0.0, init_lora_weights=False)
+        torch.manual_seed(0)  # the same random adapter weights for both
+        t = trainer(cls, tmp_path / sub, peft_config=lora)
+        m = t.model
+        m.train()
+        m.zero_grad(set_to_none=True)
+        logps, ent, _ = t._get_per_token_logps_and_entropies(m, ids, mask, lc, compute_entropy=True)
+        w = torch.randn(logps.shape, generator=torch.Generator().manual_seed(2))
+        ((logps * w).sum() + (ent * w).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        with m.disable_adapter():
+            ref_logps = t._get_per_token_logps_and_entropies(m, ids, mask, lc)[0]
+        results.append((logps.detach(), ref_logps, grads, t))
+    (lp_s, ref_s, g_s, _), (lp_o, ref_o, g_o, ours) = results
+    assert (lp_o - lp_s).abs().max().item() <= 1e-6
+    assert (ref_o - ref_s).abs().max().item() <= 1e-6
+    assert (ref_o - lp_o).abs().max().item() > 1e-3  # the adapters change the policy: both paths were exercised
+    assert g_s.keys() == g_o.keys() and all("lora" in n for n in g_o)
+    for n in g_s:
+        assert ((g_o[n] - g_s[n]).norm() / g_s[n].norm().clamp_min(1e-12)).item() <= 1e-5, n
+    assert len(ours._metrics["train"][METRIC]) == 2  # ours ran both times (no fallback to stock)
+
+
 def test_rloo_logps_equal_stock(tmp_path):
     from shared_prefix.trl import SharedPrefixRLOOTrainer
 
