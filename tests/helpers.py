@@ -51,16 +51,19 @@ def ensure_gloo() -> None:
         dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-def fully_shard_causal_lm(model: torch.nn.Module, head_unit: bool) -> None:
+def fully_shard_causal_lm(model: torch.nn.Module, head_unit: bool, param_dtype=None) -> None:
     """FSDP2 on a one-rank CPU mesh with reshard_after_forward: each decoder layer, the LM head as its own unit
-    when ``head_unit``, then the root."""
+    when ``head_unit``, then the root; ``param_dtype`` sets a mixed-precision policy (fp32 gradient reduction)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     ensure_gloo()
     mesh = init_device_mesh("cpu", (1,))
+    kw = dict(mesh=mesh, reshard_after_forward=True)
+    if param_dtype is not None:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+        fully_shard(layer, **kw)
     if head_unit:
-        fully_shard(model.lm_head, mesh=mesh, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+        fully_shard(model.lm_head, **kw)
+    fully_shard(model, **kw)

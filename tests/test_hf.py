@@ -252,6 +252,37 @@ def test_completion_logprobs_under_fsdp2(tie):
     assert max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in grads) <= 1e-6
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_fsdp2_bf16_mixed_precision_as_close_as_stock(tie):
+    """FSDP2 with a bf16 mixed-precision policy (verl's default): the head is unsharded in bf16 through its unit.
+    Ours is as close to the fp64 rows as the stock rows through the same sharded model, in values and gradients."""
+    import copy
+
+    from helpers import fully_shard_causal_lm
+
+    base = tiny_model("qwen2", dtype=torch.float32, tie_word_embeddings=tie)
+    models = {}
+    for name in ("stock", "ours"):
+        models[name] = copy.deepcopy(base)
+        fully_shard_causal_lm(models[name], head_unit=not tie, param_dtype=torch.bfloat16)
+    ref_model = base.double()
+    rows, pid, pmask, cid, cmask = make_batch(seed=3)
+    ref, ref_ent = stock_logprobs(ref_model, rows, cid.shape[1], 0.8)
+    ref_grads = param_grads(ref_model, ref.sum() + ref_ent.sum())
+    stock, stock_ent = stock_logprobs(models["stock"], rows, cid.shape[1], 0.8)
+    ours, ours_ent = sp.completion_logprobs(models["ours"], pid, pmask, cid, cmask, temperature=0.8,
+                                            return_entropy=True, chunk_size=7)
+    errs = {}
+    for name, lp, ent in (("stock", stock, stock_ent), ("ours", ours, ours_ent)):
+        grads = {n: g.full_tensor() for n, g in param_grads(models[name], lp.sum() + ent.sum()).items()}
+        assert set(grads) == set(ref_grads) and all(g.dtype == torch.float32 for g in grads.values())
+        grads = {n: g.double() for n, g in grads.items()}
+        errs[name] = ((lp.double() - ref).abs().max().item(),
+                      max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in grads))
+    assert all(m <= 2 * t + 1e-4 for m, t in zip(errs["ours"], errs["stock"])), errs
+    assert errs["stock"][0] > 1e-5, errs  # bf16 was in effect
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
 @pytest.mark.parametrize("grad_ckpt", [False, True], ids=["no-ckpt", "ckpt"])
 def test_autocast_bf16_as_close_as_stock(family, grad_ckpt):
