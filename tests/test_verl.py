@@ -246,6 +246,44 @@ def test_plugin_matches_stock_engine_under_fsdp2(monkeypatch, tie_word_embedding
     assert diff <= 1e-5 and rel <= 1e-5, (diff, rel)
 
 
+@pytest.mark.parametrize("tie_word_embeddings", [False, True])
+def test_plugin_at_verls_default_mixed_precision(monkeypatch, tie_word_embeddings):
+    """verl's default FSDP2 setup: a bf16 parameter / fp32 reduce policy (cast_forward_inputs, as the engine builds
+    it) and bf16 autocast. Ours is as close to the unsharded fp32 engine as the stock engine is, in log-probs,
+    entropies and every parameter's gradient."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from verl.utils.fsdp_utils import apply_fsdp2
+
+    monkeypatch.setattr(ti, "get_device_id", lambda: "cpu")
+    monkeypatch.setattr(ti, "get_device_name", lambda: "cpu")
+    td, rmask = micro_batch(True)
+    resp = rmask.sum(1)
+    ref, g_ref = run(make_engine(tie_word_embeddings), td, enabled=False, resp_lens=resp)
+    engine = make_engine(tie_word_embeddings)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=True)
+    apply_fsdp2(engine.module, {"mesh": init_device_mesh("cpu", (dist.get_world_size(),)), "mp_policy": mp,
+                                "reshard_after_forward": True}, {})
+    engine._autocast_dtype = torch.bfloat16
+    try:
+        stock, g_stock = run(engine, td, enabled=False, resp_lens=resp)
+        ours, g_ours = run(engine, td, enabled=True, resp_lens=resp)
+    finally:
+        spv.enable(False)
+    pos = response_positions(ref["log_probs"].offsets(), resp)
+
+    def err(out, grads):
+        values = [(out[k].values()[pos].float() - ref[k].values()[pos]).abs().max().item()
+                  for k in ("log_probs", "entropy")]
+        full = {n: g.full_tensor() for n, g in grads.items()}
+        assert all(g.dtype == torch.float32 for g in full.values())
+        return values + [max(((full[n] - g_ref[n]).norm() / g_ref[n].norm().clamp_min(1e-12)).item() for n in g_ref)]
+
+    mine, theirs = err(ours, g_ours), err(stock, g_stock)
+    assert all(m <= 2 * t + 1e-4 for m, t in zip(mine, theirs)), (mine, theirs)
+    assert theirs[0] > 1e-5, theirs  # bf16 was in effect
+
+
 def test_two_ranks_under_fsdp2(tmp_path):
     """torchrun with 2 CPU ranks (gloo), FSDP2 as verl applies it (tied and untied head), each rank its own
     micro-batch: log-probs and entropies equal the stock engine's on every rank, and so do the gradients after
