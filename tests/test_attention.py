@@ -84,8 +84,12 @@ def leaves(prompts, rows):
     return [p[n] for p in prompts for n in ("q", "k", "v")] + [r[n] for r in rows for n in ("q", "k", "v")]
 
 
-def check_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle, kernels=None):
+def check_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle, kernels=None, value_dim=None):
     prompts, rows, prompt_ids, _ = build_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle)
+    if value_dim is not None:  # values with their own head dim (multi-head latent attention)
+        g = torch.Generator().manual_seed(seed + 2)
+        for x in prompts + rows:
+            x["v"] = torch.randn(x["v"].shape[0], hkv, value_dim, generator=g, dtype=torch.float64).requires_grad_()
     scale = dim**-0.5 * (1.3 if seed % 2 else 1.0)
     plan, out, cmask = run_case(prompts, rows, prompt_ids, left_prompt, left_completion, scale, kernels)
     prompt_out, comp_out = reference(prompts, rows, scale)
@@ -152,6 +156,13 @@ def test_matches_per_row_attention(seed, groups, hkv, ratio, dim, left_prompt, l
 @pytest.mark.parametrize("kernels", ["cpu_flash", "math"])
 def test_edge_shapes(groups, kernels):
     check_case(3, groups, 2, 2, 8, True, False, True, kernels)
+
+
+@pytest.mark.parametrize("value_dim", [4, 24])
+@pytest.mark.parametrize("kernels", ["cpu_flash", "math"])
+def test_value_head_dim_unlike_query_head_dim(value_dim, kernels):
+    """v with its own head dim (narrower or wider than q/k's 8): exact, values and gradients."""
+    check_case(11, [(9, [5, 0, 3]), (4, [2])], 2, 2, 8, True, False, True, kernels, value_dim=value_dim)
 
 
 @pytest.fixture

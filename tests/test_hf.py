@@ -316,3 +316,78 @@ def test_autocast_bf16_as_close_as_stock(family, grad_ckpt):
     mine, theirs = err(ours_lp, ours_ent, ours), err(stock_lp, stock_ent, stock)
     assert all(m <= 2 * t + 1e-4 for m, t in zip(mine, theirs)), (mine, theirs)
     assert 0 < theirs[0] < 0.05, theirs  # bf16 was in effect for both, and the comparison is meaningful
+
+
+# Models on which the packed stream cannot be split by attention alone. Their decoder layers drop keyword arguments
+# before attention (StableLM, Nemotron) or build attention outside transformers' AttentionInterface (Falcon): the
+# plan never reaches a layer, which would run plain causal attention over the packed stream. Hybrid models mix
+# tokens in recurrent/convolution layers along the stream (Qwen3.5's gated DeltaNet, LFM2's short convolutions).
+REFUSED = {
+    "stablelm": (transformers.StableLmConfig, transformers.StableLmForCausalLM, {}, "0 attention call"),
+    "nemotron": (transformers.NemotronConfig, transformers.NemotronForCausalLM, {"head_dim": 8}, "0 attention call"),
+    "falcon": (transformers.FalconConfig, transformers.FalconForCausalLM,
+               {"new_decoder_architecture": True, "num_kv_heads": 2}, "0 attention call"),
+    "qwen3_5": (transformers.Qwen3_5TextConfig, transformers.Qwen3_5ForCausalLM,
+                {"head_dim": 8, "layer_types": ["linear_attention", "full_attention"], "linear_num_value_heads": 2,
+                 "linear_num_key_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8},
+                "linear_attention layers"),
+    "lfm2": (transformers.Lfm2Config, transformers.Lfm2ForCausalLM, {"layer_types": ["conv", "full_attention"]},
+             "conv layers"),
+}
+
+
+def refused_model(name):
+    cfg_cls, model_cls, kw, _ = REFUSED[name]
+    cfg = cfg_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, pad_token_id=0, **kw)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return model_cls(cfg).double()
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_models_the_plan_cannot_split_are_refused(name):
+    """Each of these gave wrong log-probs and gradients without an error before: now a named refusal."""
+    model = refused_model(name)
+    rows, pid, pmask, cid, cmask = make_batch()
+    ref, _ = stock_logprobs(model, rows, cid.shape[1], 1.0)
+    assert torch.isfinite(ref).all()  # the stock model runs these rows
+    with pytest.raises(sp.UnsupportedModelError, match=REFUSED[name][3]):
+        sp.completion_logprobs(model, pid, pmask, cid, cmask)
+
+
+def test_value_head_dim_unlike_query_head_dim():
+    """DeepSeek-V3's multi-head latent attention (v_head_dim 6, q/k head dim 12), MoE routing off: exact."""
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6,
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=2, n_group=1,
+        topk_group=1, max_position_embeddings=256)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(cfg).double()
+    rows, pid, pmask, cid, cmask = make_batch()
+    w = torch.randn(cid.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref, ref_ent = stock_logprobs(model, rows, cid.shape[1], 0.7)
+    ref_grads = param_grads(model, (ref * w).sum() + 0.1 * (ref_ent * w).sum())
+    lp, ent = sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0.7, return_entropy=True)
+    assert (lp - ref).abs().max().item() <= 1e-9 and (ent - ref_ent).abs().max().item() <= 1e-9
+    grads = param_grads(model, (lp * w).sum() + 0.1 * (ent * w).sum())
+    assert max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in ref_grads) <= 1e-6
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"attention_chunk_size": 8}, "chunked attention"),
+    ({"attention_chunk_size": 8192, "floor_scale": 16}, "temperature tuning"),
+])
+def test_llama4_position_dependent_attention_is_refused(extra, match):
+    """Llama 4 chunks attention by position and scales queries by their cache position (which in the packed
+    stream is not the row's): beyond the first chunk / floor_scale the packed result would differ."""
+    cfg = transformers.Llama4TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, intermediate_size_mlp=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2, moe_layers=[], **extra)
+    cfg._attn_implementation = "sdpa"
+    model = transformers.Llama4ForCausalLM(cfg).double()
+    rows, pid, pmask, cid, cmask = make_batch()
+    with pytest.raises(sp.UnsupportedModelError, match=match):
+        sp.completion_logprobs(model, pid, pmask, cid, cmask)

@@ -159,6 +159,42 @@ def test_lora_adapters_equal_stock(tmp_path):
     assert len(ours._metrics["train"][METRIC]) == 2  # ours ran both times (no fallback to stock)
 
 
+def _unsplittable_model(kind):
+    """A model the plan cannot split: StableLM's decoder layers drop keyword arguments before attention (a property
+    of the class); a Qwen2 with a 4-token sliding window on every layer (a property of each long micro-batch)."""
+    import transformers
+
+    common = dict(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                  eos_token_id=1, bos_token_id=1)
+    torch.manual_seed(0)
+    if kind == "stablelm":
+        return transformers.StableLmForCausalLM(transformers.StableLmConfig(**common))
+    return Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, sliding_window=4, max_window_layers=0, **common))
+
+
+@pytest.mark.parametrize("kind", ["stablelm", "window"])
+def test_models_the_plan_cannot_split_fall_back_to_stock(tmp_path, caplog, kind):
+    """Such a model trains exactly as with the stock trainer: the stock log-probs are used (logged once with the
+    reason); a model class found unsplittable on its forward is not tried again."""
+    path = tmp_path / "model"
+    _unsplittable_model(kind).save_pretrained(path)
+    ids, mask, lc = batch()
+    out = []
+    for cls, sub in ((trl.GRPOTrainer, "stock"), (SharedPrefixGRPOTrainer, "ours")):
+        t = cls(model=str(path), reward_funcs=reward_len, args=config(tmp_path / sub), train_dataset=dataset(),
+                processing_class=tokenizer())
+        with caplog.at_level(logging.WARNING, logger="shared_prefix"):
+            for _ in range(2):
+                logps, ent, _ = t._get_per_token_logps_and_entropies(t.model, ids, mask, lc, compute_entropy=True)
+        out.append((logps, ent, t))
+    (lp_s, ent_s, _), (lp_o, ent_o, ours) = out
+    assert (lp_o - lp_s).abs().max().item() <= 1e-6 and (ent_o - ent_s).abs().max().item() <= 1e-6
+    reason = "0 attention call" if kind == "stablelm" else "sliding_window=4"
+    assert caplog.text.count(reason) == 1, caplog.text
+    assert bool(ours._shared_prefix_refused) == (kind == "stablelm")
+
+
 def test_rloo_logps_equal_stock(tmp_path):
     from shared_prefix.trl import SharedPrefixRLOOTrainer
 

@@ -151,6 +151,66 @@ def test_bf16_autocast_as_close_as_stock(engine):
     assert theirs[0] > 1e-5, theirs  # bf16 autocast was in effect
 
 
+@pytest.mark.parametrize("kind", ["stablelm", "window_found_by_the_layers"])
+def test_models_the_plan_cannot_split_run_stock(engine, caplog, monkeypatch, kind):
+    """A model the plan cannot split gets the stock engine's numbers. StableLM's layers drop keyword arguments
+    before attention: found on the forward (the engine runs it between the two hooks), so the stock forward runs
+    instead and the class is not tried again. A window shorter than the micro-batch, when only the attention layers
+    see it (the config-level check is switched off here), is the same for that micro-batch only."""
+    import transformers
+
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    if kind == "stablelm":
+        cfg = transformers.StableLmConfig(**common)
+        cfg._attn_implementation = "sdpa"
+        engine.module = transformers.StableLmForCausalLM(cfg)
+    else:
+        cfg = Qwen2Config(use_sliding_window=True, sliding_window=4, max_window_layers=0, **common)
+        cfg._attn_implementation = "sdpa"
+        engine.module = Qwen2ForCausalLM(cfg)
+        monkeypatch.setattr(spv.hf, "unsupported_for", lambda model, p: None)
+    spv._state["refused"].clear()
+    spv._state["said"].clear()  # reasons are logged once per process
+    td, rmask = micro_batch(True)
+    resp = rmask.sum(1)
+    stock, g_stock = run(engine, td, enabled=False, resp_lens=resp)
+    spv.enable(True)
+    try:
+        with caplog.at_level("WARNING", logger="shared_prefix"):
+            ours, g_ours = run_through_hooks(engine, td, resp)
+            again = engine.prepare_model_inputs(td)[1]
+    finally:
+        spv.enable(False)
+    pos = response_positions(stock["log_probs"].offsets(), resp)
+    for key in ("log_probs", "entropy"):
+        assert (ours[key].values()[pos] - stock[key].values()[pos]).abs().max().item() <= 1e-6, key
+    for n in g_stock:
+        assert ((g_ours[n] - g_stock[n]).norm() / g_stock[n].norm().clamp_min(1e-12)).item() <= 1e-6, n
+    reason = "0 attention call" if kind == "stablelm" else "sliding_window=4"
+    assert reason in caplog.text
+    # The next micro-batch: StableLM goes stock from the first hook; the windowed model tries the plan again.
+    assert (spv._KEY in again) == (kind != "stablelm")
+    spv._state["refused"].clear()
+
+
+def run_through_hooks(engine, td, resp_lens):
+    """``run`` with the plugin on, without its check that ours ran (here the plugin falls back inside the hooks)."""
+    engine.module.zero_grad(set_to_none=True)
+
+    def loss_fn(model_output, data, dp_group=None):
+        lp, ent = model_output["log_probs"].values(), model_output["entropy"].values()
+        w = torch.zeros(lp.numel(), dtype=lp.dtype)
+        pos = response_positions(model_output["log_probs"].offsets(), resp_lens)
+        w[pos] = torch.sin(pos.to(lp.dtype))
+        return (lp * w).sum() + 0.1 * (ent * w).sum(), {}
+
+    loss, out = engine.forward_step(td, loss_function=loss_fn, forward_only=False)
+    loss.backward()
+    return out["model_output"], {n: p.grad.clone() for n, p in engine.module.named_parameters()}
+
+
 def test_fallbacks_are_stock(engine, caplog):
     td, _ = micro_batch(True)
     tu.assign_non_tensor(td, calculate_sum_pi_squared=True)

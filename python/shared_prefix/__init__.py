@@ -8,13 +8,13 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from ._plan import Plan, plan
 from ._attention import attention
 
-__all__ = ["Plan", "plan", "attention", "register", "completion_logprobs"]
+__all__ = ["Plan", "plan", "attention", "register", "completion_logprobs", "UnsupportedModelError"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
     # transformers is imported only when an HF entry point is used.
-    if name in ("register", "completion_logprobs"):
+    if name in ("register", "completion_logprobs", "UnsupportedModelError"):
         from . import hf
 
         return getattr(hf, name)

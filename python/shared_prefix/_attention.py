@@ -49,9 +49,10 @@ def attention(
 ) -> torch.Tensor:
     """Shared-prefix attention on packed tensors.
 
-    ``q`` is ``[T, Hq, D]``, ``k`` and ``v`` are ``[T, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA without repeating K/V).
+    ``q`` is ``[T, Hq, D]``, ``k`` and ``v`` are ``[T, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA without repeating K/V);
+    ``v`` may have its own head dim ``Dv`` (DeepSeek's MLA), and the output then has it.
     Prompt tokens attend causally within their prompt; completion tokens attend to their group's whole prompt and
-    causally to their own completion. Returns ``[T, Hq, D]``; forward and backward are exact.
+    causally to their own completion. Returns ``[T, Hq, Dv]``; forward and backward are exact.
 
     ``kernels`` forces a backend (for tests and measurements): ``"cpu_flash"`` (ATen's CPU flash kernel, the CPU
     default), ``"auto"`` (CUDA fp16/bf16 default: cuDNN for calls that are one dense batch with ≥ 8192 keys,
@@ -78,6 +79,18 @@ def attention(
         raise ValueError(f"scale: must be a finite positive number, got {scale!r}")
     if kernels is None:
         kernels = os.environ.get("SHARED_PREFIX_KERNELS") or None
+    dv = v.shape[-1] if v.dim() == 3 else None
+    if q.dim() == k.dim() == 3 and q.shape[-1] == k.shape[-1] and dv and dv != q.shape[-1]:
+        # A value head dim unlike the query/key one (DeepSeek's MLA): the kernels take one head dim, so the
+        # narrower side gets zero columns (the scores q·k and the first dv output columns are unchanged, and so
+        # are their gradients), as transformers does for flash-attention.
+        width = max(dv, q.shape[-1])
+        q, k, v = (torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+        return _apply(q, k, v, plan, float(scale), kernels)[..., :dv]
+    return _apply(q, k, v, plan, float(scale), kernels)
+
+
+def _apply(q, k, v, plan: Plan, scale: float, kernels: Optional[str]) -> torch.Tensor:
     device = q.device.type
     if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
         # As autocast treats scaled_dot_product_attention: fp16/bf16/fp32 operands run in autocast's dtype (fp64
@@ -85,8 +98,8 @@ def attention(
         # states), which SDPA accepts only because autocast casts them. Autograd casts the gradients back.
         q, k, v = (_autocast_operand(t, device) for t in (q, k, v))
         with torch.autocast(device, enabled=False):  # our kernels run in exactly these dtypes
-            return _SharedPrefixAttention.apply(q, k, v, plan._core, float(scale), kernels)
-    return _SharedPrefixAttention.apply(q, k, v, plan._core, float(scale), kernels)
+            return _SharedPrefixAttention.apply(q, k, v, plan._core, scale, kernels)
+    return _SharedPrefixAttention.apply(q, k, v, plan._core, scale, kernels)
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")

@@ -47,9 +47,16 @@ class Plan:
     """One micro-batch packed as ``[prefix_0 | … | prefix_{n-1} | completions of group 0 | …]``.
 
     Make it with :func:`shared_prefix.plan`. It is immutable and reused by every layer, forward and backward.
+    It also counts the attention calls that took it (``attention_calls``): a forward in which fewer attention
+    layers took the plan than the model has ran some layer as plain causal attention over the whole packed stream.
     """
 
     def __init__(self, core: "_core.CorePlan", input_ids: Optional[tuple] = None):
+        self.attention_calls = 0
+        # Set by integrations that cannot stop a forward midway (verl): a layer that cannot run the plan exactly
+        # records why here and the forward goes on; the caller discards it. Otherwise such a layer raises.
+        self._defer_refusal = False
+        self._refusal: Optional[str] = None
         self._core = core
         self._rows = core.rows
         self._lp = core.prompt_width

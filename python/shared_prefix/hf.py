@@ -72,12 +72,21 @@ def _unsupported(module: torch.nn.Module, p: Plan, dropout: float, kwargs: dict)
     return None
 
 
+class UnsupportedModelError(NotImplementedError):
+    """The model, or this micro-batch, cannot run shared-prefix attention exactly (the stock computation can).
+    TRL's and verl's integrations catch it and fall back to the stock computation."""
+
+
 def _plan_attention(module, query, key, value, p: Plan, scaling, dropout, kwargs):
     if not isinstance(p, Plan):
         raise TypeError(f"{PLAN_KWARG}: expected a shared_prefix.Plan, got {type(p).__name__}")
     why = _unsupported(module, p, dropout, kwargs)
     if why is not None:
-        raise NotImplementedError(f"shared_prefix ({type(module).__name__}): {why}")
+        why = f"shared_prefix ({type(module).__name__}): {why}"
+        if not p._defer_refusal:
+            raise UnsupportedModelError(why)
+        p._refusal = p._refusal or why  # the forward goes on (without the window/dropout); its caller discards it
+    p.attention_calls += 1
     if query.shape[0] != 1:
         raise ValueError(
             f"{PLAN_KWARG}: the model must run on the packed stream [1, T] (plan.input_ids), got batch {query.shape[0]}"
@@ -207,19 +216,99 @@ _SOFTCAPS = ("final_logit_softcapping", "attn_logit_softcapping")
 _SCALES = ("logits_scaling", "logit_scale", "output_multiplier", "lm_head_multiplier")
 
 
+# Layer kinds that mix tokens by attention alone (transformers' `layer_types` vocabulary); any other kind (linear
+# attention, Mamba/SSM, convolution, recurrent blocks) runs along the packed stream, so a completion would see the
+# completions packed before it.
+_ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "attention"})
+_LAYER_TYPE_KEYS = ("layer_types", "layers_block_type", "block_types")
+_RECURRENT_PREFIXES = ("mamba_", "ssm_", "linear_num_", "conv_L_cache")
+
+
 def unsupported_config(cfg) -> Optional[str]:
-    """Why a model's logits are not plain ``lm_head(hidden)`` (or its attention not plain softmax), or None."""
+    """Why a model's logits are not plain ``lm_head(hidden)``, its attention not plain softmax, or its layers mix
+    tokens outside attention (hybrid recurrent/convolution models); None when the config shows nothing of the
+    kind. :func:`check_planned_forward` checks the rest on the forward itself."""
+    if cfg is None:
+        return None
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
     for attr in _SOFTCAPS + _SCALES:
         value = getattr(cfg, attr, None)
         if value is not None and (attr in _SOFTCAPS or value != 1):
             return f"the model config sets {attr}={value}"
+    for key in _LAYER_TYPE_KEYS:
+        kinds = getattr(cfg, key, None)
+        if isinstance(kinds, (list, tuple)):
+            other = sorted({str(k) for k in kinds} - _ATTENTION_LAYER_TYPES)
+            if other:
+                return (f"the model has {', '.join(other)} layers ({key}), which mix tokens outside attention: "
+                        "packed completions would see each other")
+    recurrent = sorted(a for a in vars(cfg) if a.startswith(_RECURRENT_PREFIXES))
+    if recurrent:
+        return f"the model config has recurrent/state-space layers ({recurrent[0]}), which mix tokens outside attention"
     return None
+
+
+_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+
+
+def _text_config(model: torch.nn.Module):
+    cfg = getattr(model, "config", None)
+    return cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+
+
+def unsupported_for(model: torch.nn.Module, p: Plan) -> Optional[str]:
+    """Why this micro-batch cannot run exactly on this model, judged from the config before any forward (the
+    attention layers check again on the forward): windows shorter than its longest sequence, attention dropout in
+    train mode, Llama 4's chunked attention or position-dependent attention temperature beyond their first block."""
+    cfg = _text_config(model)
+    why = unsupported_config(cfg)
+    if why is not None or cfg is None:
+        return why
+    window = getattr(cfg, "sliding_window", None)
+    kinds = getattr(cfg, "layer_types", None)
+    windowed = "sliding_attention" in kinds if isinstance(kinds, (list, tuple)) else getattr(cfg, "use_sliding_window", True)
+    if isinstance(window, int) and windowed and window < p.max_seqlen:
+        return f"sliding_window={window} is shorter than the longest sequence ({p.max_seqlen} tokens)"
+    if model.training:
+        for key in _DROPOUT_KEYS:
+            rate = getattr(cfg, key, None)
+            if isinstance(rate, (int, float)) and rate > 0:
+                return f"attention dropout ({key}={rate}) in train mode"
+    chunk = getattr(cfg, "attention_chunk_size", None)
+    if isinstance(chunk, int) and chunk < p.max_seqlen:
+        return f"chunked attention (attention_chunk_size={chunk}) is shorter than the longest sequence"
+    floor = getattr(cfg, "floor_scale", None)
+    if getattr(cfg, "attn_temperature_tuning", False) and isinstance(floor, int) and p.num_tokens >= floor:
+        # Llama 4 scales queries by their cache position, which in the packed stream is not the row's position.
+        return f"attention temperature tuning over a packed stream of {p.num_tokens} >= floor_scale={floor} tokens"
+    return None
+
+
+def check_planned_forward(model: torch.nn.Module, p: Plan, calls_before: int) -> None:
+    """After a forward on ``p``'s packed stream: raise :class:`UnsupportedModelError` unless every attention layer
+    of the model took the plan (``p.attention_calls`` grew by the number of layers) and none refused it.
+
+    A decoder layer that drops keyword arguments before its attention (StableLM, Nemotron), attention classes
+    chosen outside transformers' ``AttentionInterface`` (Falcon) or token mixers other than attention (hybrid
+    models) would otherwise run plain causal attention over the packed stream: wrong numbers, no error."""
+    if p._refusal is not None:
+        raise UnsupportedModelError(p._refusal)
+    calls = p.attention_calls - calls_before
+    layers = getattr(_text_config(model), "num_hidden_layers", None)
+    if calls == 0 or (isinstance(layers, int) and calls != layers):
+        raise UnsupportedModelError(
+            f"shared_prefix: {calls} attention call(s) took the plan in a forward of {type(model).__name__}, which "
+            f"has {layers} layers: its layers drop keyword arguments before attention, choose their attention "
+            "outside transformers' AttentionInterface, or mix tokens outside attention, so the packed completions "
+            "would see each other"
+        )
 
 
 def _check_model(model: torch.nn.Module) -> None:
     why = unsupported_config(getattr(model, "config", None))
     if why is not None:
-        raise NotImplementedError(f"shared_prefix: {why}, which is not supported")
+        raise UnsupportedModelError(f"shared_prefix: {why}, which is not supported")
 
 
 @contextlib.contextmanager
@@ -294,19 +383,26 @@ def completion_logprobs(
     if isinstance(embeddings, torch.nn.Embedding):  # the valid tokens only: ids at padding are never read
         check_token_ids(p.input_ids, embeddings.num_embeddings, "prompt_ids, completion_ids")
     head = _lm_head(model)
+    why = unsupported_for(model, p)
+    if why is not None:
+        raise UnsupportedModelError(f"shared_prefix: {why}, which is not supported")
+    decoder = model.get_decoder()
+    calls = p.attention_calls
     with _attn_implementation(model, NAME):
-        if _is_fsdp2(model):
+        if _is_fsdp2(model) or decoder is model:
             # Through the root's forward, so FSDP2 gathers the root unit's parameters (the embeddings); the head
-            # is then unsharded through its unit, so its gradient is reduced like any other.
+            # is then unsharded through its unit, so its gradient is reduced like any other. (Also for models
+            # whose get_decoder() is the model itself.)
             hidden = model(**packed_model_inputs(p), use_cache=False).hidden_states[-1]
         else:  # the decoder alone: no LM head on any row, no tuple of every layer's hidden states
-            hidden = model.get_decoder()(
+            hidden = decoder(
                 input_ids=p.input_ids,
                 position_ids=p.position_ids,
                 attention_mask=p.attention_mask,
                 use_cache=False,
                 **{PLAN_KWARG: p},
             ).last_hidden_state
+    check_planned_forward(model, p, calls)
     weight, bias = unsharded_lm_head(model, head)  # the head's own parameters unless FSDP2 resharded them
     picked, entropy = linear_logprobs(
         p.predictor_rows(hidden), weight, bias, p.completion_targets(), float(temperature), return_entropy, chunk_size

@@ -92,6 +92,8 @@ class SharedPrefixMixin:
         _check_trl(super(SharedPrefixMixin, self)._get_per_token_logps_and_entropies)
         hf.register()
         self._shared_prefix_fallbacks = set()
+        # Model classes whose forward showed that they cannot take the plan (checked on every forward).
+        self._shared_prefix_refused: dict = {}
         args_flag = getattr(self.args, "shared_prefix_group_shuffle", False)
         self.shared_prefix_group_shuffle = bool(args_flag if group_shuffle is None else group_shuffle)
 
@@ -108,7 +110,7 @@ class SharedPrefixMixin:
         base = self.accelerator.unwrap_model(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-        why = hf.unsupported_config(cfg)
+        why = hf.unsupported_config(cfg) or self._shared_prefix_refused.get(type(base))
         if why is not None:
             return why
         if getattr(cfg, "output_router_logits", False):
@@ -120,6 +122,25 @@ class SharedPrefixMixin:
         if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
             return "FSDP1 (flat parameters): the LM head is not reachable outside its forward"
         return None
+
+    def _shared_prefix_forward(self, model, base, p):
+        """The model's output on the packed stream, or why it cannot be used (then nothing of it is kept)."""
+        why = hf.unsupported_for(base, p)
+        if why is not None:
+            return why
+        calls = p.attention_calls
+        try:
+            # Through the (possibly DDP-wrapped) model, so its hooks run; the last hidden state is all we need.
+            with hf._attn_implementation(base, hf.NAME), self.accelerator.autocast():
+                out = model(**hf.packed_model_inputs(p), use_cache=False)
+        except hf.UnsupportedModelError as e:  # raised by the first attention layer that cannot take the plan
+            return str(e)
+        try:
+            hf.check_planned_forward(base, p, calls)
+        except hf.UnsupportedModelError as e:  # a property of the model class: not tried again
+            self._shared_prefix_refused[type(base)] = str(e)
+            return str(e)
+        return out
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -154,11 +175,19 @@ class SharedPrefixMixin:
             prompt_ids, completion_ids = ids[:, :-logits_to_keep], ids[:, -logits_to_keep:]
             prompt_mask, completion_mask = mask[:, :-logits_to_keep], mask[:, -logits_to_keep:]
             p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask)
+            out = self._shared_prefix_forward(model, base, p)
+            if isinstance(out, str):  # this micro-batch (or the model) cannot take the plan: the stock method
+                self._shared_prefix_fallback(out)
+                logps, entropies, _ = super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
+                    model, ids, mask, logits_to_keep, ids.size(0), compute_entropy)
+                all_logps.append(logps)
+                if compute_entropy:
+                    all_entropies.append(entropies)
+                forwarded += ids.numel()
+                stock += ids.numel()
+                continue
             forwarded += p.num_tokens
             stock += ids.numel()  # TRL forwards the padded rows
-            # Through the (possibly DDP-wrapped) model, so its hooks run; the last hidden state is all we need.
-            with hf._attn_implementation(base, hf.NAME), self.accelerator.autocast():
-                out = model(**hf.packed_model_inputs(p), use_cache=False)
             hidden = p.predictor_rows(out.hidden_states[-1])
             weight, bias = hf.unsharded_lm_head(root, base.get_output_embeddings())
             # As TRL's fused head: optionally in fp32 outside autocast, else under the trainer's autocast.

@@ -36,7 +36,8 @@ from ._plan import plan as make_plan
 logger = logging.getLogger("shared_prefix")
 SUPPORTED_VERL = (">=0.9", "<0.10")
 _KEY = "_shared_prefix"
-_state = {"enabled": os.environ.get("SHARED_PREFIX_VERL", "") not in ("", "0"), "said": set()}
+_state = {"enabled": os.environ.get("SHARED_PREFIX_VERL", "") not in ("", "0"), "said": set(),
+          "refused": {}}  # model classes whose forward showed that they cannot take the plan
 
 
 def enable(on: bool = True) -> None:
@@ -71,6 +72,8 @@ def _ineligible(engine, mb, ti, tu) -> Optional[str]:
     if not (ids.is_nested and pos.is_nested and pos.values().dim() == 1):
         return "position ids that are not one id per token (e.g. mrope)"
     module = engine.module
+    if type(module) in _state["refused"]:
+        return _state["refused"][type(module)]
     cfg = getattr(module, "config", None)
     if cfg is None or cfg._attn_implementation not in hf._plan_aware:
         return f"attention implementation {getattr(cfg, '_attn_implementation', None)!r} cannot take a plan"
@@ -117,19 +120,36 @@ def _prepare_model_inputs(self, micro_batch, _orig, ti, tu):
         p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, group_ids=uid)
     except ValueError:  # a uid group whose prompts differ (verl's padding samples): group by identical prompts
         p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    why = hf.unsupported_for(self.module, p)
+    if why is not None:
+        _say_once(why)
+        return _orig(self, micro_batch)
+    # The engine runs the forward between these two hooks, so a layer that cannot take the plan records why and
+    # the forward goes on; prepare_model_outputs then discards it and runs the stock forward.
+    p._defer_refusal = True
     model_inputs = hf.packed_model_inputs(p)  # the engine's forward_step adds use_cache=False
     temperature = micro_batch["temperature"]
     temperature = float(temperature.reshape(-1)[0]) if isinstance(temperature, torch.Tensor) else float(temperature)
     state = {"plan": p, "offsets": offsets, "prompt_len": prompt_len, "mask": completion_mask,
-             "temperature": temperature}
+             "temperature": temperature, "calls": p.attention_calls}
     return model_inputs, {_KEY: state}
 
 
-def _prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func, _orig, tu):
+def _prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func, _orig, _orig_inputs, tu):
     state = output_args.get(_KEY) if isinstance(output_args, dict) else None
     if state is None:
         return _orig(self, output, output_args, micro_batch, logits_processor_func)
     p = state["plan"]
+    try:
+        hf.check_planned_forward(self.module, p, state["calls"])
+    except hf.UnsupportedModelError as e:
+        if p._refusal is None:  # not this micro-batch but the model class: not tried again
+            _state["refused"][type(self.module)] = str(e)
+        _say_once(str(e))
+        # The stock forward, inside the engine's autocast (this hook runs within forward_step's).
+        inputs, args = _orig_inputs(self, micro_batch)
+        stock = self.module(**inputs, use_cache=False)
+        return _orig(self, stock, args, micro_batch, logits_processor_func)
     entropy_wanted = tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False)
     hidden = p.predictor_rows(output.hidden_states[-1])
     weight, bias = hf.unsharded_lm_head(self.module)
@@ -174,7 +194,8 @@ def install() -> bool:
         return _prepare_model_inputs(self, micro_batch, orig_inputs, ti, tu)
 
     def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func=None):
-        return _prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func, orig_outputs, tu)
+        return _prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func, orig_outputs,
+                                      orig_inputs, tu)
 
     cls.prepare_model_inputs = prepare_model_inputs
     cls.prepare_model_outputs = prepare_model_outputs
