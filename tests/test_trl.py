@@ -195,6 +195,36 @@ def test_models_the_plan_cannot_split_fall_back_to_stock(tmp_path, caplog, kind)
     assert bool(ours._shared_prefix_refused) == (kind == "stablelm")
 
 
+def test_attention_dropout_as_the_modules_apply_it(tmp_path, caplog):
+    """GPT-2's config keeps attn_pdrop=0.1 while TRL's disable_dropout zeroes the modules' dropout, which is what
+    attention receives: ours runs (no refusal by the config's rate) and equals stock. With dropout left on in train
+    mode, each call falls back to the stock method instead of raising."""
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=len(WORDS), n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                  pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    torch.manual_seed(0)
+    path = tmp_path / "model"
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    # Prompts of one length: TRL's own training forward gives left-padded rows positions shifted by their padding,
+    # which only matters for absolute position embeddings like GPT-2's (ours uses each row's own positions).
+    ids, mask, lc = batch()
+    full = mask[:, :-lc].all(1)
+    ids, mask = ids[full], mask[full]
+    assert len(ids) >= 2
+    out = {}
+    for name, cls, disable in (("stock", trl.GRPOTrainer, True), ("ours", SharedPrefixGRPOTrainer, True),
+                               ("ours_dropout", SharedPrefixGRPOTrainer, False)):
+        t = cls(model=str(path), reward_funcs=reward_len, args=config(tmp_path / name, disable_dropout=disable),
+                train_dataset=dataset(), processing_class=tokenizer())
+        t.model.train()
+        with caplog.at_level(logging.WARNING, logger="shared_prefix"):
+            out[name] = (t._get_per_token_logps_and_entropies(t.model, ids, mask, lc)[0], t)
+    assert (out["ours"][0] - out["stock"][0]).abs().max().item() <= 1e-6
+    assert len(out["ours"][1]._metrics["train"][METRIC]) == 1  # ours ran
+    assert "attention dropout (0.1)" in caplog.text and not out["ours_dropout"][1]._metrics["train"][METRIC][-1]
+
+
 def test_rloo_logps_equal_stock(tmp_path):
     from shared_prefix.trl import SharedPrefixRLOOTrainer
 

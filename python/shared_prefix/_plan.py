@@ -57,6 +57,7 @@ class Plan:
         # records why here and the forward goes on; the caller discards it. Otherwise such a layer raises.
         self._defer_refusal = False
         self._refusal: Optional[str] = None
+        self._refusal_per_batch = False
         self._core = core
         self._rows = core.rows
         self._lp = core.prompt_width

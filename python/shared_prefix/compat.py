@@ -286,7 +286,7 @@ def _transformers_attention(module, query, key, value, attention_mask, *args, pr
     dropout = kwargs.pop("dropout", args[0] if len(args) > 0 else 0.0)
     scaling = kwargs.pop("scaling", args[1] if len(args) > 1 else None)
     prefix_grouper._use(query.device)
-    why = _unsupported(module, prefix_grouper._plan, dropout, kwargs)
+    why, _ = _unsupported(module, prefix_grouper._plan, dropout, kwargs)
     if why is not None:
         raise NotImplementedError(f"shared_prefix.compat ({type(module).__name__}): {why}")
     return prefix_grouper.forward(None, query, key, value, scale=scaling), None

@@ -56,20 +56,22 @@ def _deferred_mask(*args, **kwargs) -> _DeferredMask:
     return _DeferredMask(args, kwargs)
 
 
-def _unsupported(module: torch.nn.Module, p: Plan, dropout: float, kwargs: dict) -> Optional[str]:
+def _unsupported(module: torch.nn.Module, p: Plan, dropout: float, kwargs: dict) -> "tuple[Optional[str], bool]":
+    """Why this attention layer cannot take the plan exactly, and whether the reason is this micro-batch's length
+    (rather than the model as configured)."""
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     if window is not None and window < p.max_seqlen:
         return (
             f"sliding_window={window} is shorter than the longest sequence ({p.max_seqlen} tokens); "
             "shared-prefix attention covers full causal attention only"
-        )
+        ), True
     if kwargs.get("softcap") is not None:
-        return "attention logit softcapping is not supported"
+        return "attention logit softcapping is not supported", False
     if kwargs.get("s_aux") is not None:
-        return "attention sinks (s_aux) are not supported"
+        return "attention sinks (s_aux) are not supported", False
     if dropout and dropout > 0:
-        return f"attention dropout ({dropout}) in train mode is not supported; set attention_dropout=0"
-    return None
+        return f"attention dropout ({dropout}) in train mode is not supported; set attention_dropout=0", False
+    return None, False
 
 
 class UnsupportedModelError(NotImplementedError):
@@ -80,12 +82,13 @@ class UnsupportedModelError(NotImplementedError):
 def _plan_attention(module, query, key, value, p: Plan, scaling, dropout, kwargs):
     if not isinstance(p, Plan):
         raise TypeError(f"{PLAN_KWARG}: expected a shared_prefix.Plan, got {type(p).__name__}")
-    why = _unsupported(module, p, dropout, kwargs)
+    why, per_batch = _unsupported(module, p, dropout, kwargs)
     if why is not None:
         why = f"shared_prefix ({type(module).__name__}): {why}"
         if not p._defer_refusal:
             raise UnsupportedModelError(why)
-        p._refusal = p._refusal or why  # the forward goes on (without the window/dropout); its caller discards it
+        if p._refusal is None:  # the forward goes on (without the window/dropout); its caller discards it
+            p._refusal, p._refusal_per_batch = why, per_batch
     p.attention_calls += 1
     if query.shape[0] != 1:
         raise ValueError(
@@ -249,18 +252,16 @@ def unsupported_config(cfg) -> Optional[str]:
     return None
 
 
-_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
-
-
 def _text_config(model: torch.nn.Module):
     cfg = getattr(model, "config", None)
     return cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
 
 
 def unsupported_for(model: torch.nn.Module, p: Plan) -> Optional[str]:
-    """Why this micro-batch cannot run exactly on this model, judged from the config before any forward (the
-    attention layers check again on the forward): windows shorter than its longest sequence, attention dropout in
-    train mode, Llama 4's chunked attention or position-dependent attention temperature beyond their first block."""
+    """Why this micro-batch cannot run exactly on this model, judged from the config before any forward: windows
+    shorter than its longest sequence, Llama 4's chunked attention or position-dependent attention temperature
+    beyond their first block. The attention layers check again on the forward, with the window and the dropout
+    they actually use (a config's dropout rate may be switched off in the modules, as TRL's disable_dropout does)."""
     cfg = _text_config(model)
     why = unsupported_config(cfg)
     if why is not None or cfg is None:
@@ -270,11 +271,6 @@ def unsupported_for(model: torch.nn.Module, p: Plan) -> Optional[str]:
     windowed = "sliding_attention" in kinds if isinstance(kinds, (list, tuple)) else getattr(cfg, "use_sliding_window", True)
     if isinstance(window, int) and windowed and window < p.max_seqlen:
         return f"sliding_window={window} is shorter than the longest sequence ({p.max_seqlen} tokens)"
-    if model.training:
-        for key in _DROPOUT_KEYS:
-            rate = getattr(cfg, key, None)
-            if isinstance(rate, (int, float)) and rate > 0:
-                return f"attention dropout ({key}={rate}) in train mode"
     chunk = getattr(cfg, "attention_chunk_size", None)
     if isinstance(chunk, int) and chunk < p.max_seqlen:
         return f"chunked attention (attention_chunk_size={chunk}) is shorter than the longest sequence"

@@ -143,7 +143,7 @@ def _prepare_model_outputs(self, output, output_args, micro_batch, logits_proces
     try:
         hf.check_planned_forward(self.module, p, state["calls"])
     except hf.UnsupportedModelError as e:
-        if p._refusal is None:  # not this micro-batch but the model class: not tried again
+        if not p._refusal_per_batch:  # not this micro-batch's length but the model: not tried again
             _state["refused"][type(self.module)] = str(e)
         _say_once(str(e))
         # The stock forward, inside the engine's autocast (this hook runs within forward_step's).
