@@ -56,15 +56,17 @@ def _deferred_mask(*args, **kwargs) -> _DeferredMask:
     return _DeferredMask(args, kwargs)
 
 
+def _window_refusal(window: int, p: Plan) -> str:
+    return (f"sliding_window={window} is shorter than the longest sequence ({p.max_seqlen} tokens); "
+            "shared-prefix attention covers full causal attention only")
+
+
 def _unsupported(module: torch.nn.Module, p: Plan, dropout: float, kwargs: dict) -> "tuple[Optional[str], bool]":
     """Why this attention layer cannot take the plan exactly, and whether the reason is this micro-batch's length
     (rather than the model as configured)."""
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     if window is not None and window < p.max_seqlen:
-        return (
-            f"sliding_window={window} is shorter than the longest sequence ({p.max_seqlen} tokens); "
-            "shared-prefix attention covers full causal attention only"
-        ), True
+        return _window_refusal(window, p), True
     if kwargs.get("softcap") is not None:
         return "attention logit softcapping is not supported", False
     if kwargs.get("s_aux") is not None:
@@ -258,19 +260,22 @@ def _text_config(model: torch.nn.Module):
 
 
 def unsupported_for(model: torch.nn.Module, p: Plan) -> Optional[str]:
-    """Why this micro-batch cannot run exactly on this model, judged from the config before any forward: windows
-    shorter than its longest sequence, Llama 4's chunked attention or position-dependent attention temperature
-    beyond their first block. The attention layers check again on the forward, with the window and the dropout
-    they actually use (a config's dropout rate may be switched off in the modules, as TRL's disable_dropout does)."""
+    """Why this micro-batch cannot run exactly on this model (whose config :func:`unsupported_config` has passed),
+    judged from the config before any forward: windows shorter than its longest sequence, Llama 4's chunked
+    attention or position-dependent attention temperature beyond their first block. The attention layers check
+    again on the forward, with the window and the dropout they actually use (a config's dropout rate may be
+    switched off in the modules, as TRL's disable_dropout does)."""
     cfg = _text_config(model)
-    why = unsupported_config(cfg)
-    if why is not None or cfg is None:
-        return why
+    if cfg is None:
+        return None
     window = getattr(cfg, "sliding_window", None)
     kinds = getattr(cfg, "layer_types", None)
-    windowed = "sliding_attention" in kinds if isinstance(kinds, (list, tuple)) else getattr(cfg, "use_sliding_window", True)
+    if isinstance(kinds, (list, tuple)):
+        windowed = "sliding_attention" in kinds
+    else:
+        windowed = getattr(cfg, "use_sliding_window", True)
     if isinstance(window, int) and windowed and window < p.max_seqlen:
-        return f"sliding_window={window} is shorter than the longest sequence ({p.max_seqlen} tokens)"
+        return _window_refusal(window, p)
     chunk = getattr(cfg, "attention_chunk_size", None)
     if isinstance(chunk, int) and chunk < p.max_seqlen:
         return f"chunked attention (attention_chunk_size={chunk}) is shorter than the longest sequence"

@@ -109,7 +109,7 @@ class SharedPrefixMixin:
             return "multimodal inputs"
         base = self.accelerator.unwrap_model(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
-        cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        cfg = hf._text_config(base)
         why = hf.unsupported_config(cfg) or self._shared_prefix_refused.get(type(base))
         if why is not None:
             return why
@@ -176,6 +176,7 @@ class SharedPrefixMixin:
             prompt_mask, completion_mask = mask[:, :-logits_to_keep], mask[:, -logits_to_keep:]
             p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask)
             out = self._shared_prefix_forward(model, base, p)
+            stock += ids.numel()  # TRL forwards the padded rows
             if isinstance(out, str):  # this micro-batch (or the model) cannot take the plan: the stock method
                 self._shared_prefix_fallback(out)
                 logps, entropies, _ = super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
@@ -184,10 +185,8 @@ class SharedPrefixMixin:
                 if compute_entropy:
                     all_entropies.append(entropies)
                 forwarded += ids.numel()
-                stock += ids.numel()
                 continue
             forwarded += p.num_tokens
-            stock += ids.numel()  # TRL forwards the padded rows
             hidden = p.predictor_rows(out.hidden_states[-1])
             weight, bias = hf.unsharded_lm_head(root, base.get_output_embeddings())
             # As TRL's fused head: optionally in fp32 outside autocast, else under the trainer's autocast.
