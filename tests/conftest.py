@@ -7,6 +7,23 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_report_header(config):
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__} ({transformers.__file__})"
+
+
+def pytest_configure(config):
+    # `make test` reruns the HF/TRL tests over a newer transformers: fail rather than silently test the venv's.
+    expected = os.environ.get("SHARED_PREFIX_EXPECT_TRANSFORMERS")
+    if expected:
+        import transformers
+
+        if transformers.__version__ != expected:
+            raise pytest.UsageError(f"expected transformers {expected} first on the path, got "
+                                    f"{transformers.__version__} from {transformers.__file__}")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

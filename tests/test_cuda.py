@@ -141,7 +141,7 @@ def test_completion_logprobs_on_gpu(dtype):
     rows, pid, pmask, cid, cmask = make_batch()
     ref, _ = stock_logprobs(model64, rows, cid.shape[1], 0.8)
     model = tiny_model("qwen2", dtype=dtype).to(DEV)
-    model.gradient_checkpointing_enable()
+    sp.hf.enable_checkpointing(model)
     model.train()
     lp = sp.completion_logprobs(model, pid.to(DEV), pmask.to(DEV), cid.to(DEV), cmask.to(DEV), temperature=0.8)
     assert lp.dtype == torch.float32
@@ -161,7 +161,7 @@ def test_completion_logprobs_under_cuda_autocast():
     rows, pid, pmask, cid, cmask = make_batch()
     ref, _ = stock_logprobs(model64, rows, cid.shape[1], 0.8)
     model = tiny_model("qwen2", dtype=torch.float32).to(DEV)
-    model.gradient_checkpointing_enable()
+    sp.hf.enable_checkpointing(model)
     model.train()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         lp = sp.completion_logprobs(model, pid.to(DEV), pmask.to(DEV), cid.to(DEV), cmask.to(DEV), temperature=0.8)

@@ -79,10 +79,12 @@ def param_grads(model, loss):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def check_family(family, grad_ckpt, temperature=0.7, attn="sdpa"):
-    model = tiny_model(family, attn=attn)
+def check_family(family, grad_ckpt, temperature=0.7, attn="sdpa", **model_kw):
+    """``grad_ckpt``: False, True (non-reentrant checkpointing of every layer), or a function that turns
+    checkpointing on for the model it is given."""
+    model = tiny_model(family, attn=attn, **model_kw)
     if grad_ckpt:
-        model.gradient_checkpointing_enable()
+        (sp.hf.enable_checkpointing if grad_ckpt is True else grad_ckpt)(model)
         model.train()
     rows, pid, pmask, cid, cmask = make_batch()
     w = torch.randn(cid.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -108,11 +110,25 @@ def test_family_matches_stock(family, grad_ckpt):
     check_family(family, grad_ckpt)
 
 
+def test_reentrant_checkpointing():
+    """Reentrant checkpointing recomputes through autograd.Function with the plan among the saved kwargs."""
+    check_family("llama", lambda model: sp.hf.enable_checkpointing(model, use_reentrant=True))
+
+
+@pytest.mark.skipif(not hasattr(transformers.PreTrainedModel, "activation_checkpointing_enable"),
+                    reason="this transformers has no activation_checkpointing_enable (its options came after 5.10)")
+@pytest.mark.parametrize("options", [dict(every_n_layers=2), dict(offload=True)], ids=["every-2nd-layer", "offload"])
+def test_activation_checkpointing_options(options):
+    """Newer transformers checkpoint every n-th layer only, or hold the saved activations in (pinned) host memory
+    through saved-tensor hooks: the plan must reach the layers' recompute either way."""
+    check_family("qwen2", lambda model: model.activation_checkpointing_enable(**options), num_hidden_layers=3)
+
+
 def test_eager_model_with_checkpointing(caplog):
     """An eager model cannot take a plan during the checkpoint recompute; it is left on shared_prefix (= sdpa)."""
     with caplog.at_level(logging.WARNING, logger="shared_prefix"):
         model = tiny_model("qwen2", attn="eager")
-        model.gradient_checkpointing_enable()
+        sp.hf.enable_checkpointing(model)
         model.train()
         rows, pid, pmask, cid, cmask = make_batch(seed=4)
         # Reference through sdpa: eager's softmax runs in fp32, too coarse for an fp64 comparison.
@@ -291,7 +307,7 @@ def test_autocast_bf16_as_close_as_stock(family, grad_ckpt):
     same autocast are, in values and gradients."""
     model = tiny_model(family, dtype=torch.float32)
     if grad_ckpt:
-        model.gradient_checkpointing_enable()
+        sp.hf.enable_checkpointing(model)
         model.train()
     rows, pid, pmask, cid, cmask = make_batch()
     w = torch.randn(cid.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)

@@ -12,10 +12,18 @@ __all__ = ["Plan", "plan", "attention", "register", "completion_logprobs", "Unsu
 __version__ = "0.1.0"
 
 
+# Integration modules load on first use (``sp.hf.…`` works without importing ``shared_prefix.hf`` first).
+_SUBMODULES = ("hf", "trl", "verl", "compat", "bench", "demo")
+
+
 def __getattr__(name):
     # transformers is imported only when an HF entry point is used.
     if name in ("register", "completion_logprobs", "UnsupportedModelError"):
         from . import hf
 
         return getattr(hf, name)
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'shared_prefix' has no attribute {name!r}")

@@ -65,10 +65,12 @@ def prefix_grouper_logprobs(
         ) from e
     from transformers import AttentionInterface
 
+    from .hf import checkpointing_on
+
     sizes = [int(g) for g in group_sizes]
     if min(sizes, default=0) < 1 or sum(sizes) != completion_ids.shape[0]:
         raise ValueError(f"group_sizes: expected positive sizes summing to {completion_ids.shape[0]}, got {sizes}")
-    checkpointing = getattr(model, "is_gradient_checkpointing", False) and model.training and torch.is_grad_enabled()
+    checkpointing = checkpointing_on(model) and model.training and torch.is_grad_enabled()
     if checkpointing and not keep_attention_implementation:
         # The recompute in backward would run after the attention implementation is restored: wrong gradients.
         raise NotImplementedError(

@@ -35,6 +35,7 @@ from tqdm import tqdm
 import shared_prefix as sp
 from shared_prefix._logprobs import token_logprobs
 from shared_prefix._measure import UNTIMED_STEPS, measure_methods
+from shared_prefix.hf import enable_checkpointing
 from shared_prefix._reference import stock_logprobs
 
 MODELS = {
@@ -82,7 +83,7 @@ def build_model(name: str, dtype: torch.dtype, device: torch.device, grad_ckpt: 
         model = Qwen2ForCausalLM(cfg)
     model.to(dtype)
     if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()  # attention dropout is 0 in Qwen2 configs
     return model
 

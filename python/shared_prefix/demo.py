@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 import shared_prefix as sp
 from shared_prefix._measure import UNTIMED_STEPS, measure_methods
+from shared_prefix.hf import enable_checkpointing
 from shared_prefix._reference import stock_logprobs
 
 
@@ -62,7 +63,7 @@ def run(args) -> list[dict]:
         torch.set_num_threads(args.threads)
     model = build_model(args.hidden, args.layers, args.vocab, dtype, device)
     if args.grad_ckpt:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
         model.train()
     batch = make_groups(args.prompts, args.group, args.prompt_len, args.completion_len, args.vocab, device)
     pid, pmask, cid, cmask = batch

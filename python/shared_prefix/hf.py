@@ -312,6 +312,23 @@ def _check_model(model: torch.nn.Module) -> None:
         raise UnsupportedModelError(f"shared_prefix: {why}, which is not supported")
 
 
+def checkpointing_on(model: torch.nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on, by transformers' current name: the older
+    ``is_gradient_checkpointing`` warns from 5.2x on and goes in v6."""
+    on = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
+
+
+def enable_checkpointing(model: torch.nn.Module, **checkpoint_kwargs: Any) -> None:
+    """Turn activation checkpointing on (non-reentrant unless ``checkpoint_kwargs`` say otherwise) through
+    ``activation_checkpointing_enable`` where transformers has it, ``gradient_checkpointing_enable`` before."""
+    kwargs = {"use_reentrant": False, **checkpoint_kwargs}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 @contextlib.contextmanager
 def _attn_implementation(model: torch.nn.Module, name: str):
     """Switch the model to ``name`` and restore its own implementation afterwards."""
@@ -325,7 +342,7 @@ def _attn_implementation(model: torch.nn.Module, name: str):
     finally:
         keep = (
             previous not in _plan_aware
-            and getattr(model, "is_gradient_checkpointing", False)
+            and checkpointing_on(model)
             and torch.is_grad_enabled()
             and model.training
         )
