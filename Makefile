@@ -22,7 +22,7 @@ demo: build
 # The newest transformers the `hf` extra allows (requirements-latest.txt), over the dev venv.
 LATEST := $(CACHE)/transformers-latest
 LATEST_VERSION := $(shell sed -n 's/^transformers==//p' requirements-latest.txt)
-LATEST_TESTS := tests/test_hf.py tests/test_logprobs.py tests/test_trl.py tests/test_compat.py tests/test_bench.py
+LATEST_TESTS := tests/test_hf.py tests/test_families.py tests/test_logprobs.py tests/test_trl.py tests/test_compat.py tests/test_bench.py
 
 $(LATEST)/.installed: requirements-latest.txt $(VENV)/.installed
 	rm -rf $(LATEST)
