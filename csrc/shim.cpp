@@ -32,10 +32,14 @@ extern "C" {
 // lse [Hq, Tq] (fp32).
 const char* sp_flash_varlen_fwd(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
                                 const at::Tensor* cu_q, const at::Tensor* cu_k, int64_t max_q, int64_t max_k,
-                                bool causal, double scale, at::Tensor** out, at::Tensor** lse) {
+                                bool causal, double scale, int64_t window_left, at::Tensor** out,
+                                at::Tensor** lse) {
   return guarded([&] {
+    // window_left >= 0: a sliding window (with causal, FA2 keeps keys [i - window_left, i] bottom-right aligned).
+    auto left = window_left >= 0 ? std::optional<int64_t>(window_left) : std::nullopt;
+    auto right = window_left >= 0 ? std::optional<int64_t>(0) : std::nullopt;
     auto res = at::_flash_attention_forward(*q, *k, *v, *cu_q, *cu_k, max_q, max_k, /*dropout_p=*/0.0, causal,
-                                            /*return_debug_mask=*/false, scale);
+                                            /*return_debug_mask=*/false, scale, left, right);
     *out = new at::Tensor(std::get<0>(res));
     *lse = new at::Tensor(std::get<1>(res));
   });
@@ -45,13 +49,16 @@ const char* sp_flash_varlen_fwd(const at::Tensor* q, const at::Tensor* k, const 
 const char* sp_flash_varlen_bwd(const at::Tensor* dout, const at::Tensor* q, const at::Tensor* k,
                                 const at::Tensor* v, const at::Tensor* out, const at::Tensor* lse,
                                 const at::Tensor* cu_q, const at::Tensor* cu_k, int64_t max_q, int64_t max_k,
-                                bool causal, double scale, at::Tensor** dq, at::Tensor** dk, at::Tensor** dv) {
+                                bool causal, double scale, int64_t window_left, at::Tensor** dq, at::Tensor** dk,
+                                at::Tensor** dv) {
   return guarded([&] {
     // No dropout: the philox state is never read, but the op takes one.
     auto rng = at::zeros({2}, q->options().dtype(at::kUInt64));
     auto unused = at::empty({0}, q->options());
+    auto left = window_left >= 0 ? std::optional<int64_t>(window_left) : std::nullopt;
+    auto right = window_left >= 0 ? std::optional<int64_t>(0) : std::nullopt;
     auto res = at::_flash_attention_backward(*dout, *q, *k, *v, *out, *lse, *cu_q, *cu_k, max_q, max_k,
-                                             /*dropout_p=*/0.0, causal, rng, unused, scale);
+                                             /*dropout_p=*/0.0, causal, rng, unused, scale, left, right);
     *dq = new at::Tensor(std::get<0>(res));
     *dk = new at::Tensor(std::get<1>(res));
     *dv = new at::Tensor(std::get<2>(res));

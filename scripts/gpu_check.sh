@@ -4,7 +4,7 @@
 # calls 1+2 can be one top-left-causal call).
 # Run from the repo root with the wheels in .whl/ (our abi3 wheel built on the CPU machine, plus pure-Python or
 # abi3 wheels the image lacks). Results land in $OUT (gpu.txt, gpu_tests.log, bench/results.{jsonl,md,png},
-# profile_*.txt, cudnn_layouts.jsonl). Timeouts default to 105 + 280 + 95 + 65 s, inside one 600 s device call;
+# profile_*.txt, cudnn_layouts.jsonl). Timeouts default to 120 + 265 + 95 + 65 s, inside one 600 s device call;
 # each sends SIGINT first (then KILL 5 s later), so pytest prints its summary and the bench writes the rounds it
 # completed. With the install and import checks the worst case is about 580 s.
 # Of the kernel-forcing variants only shared_prefix_cudnn_views runs by default, last and only if its GPU tests
@@ -25,7 +25,7 @@ export PYTHONPATH="$PWD/python:/tmp/site"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, shared_prefix; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'gpu', torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/gpu.txt"
-timeout -s INT -k 5 "${TEST_TIMEOUT:-105}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
+timeout -s INT -k 5 "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -25
 VARIANTS=${VARIANTS:-baseline,packed_causal,shared_prefix,shared_prefix_full_head,flex,prefix_grouper,shared_prefix_cudnn_views}
 # The unverified copy-free cuDNN path joins the bench only if its GPU tests passed: a CUDA error there (an illegal
@@ -34,7 +34,7 @@ if grep -qE "FAILED.*cudnn_views|cudnn_views.*(FAILED|ERROR)|CUDA error|illegal 
   VARIANTS=${VARIANTS//,shared_prefix_cudnn_views/}
   echo "bench without shared_prefix_cudnn_views (its GPU tests did not pass)" | tee -a "$OUT/gpu.txt"
 fi
-timeout -s INT -k 5 "${BENCH_TIMEOUT:-280}" python3 -m shared_prefix.bench --preset gpu --variants "$VARIANTS" --out "$OUT/bench" \
+timeout -s INT -k 5 "${BENCH_TIMEOUT:-265}" python3 -m shared_prefix.bench --preset gpu --variants "$VARIANTS" --out "$OUT/bench" \
   ${BENCH_ARGS:-} 2>&1 \
   | grep -v "step/s\]\|s/step\]" | tee "$OUT/bench.log" | tail -30
 timeout -s INT -k 5 "${PROFILE_TIMEOUT:-95}" python3 scripts/gpu_profile.py "$OUT" 4096x512x8x1 8192x256x16x1 2>&1 | tail -64

@@ -7,7 +7,7 @@
 //! GQA is native in both (Hkv < Hq): K/V are never repeated.
 
 use crate::executor::{contiguous_if, Kernels, Result, Saved, Segments};
-use crate::runs::Dense;
+use crate::runs::{no_window, Dense};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::ffi::CStr;
 use std::os::raw::c_char;
@@ -25,6 +25,7 @@ extern "C" {
         max_k: i64,
         causal: bool,
         scale: f64,
+        window_left: i64,
         out: *mut *mut C_tensor,
         lse: *mut *mut C_tensor,
     ) -> *const c_char;
@@ -42,6 +43,7 @@ extern "C" {
         max_k: i64,
         causal: bool,
         scale: f64,
+        window_left: i64,
         dq: *mut *mut C_tensor,
         dk: *mut *mut C_tensor,
         dv: *mut *mut C_tensor,
@@ -84,6 +86,11 @@ fn check(err: *const c_char) -> Result<()> {
 
 pub struct FlashKernels;
 
+/// FA2's left window for a call's sliding window `w` (the query and the `w - 1` keys before it); -1: none.
+fn window_left(seg: &Segments) -> i64 {
+    seg.window.map_or(-1, |w| w as i64 - 1)
+}
+
 impl Kernels for FlashKernels {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, seg: &Segments, causal: bool, scale: f64)
         -> Result<(Tensor, Tensor)> {
@@ -101,6 +108,7 @@ impl Kernels for FlashKernels {
                 seg.max_k as i64,
                 causal,
                 scale,
+                window_left(seg),
                 &mut out,
                 &mut lse,
             )
@@ -133,6 +141,7 @@ impl Kernels for FlashKernels {
                 seg.max_k as i64,
                 causal,
                 scale,
+                window_left(seg),
                 &mut dq,
                 &mut dk,
                 &mut dv,
@@ -170,7 +179,9 @@ impl Dense for CudnnDense {
         !self.contiguous
     }
 
-    fn fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<(Tensor, Tensor)> {
+    fn fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, window: Option<usize>, scale: f64)
+        -> Result<(Tensor, Tensor)> {
+        no_window("cudnn", window)?;
         let (q, k, v) = (self.operand(q), self.operand(k), self.operand(v));
         let (mut out, mut lse) = (std::ptr::null_mut(), std::ptr::null_mut());
         check(unsafe { sp_cudnn_fwd(q.as_ptr(), k.as_ptr(), v.as_ptr(), causal, scale, &mut out, &mut lse) })?;
@@ -181,7 +192,8 @@ impl Dense for CudnnDense {
         Ok((out, lse))
     }
 
-    fn bwd(&self, s: &Saved, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    fn bwd(&self, s: &Saved, causal: bool, window: Option<usize>, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+        no_window("cudnn", window)?;
         let lse = if CUDNN_LSE_RANK.load(Ordering::Relaxed) == 4 { s.lse.f_unsqueeze(-1)? } else { s.lse.shallow_clone() };
         let (dout, out, lse) = (self.operand(s.dout), self.operand(s.out), lse.contiguous());
         let (q, k, v) = (self.operand(s.q), self.operand(s.k), self.operand(s.v));
@@ -222,7 +234,8 @@ pub static AUTO: AutoKernels = AutoKernels;
 
 impl AutoKernels {
     fn pick(seg: &Segments) -> &'static dyn Kernels {
-        if seg.runs.len() <= 1 && seg.max_k >= CUDNN_MIN_KEYS { &CUDNN } else { &FLASH }
+        // Sliding windows: FA2 takes them, cuDNN dense attention (as ATen exposes it) does not.
+        if seg.window.is_none() && seg.runs.len() <= 1 && seg.max_k >= CUDNN_MIN_KEYS { &CUDNN } else { &FLASH }
     }
 }
 

@@ -3,7 +3,7 @@
 //! reads a device value back.
 
 use crate::executor::{Result, Segments};
-use planner::{runs_from_lengths, Plan, Run};
+use planner::{runs_from_lengths, Plan, Run, WindowKeys};
 use tch::{Device, Kind, Tensor};
 
 pub struct DevicePlan {
@@ -20,6 +20,17 @@ pub struct DevicePlan {
     runs_prefix: Vec<Run>,
     runs_group: Vec<Run>,
     runs_completion: Vec<Run>,
+    windows: Vec<WindowTables>,
+}
+
+/// The completions' keys in a sliding-window layer (see `planner::WindowKeys`), on the device.
+pub struct WindowTables {
+    pub window: usize,
+    /// Packed rows gathered into the per-completion key runs.
+    pub gather: Tensor,
+    cu_k: Tensor,
+    max_k: usize,
+    runs: Vec<Run>,
 }
 
 // SAFETY: the tensors are created once and only read afterwards (autograd may run backward on another thread);
@@ -27,7 +38,14 @@ pub struct DevicePlan {
 unsafe impl Sync for DevicePlan {}
 
 impl DevicePlan {
-    pub fn new(host: Plan, device: Device) -> Result<DevicePlan> {
+    /// `windows`: the sliding windows of the model's layers. Those shorter than the longest row get key tables
+    /// (in the same host→device copy); longer ones never cut a row, and their layers take the plain path.
+    pub fn new(host: Plan, device: Device, windows: &[usize]) -> Result<DevicePlan> {
+        let max_seqlen = host.max_seqlen();
+        let mut wanted: Vec<usize> = windows.iter().copied().filter(|&w| w < max_seqlen).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let keys: Vec<WindowKeys> = wanted.iter().map(|&w| host.window_keys(w)).collect();
         let parts: [&[i64]; 5] = [
             &host.src_index,
             &host.position_ids,
@@ -42,6 +60,10 @@ impl DevicePlan {
         }
         for c in cus {
             buf.extend(c.iter().map(|&x| x as i64));
+        }
+        for w in &keys {
+            buf.extend_from_slice(&w.gather);
+            buf.extend(w.cu_k.iter().map(|&x| x as i64));
         }
         // The one host→device copy of this plan.
         let all = Tensor::f_from_slice(&buf)?.f_to_device(device)?;
@@ -59,7 +81,18 @@ impl DevicePlan {
         let cu_prefix = take(cus[0].len())?.f_to_kind(Kind::Int)?;
         let cu_group_completions = take(cus[1].len())?.f_to_kind(Kind::Int)?;
         let cu_completions = take(cus[2].len())?.f_to_kind(Kind::Int)?;
+        let mut window_tables = Vec::with_capacity(keys.len());
+        for w in keys {
+            window_tables.push(WindowTables {
+                window: w.window,
+                gather: take(w.gather.len())?,
+                cu_k: take(w.cu_k.len())?.f_to_kind(Kind::Int)?,
+                max_k: w.max_k,
+                runs: runs_from_lengths(&host.cu_completions, &w.cu_k),
+            });
+        }
         Ok(DevicePlan {
+            windows: window_tables,
             runs_prefix: runs_from_lengths(&host.cu_prefix, &host.cu_prefix),
             runs_group: runs_from_lengths(&host.cu_group_completions, &host.cu_prefix),
             runs_completion: runs_from_lengths(&host.cu_completions, &host.cu_completions),
@@ -84,6 +117,7 @@ impl DevicePlan {
             max_q: self.host.max_prefix,
             max_k: self.host.max_prefix,
             runs: &self.runs_prefix,
+            window: None,
         }
     }
 
@@ -95,6 +129,7 @@ impl DevicePlan {
             max_q: self.host.max_group_completions,
             max_k: self.host.max_prefix,
             runs: &self.runs_group,
+            window: None,
         }
     }
 
@@ -106,6 +141,34 @@ impl DevicePlan {
             max_q: self.host.max_completion,
             max_k: self.host.max_completion,
             runs: &self.runs_completion,
+            window: None,
+        }
+    }
+
+    /// The windows this plan holds key tables for.
+    pub fn windows(&self) -> Vec<usize> {
+        self.windows.iter().map(|w| w.window).collect()
+    }
+
+    pub fn window_tables(&self, window: usize) -> Option<&WindowTables> {
+        self.windows.iter().find(|w| w.window == window)
+    }
+
+    /// Sliding-window layer, call 1: each prefix attends causally to itself within the window.
+    pub fn seg_prefix_window(&self, window: usize) -> Segments<'_> {
+        Segments { window: Some(window), ..self.seg_prefix() }
+    }
+
+    /// Sliding-window layer, call 2 (the only other): each completion attends causally, within the window, to its
+    /// key run (its prompt's tail, then itself).
+    pub fn seg_window<'a>(&'a self, w: &'a WindowTables) -> Segments<'a> {
+        Segments {
+            cu_q: &self.cu_completions,
+            cu_k: &w.cu_k,
+            max_q: self.host.max_completion,
+            max_k: w.max_k,
+            runs: &w.runs,
+            window: Some(w.window),
         }
     }
 }

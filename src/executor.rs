@@ -2,7 +2,7 @@
 //! backward. Backends only supply varlen attention kernels that return (and accept) the log-sum-exp; everything
 //! else here is shared, so the CPU tests exercise the same merge and backward the CUDA path runs.
 
-use crate::device_plan::DevicePlan;
+use crate::device_plan::{DevicePlan, WindowTables};
 use planner::Run;
 use tch::{Kind, Tensor};
 
@@ -16,6 +16,9 @@ pub struct Segments<'a> {
     pub max_k: usize,
     /// Consecutive equal-length segments, for kernels that take dense batches.
     pub runs: &'a [Run],
+    /// A sliding window (causal calls only): each query sees itself and the `w - 1` keys before it, with queries
+    /// aligned to the last keys of their segment (bottom-right, as flash kernels align causal attention).
+    pub window: Option<usize>,
 }
 
 /// What one attention call's backward takes: the incoming gradient, the call's inputs, and the *final* (merged)
@@ -87,11 +90,21 @@ fn split(x: &Tensor, n_prefix: i64) -> Result<(Tensor, Tensor)> {
     Ok((x.f_narrow(0, 0, n_prefix)?, x.f_narrow(0, n_prefix, total - n_prefix)?))
 }
 
-/// Forward: returns `out [T, Hq, D]` and `lse [T, Hq]` (what backward needs).
-pub fn forward(kern: &dyn Kernels, p: &DevicePlan, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64)
-    -> Result<(Tensor, Tensor)> {
+/// The plan's key tables for `window` (callers check that it has them).
+fn tables(p: &DevicePlan, window: usize) -> Result<&WindowTables> {
+    p.window_tables(window)
+        .ok_or_else(|| tch::TchError::Shape(format!("the plan holds no key tables for sliding window {window}")))
+}
+
+/// Forward: returns `out [T, Hq, D]` and `lse [T, Hq]` (what backward needs). `window`: a sliding-window layer
+/// (one the plan holds key tables for).
+pub fn forward(kern: &dyn Kernels, p: &DevicePlan, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64,
+               window: Option<usize>) -> Result<(Tensor, Tensor)> {
     let np = p.host.prefix_tokens as i64;
     let (q, k, v) = (laid_out(kern, q), laid_out(kern, k), laid_out(kern, v));
+    if let Some(w) = window {
+        return forward_window(kern, p, &q, &k, &v, scale, tables(p, w)?);
+    }
     let ((qp, qc), (kp, kc), (vp, vc)) = (split(&q, np)?, split(&k, np)?, split(&v, np)?);
     let (o1, l1) = kern.forward(&qp, &kp, &vp, &p.seg_prefix(), true, scale)?;
     let acc = accum_kind(q.kind());
@@ -123,10 +136,14 @@ pub fn backward(
     out: &Tensor,
     lse: &Tensor,
     scale: f64,
+    window: Option<usize>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let np = p.host.prefix_tokens as i64;
     let (q, k, v) = (laid_out(kern, q), laid_out(kern, k), laid_out(kern, v));
     let (dout, out) = (laid_out(kern, dout), laid_out(kern, out));
+    if let Some(w) = window {
+        return backward_window(kern, p, &dout, &q, &k, &v, &out, lse, scale, tables(p, w)?);
+    }
     let ((qp, qc), (kp, kc), (vp, vc)) = (split(&q, np)?, split(&k, np)?, split(&v, np)?);
     let ((dop, doc), (op, oc), (lp, lc)) = (split(&dout, np)?, split(&out, np)?, split(lse, np)?);
     let call1 = Saved { dout: &dop, q: &qp, k: &kp, v: &vp, out: &op, lse: &lp };
@@ -144,4 +161,48 @@ pub fn backward(
         Tensor::f_cat(&[dk1.f_add(&dk2)?, dk3], 0)?,
         Tensor::f_cat(&[dv1.f_add(&dv2)?, dv3], 0)?,
     ))
+}
+
+/// A sliding-window layer in two calls and no merge: each prefix causally within the window, and each completion
+/// causally within the window over its own key run (its prompt's last `w - 1` tokens, gathered, then itself;
+/// see `planner::WindowKeys`), aligned bottom-right so that its token j sees stock positions P+j-w+1 ..= P+j.
+fn forward_window(kern: &dyn Kernels, p: &DevicePlan, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64,
+                  w: &WindowTables) -> Result<(Tensor, Tensor)> {
+    let np = p.host.prefix_tokens as i64;
+    let acc = accum_kind(q.kind());
+    let ((qp, qc), (kp, _), (vp, _)) = (split(q, np)?, split(k, np)?, split(v, np)?);
+    let (o1, l1) = kern.forward(&qp, &kp, &vp, &p.seg_prefix_window(w.window), true, scale)?;
+    if p.host.completion_tokens == 0 {
+        return Ok((o1, l1.f_to_kind(acc)?));
+    }
+    let (kw, vw) = (k.f_index_select(0, &w.gather)?, v.f_index_select(0, &w.gather)?);
+    let (o2, l2) = kern.forward(&qc, &kw, &vw, &p.seg_window(w), true, scale)?;
+    Ok((Tensor::f_cat(&[o1, o2], 0)?, Tensor::f_cat(&[l1.f_to_kind(acc)?, l2.f_to_kind(acc)?], 0)?))
+}
+
+/// Backward of `forward_window`: the gathered key rows' gradients are added back onto the prompt rows they came
+/// from (a prompt token's keys serve its own prefix and up to `w - 1` positions into every completion of its
+/// group), summed in fp32 (fp64) and rounded once.
+#[allow(clippy::too_many_arguments)]
+fn backward_window(kern: &dyn Kernels, p: &DevicePlan, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor,
+                   out: &Tensor, lse: &Tensor, scale: f64, w: &WindowTables) -> Result<(Tensor, Tensor, Tensor)> {
+    let np = p.host.prefix_tokens as i64;
+    let ((qp, qc), (kp, _), (vp, _)) = (split(q, np)?, split(k, np)?, split(v, np)?);
+    let ((dop, doc), (op, oc), (lp, lc)) = (split(dout, np)?, split(out, np)?, split(lse, np)?);
+    let call1 = Saved { dout: &dop, q: &qp, k: &kp, v: &vp, out: &op, lse: &lp };
+    let (dq1, dk1, dv1) = kern.backward(&call1, &p.seg_prefix_window(w.window), true, scale)?;
+    if p.host.completion_tokens == 0 {
+        return Ok((dq1, dk1, dv1));
+    }
+    let (kw, vw) = (k.f_index_select(0, &w.gather)?, v.f_index_select(0, &w.gather)?);
+    let call2 = Saved { dout: &doc, q: &qc, k: &kw, v: &vw, out: &oc, lse: &lc };
+    let (dq2, dkw, dvw) = kern.backward(&call2, &p.seg_window(w), true, scale)?;
+    let acc = accum_kind(k.kind());
+    let scatter = |d1: &Tensor, dw: &Tensor, like: &Tensor| -> Result<Tensor> {
+        let rest = like.size()[0] - np;
+        let shape = [rest, like.size()[1], like.size()[2]];
+        let full = Tensor::f_cat(&[d1.f_to_kind(acc)?, Tensor::f_zeros(shape, (acc, like.device()))?], 0)?;
+        full.f_index_add(0, &w.gather, &dw.f_to_kind(acc)?)?.f_to_kind(like.kind())
+    };
+    Ok((Tensor::f_cat(&[dq1, dq2], 0)?, scatter(&dk1, &dkw, k)?, scatter(&dv1, &dvw, v)?))
 }

@@ -73,17 +73,12 @@ impl PyPlan {
     #[getter]
     fn max_seqlen(&self) -> usize {
         // Longest per-row sequence (prompt + completion) the stock computation would see.
-        let h = &self.inner.host;
-        let mut best = 0;
-        let mut k = 0;
-        for (g, &size) in h.group_sizes.iter().enumerate() {
-            let p = (h.cu_prefix[g + 1] - h.cu_prefix[g]) as usize;
-            for i in k..k + size {
-                best = best.max(p + (h.cu_completions[i + 1] - h.cu_completions[i]) as usize);
-            }
-            k += size;
-        }
-        best
+        self.inner.host.max_seqlen()
+    }
+    /// Sliding windows (shorter than `max_seqlen`) this plan holds key tables for.
+    #[getter]
+    fn windows(&self) -> Vec<usize> {
+        self.inner.windows()
     }
     #[getter]
     fn device(&self) -> String {
@@ -158,7 +153,7 @@ fn dense_labels(py: Python<'_>, ids: &Bound<'_, PyAny>, rows: usize) -> PyResult
 
 /// Plan a micro-batch. Shapes and dtypes are checked by the Python wrapper; the planner re-checks lengths.
 #[pyfunction]
-#[pyo3(signature = (prompt_ids, prompt_mask, completion_mask, group_sizes=None, group_ids=None))]
+#[pyo3(signature = (prompt_ids, prompt_mask, completion_mask, group_sizes=None, group_ids=None, windows=None))]
 fn make_plan(
     py: Python<'_>,
     prompt_ids: PyTensor,
@@ -166,7 +161,12 @@ fn make_plan(
     completion_mask: PyTensor,
     group_sizes: Option<Vec<usize>>,
     group_ids: Option<Bound<'_, PyAny>>,
+    windows: Option<Vec<usize>>,
 ) -> PyResult<PyPlan> {
+    let windows = windows.unwrap_or_default();
+    if windows.contains(&0) {
+        return Err(PyValueError::new_err("windows: every sliding window must be at least 1 token"));
+    }
     let (ps, cs) = (prompt_ids.size(), completion_mask.size());
     if ps.len() != 2 || cs.len() != 2 {
         return Err(PyValueError::new_err("prompt_ids and completion_mask must be 2-D [B, L]"));
@@ -201,7 +201,7 @@ fn make_plan(
         completion_mask: &cmask,
     };
     let host_plan = py.allow_threads(|| planner::plan(&batch, grouping)).map_err(|e| PyValueError::new_err(e.to_string()))?;
-    let inner = DevicePlan::new(host_plan, device).map_err(torch_err)?;
+    let inner = DevicePlan::new(host_plan, device, &windows).map_err(torch_err)?;
     Ok(PyPlan { inner })
 }
 
@@ -211,12 +211,14 @@ static MATH: runs::Runs<runs::Math> = runs::Runs(runs::Math);
 /// The backend for these inputs. `name` forces one ("cpu_flash", "math", "flash", "cudnn", "cudnn_views", "auto");
 /// by default:
 /// CPU → ATen's CPU flash kernel; CUDA fp16/bf16 → "auto" (cuDNN for one-batch calls, flash-attention 2 varlen
-/// otherwise); CUDA fp32/fp64 → the explicit-math kernel.
-fn kernels_for(q: &Tensor, name: Option<&str>) -> PyResult<&'static dyn Kernels> {
+/// otherwise); CUDA fp32/fp64 → the explicit-math kernel. A sliding-window layer (`window`) needs a kernel that
+/// takes a window: flash-attention 2 on CUDA (which "auto" picks), the explicit-math kernel elsewhere.
+fn kernels_for(q: &Tensor, name: Option<&str>, window: Option<usize>) -> PyResult<&'static dyn Kernels> {
     let device = q.device();
     let half = matches!(q.kind(), Kind::Half | Kind::BFloat16);
     let name = match (name, device) {
         (Some(n), _) => n,
+        (None, Device::Cpu) if window.is_some() => "math",
         (None, Device::Cpu) => "cpu_flash",
         (None, Device::Cuda(_)) if half => "auto",
         (None, Device::Cuda(_)) => "math",
@@ -224,6 +226,11 @@ fn kernels_for(q: &Tensor, name: Option<&str>) -> PyResult<&'static dyn Kernels>
             return Err(PyNotImplementedError::new_err(format!("shared_prefix.attention: no backend for {other:?}")))
         }
     };
+    if let (Some(w), "cpu_flash" | "cudnn" | "cudnn_views") = (window, name) {
+        return Err(PyValueError::new_err(format!(
+            "kernels: {name:?} takes no sliding window (window={w}); use \"math\", or \"flash\"/\"auto\" on CUDA"
+        )));
+    }
     match (name, device) {
         ("math", _) => Ok(&MATH),
         ("cpu_flash", Device::Cpu) => Ok(&CPU_FLASH),
@@ -293,7 +300,7 @@ fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, plan: &DevicePlan) -> PyResult<
 
 /// Forward of shared-prefix attention. Returns `(out [T, Hq, D], lse [T, Hq])`.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, plan, scale, kernels=None))]
+#[pyo3(signature = (q, k, v, plan, scale, kernels=None, window=None))]
 fn attention_forward(
     q: PyTensor,
     k: PyTensor,
@@ -301,18 +308,34 @@ fn attention_forward(
     plan: &PyPlan,
     scale: f64,
     kernels: Option<&str>,
+    window: Option<usize>,
 ) -> PyResult<(PyTensor, PyTensor)> {
     let p = &plan.inner;
     check_qkv(&q, &k, &v, p)?;
-    let kern = kernels_for(&q, kernels)?;
+    check_window(p, window)?;
+    let kern = kernels_for(&q, kernels, window)?;
     // The GIL stays held: libtorch ops here are short, and tch tensors are not Sync.
-    let (o, l) = executor::forward(kern, p, &q, &k, &v, scale).map_err(torch_err)?;
+    let (o, l) = executor::forward(kern, p, &q, &k, &v, scale, window).map_err(torch_err)?;
     Ok((PyTensor(o), PyTensor(l)))
+}
+
+/// A window must be one the plan was made with (its key tables live on the device already: building them here
+/// would copy host→device inside a layer).
+fn check_window(p: &DevicePlan, window: Option<usize>) -> PyResult<()> {
+    match window {
+        Some(w) if p.window_tables(w).is_none() => Err(PyValueError::new_err(format!(
+            "window: the plan holds no key tables for a sliding window of {w} (it has {:?}); make the plan with \
+             windows=[{w}, ...] (windows of at least the longest row, {}, need none: pass window=None)",
+            p.windows(),
+            p.host.max_seqlen()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Exact backward of shared-prefix attention. Returns `(dq, dk, dv)`.
 #[pyfunction]
-#[pyo3(signature = (dout, q, k, v, out, lse, plan, scale, kernels=None))]
+#[pyo3(signature = (dout, q, k, v, out, lse, plan, scale, kernels=None, window=None))]
 #[allow(clippy::too_many_arguments)]
 fn attention_backward(
     dout: PyTensor,
@@ -324,9 +347,11 @@ fn attention_backward(
     plan: &PyPlan,
     scale: f64,
     kernels: Option<&str>,
+    window: Option<usize>,
 ) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
     let p = &plan.inner;
     check_qkv(&q, &k, &v, p)?;
+    check_window(p, window)?;
     if dout.size() != q.size() || out.size() != q.size() {
         return Err(PyValueError::new_err("dout/out: shape must equal q's"));
     }
@@ -338,8 +363,9 @@ fn attention_backward(
             lse.kind()
         )));
     }
-    let kern = kernels_for(&q, kernels)?;
-    let (dq, dk, dv) = executor::backward(kern, p, &dout, &q, &k, &v, &out, &lse, scale).map_err(torch_err)?;
+    let kern = kernels_for(&q, kernels, window)?;
+    let (dq, dk, dv) =
+        executor::backward(kern, p, &dout, &q, &k, &v, &out, &lse, scale, window).map_err(torch_err)?;
     Ok((PyTensor(dq), PyTensor(dk), PyTensor(dv)))
 }
 
@@ -413,7 +439,7 @@ fn make_compat_plan<'py>(
         .and_then(|t| t.f_view([layout.groups as i64, layout.width as i64]))
         .map_err(torch_err)?;
     out.set_item("padding_mask", PyTensor(mask))?;
-    let inner = DevicePlan::new(host_plan, device).map_err(torch_err)?;
+    let inner = DevicePlan::new(host_plan, device, &[]).map_err(torch_err)?;
     Ok((PyPlan { inner }, out, (layout.width, layout.max_prefix, layout.max_suffix)))
 }
 

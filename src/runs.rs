@@ -9,10 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tch::{Kind, Tensor};
 
 /// Attention on dense batches. `lse` is `[batch, Hq, Lq]`; GQA (`Hkv < Hq`) must be supported.
+/// `window`: a sliding window on a causal call (see `Segments::window`); kernels without one refuse it.
 pub trait Dense {
-    fn fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<(Tensor, Tensor)>;
+    fn fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, window: Option<usize>, scale: f64)
+        -> Result<(Tensor, Tensor)>;
     /// `s` holds dense batches: `[batch, H, L, D]` tensors and `lse` `[batch, Hq, Lq]`.
-    fn bwd(&self, s: &Saved, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)>;
+    fn bwd(&self, s: &Saved, causal: bool, window: Option<usize>, scale: f64) -> Result<(Tensor, Tensor, Tensor)>;
 
     /// See `Kernels::token_major`.
     fn token_major(&self) -> bool {
@@ -58,6 +60,7 @@ impl<D: Dense> Kernels for Runs<D> {
                 &batched(k, r.k_start, r.count, r.k_len)?,
                 &batched(v, r.k_start, r.count, r.k_len)?,
                 causal,
+                seg.window,
                 scale,
             )?;
             outs.push(unbatched(&o)?);
@@ -79,7 +82,7 @@ impl<D: Dense> Kernels for Runs<D> {
             let (dout, q, k, v, out) = (rows(s.dout)?, rows(s.q)?, keys(s.k)?, keys(s.v)?, rows(s.out)?);
             let lse = batched_lse(s.lse, r.q_start, r.count, r.q_len)?;
             let batch = Saved { dout: &dout, q: &q, k: &k, v: &v, out: &out, lse: &lse };
-            let (g_q, g_k, g_v) = self.0.bwd(&batch, causal, scale)?;
+            let (g_q, g_k, g_v) = self.0.bwd(&batch, causal, seg.window, scale)?;
             let (qn, kn) = ((r.count * r.q_len) as i64, (r.count * r.k_len) as i64);
             dq.f_narrow(0, r.q_start as i64, qn)?.f_copy_(&unbatched(&g_q)?)?;
             dk.f_narrow(0, r.k_start as i64, kn)?.f_copy_(&unbatched(&g_k)?)?;
@@ -92,12 +95,23 @@ impl<D: Dense> Kernels for Runs<D> {
 /// ATen's flash attention for CPU: returns the log-sum-exp, takes GQA natively, accepts strided views.
 pub struct CpuFlash;
 
+/// The error of a kernel asked for a sliding window it cannot apply (kernel selection never asks; a guard).
+pub fn no_window(kernel: &str, window: Option<usize>) -> Result<()> {
+    match window {
+        Some(w) => Err(tch::TchError::Kind(format!("the {kernel} kernel takes no sliding window (window={w})"))),
+        None => Ok(()),
+    }
+}
+
 impl Dense for CpuFlash {
-    fn fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<(Tensor, Tensor)> {
+    fn fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, window: Option<usize>, scale: f64)
+        -> Result<(Tensor, Tensor)> {
+        no_window("cpu_flash", window)?;
         Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, None::<Tensor>, scale)
     }
 
-    fn bwd(&self, s: &Saved, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    fn bwd(&self, s: &Saved, causal: bool, window: Option<usize>, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+        no_window("cpu_flash", window)?;
         Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
             s.dout, s.q, s.k, s.v, s.out, s.lse, 0.0, causal, None::<Tensor>, scale,
         )
@@ -135,15 +149,21 @@ impl Math {
     }
 
     /// Scaled scores `[b, Hq, rows, Lk]` of query rows `[r0, r0 + rows)` out of `lq`, with the causal mask applied
-    /// (bottom-right aligned, as flash kernels do).
-    fn scores(q: &Tensor, k: &Tensor, causal: bool, scale: f64, r0: i64, lq: i64) -> Result<Tensor> {
+    /// (bottom-right aligned, as flash kernels do) and, with a window `w`, the keys more than `w - 1` before each
+    /// query's diagonal masked too.
+    fn scores(q: &Tensor, k: &Tensor, causal: bool, window: Option<usize>, scale: f64, r0: i64, lq: i64)
+        -> Result<Tensor> {
         let s = q.f_matmul(&k.f_transpose(-2, -1)?)?.f_mul(&host_scalar(scale)?)?;
         if !causal {
             return Ok(s);
         }
         let (rows, lk) = (q.size()[2], k.size()[2]);
-        let future = Tensor::f_ones([rows, lk], (Kind::Bool, q.device()))?.f_triu(1 + lk - lq + r0)?;
-        s.f_masked_fill_tensor(&future, &host_scalar(f64::NEG_INFINITY)?)
+        let ones = Tensor::f_ones([rows, lk], (Kind::Bool, q.device()))?;
+        let mut hidden = ones.f_triu(1 + lk - lq + r0)?;
+        if let Some(w) = window {
+            let _ = hidden.f_logical_or_(&ones.f_tril(lk - lq + r0 - w as i64)?)?;
+        }
+        s.f_masked_fill_tensor(&hidden, &host_scalar(f64::NEG_INFINITY)?)
     }
 
     /// `acc += x` in `acc`'s dtype, or `x` itself (upcast to `kind`) for the first block.
@@ -158,8 +178,32 @@ impl Math {
     }
 }
 
+/// fp16/bf16 operands go through the math kernel in fp32, as flash kernels accumulate them, and its outputs are
+/// rounded once (in their own dtype every matmul, the softmax and the probabilities would round: 2-4x the error of
+/// SDPA's CPU kernel, measured on the CPU at bf16). fp32/fp64 run as they are.
+fn math_operand(x: &Tensor) -> Result<Tensor> {
+    if matches!(x.kind(), Kind::Half | Kind::BFloat16) { x.f_to_kind(Kind::Float) } else { Ok(x.shallow_clone()) }
+}
+
 impl Dense for Math {
-    fn fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<(Tensor, Tensor)> {
+    fn fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, window: Option<usize>, scale: f64)
+        -> Result<(Tensor, Tensor)> {
+        let (o, lse) = Math::fwd_work(&math_operand(q)?, &math_operand(k)?, &math_operand(v)?, causal, window, scale)?;
+        Ok((o.f_to_kind(q.kind())?, lse))
+    }
+
+    fn bwd(&self, s: &Saved, causal: bool, window: Option<usize>, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+        let (dout, q, k, v, out) =
+            (math_operand(s.dout)?, math_operand(s.q)?, math_operand(s.k)?, math_operand(s.v)?, math_operand(s.out)?);
+        let work = Saved { dout: &dout, q: &q, k: &k, v: &v, out: &out, lse: s.lse };
+        let (dq, dk, dv) = Math::bwd_work(&work, causal, window, scale)?;
+        Ok((dq.f_to_kind(s.q.kind())?, dk.f_to_kind(s.k.kind())?, dv.f_to_kind(s.v.kind())?))
+    }
+}
+
+impl Math {
+    fn fwd_work(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, window: Option<usize>, scale: f64)
+        -> Result<(Tensor, Tensor)> {
         let hq = q.size()[1];
         let (k, v) = (Math::expand_heads(k, hq)?, Math::expand_heads(v, hq)?);
         let (lq, lk) = (q.size()[2], k.size()[2]);
@@ -167,7 +211,7 @@ impl Dense for Math {
         let (mut outs, mut lses) = (Vec::new(), Vec::new());
         for r0 in (0..lq).step_by(block as usize) {
             let qb = q.f_narrow(2, r0, block.min(lq - r0))?;
-            let s = Math::scores(&qb, &k, causal, scale, r0, lq)?;
+            let s = Math::scores(&qb, &k, causal, window, scale, r0, lq)?;
             let lse = s.f_logsumexp(&[-1i64][..], false)?;
             let p = s.f_sub(&lse.f_unsqueeze(-1)?)?.f_exp()?;
             outs.push(p.f_matmul(&v)?);
@@ -179,7 +223,7 @@ impl Dense for Math {
         Ok((Tensor::f_cat(&outs, 2)?, Tensor::f_cat(&lses, 2)?))
     }
 
-    fn bwd(&self, s: &Saved, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    fn bwd_work(s: &Saved, causal: bool, window: Option<usize>, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
         let Saved { dout, q, k, v, out, lse } = *s;
         let (hq, hkv) = (q.size()[1], k.size()[1]);
         let (ke, ve) = (Math::expand_heads(k, hq)?, Math::expand_heads(v, hq)?);
@@ -195,7 +239,7 @@ impl Dense for Math {
             let (qb, dob, ob) = (rows(q)?, rows(dout)?, rows(out)?);
             let lb = lse.f_narrow(2, r0, n)?;
             // P from the merged lse: the probabilities of this call's keys within the full softmax.
-            let p = Math::scores(&qb, &ke, causal, scale, r0, lq)?
+            let p = Math::scores(&qb, &ke, causal, window, scale, r0, lq)?
                 .f_sub(&lb.f_to_kind(q.kind())?.f_unsqueeze(-1)?)?
                 .f_exp()?;
             dv = Math::accumulate(dv, p.f_transpose(-2, -1)?.f_matmul(&dob)?, acc)?;

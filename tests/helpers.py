@@ -7,15 +7,23 @@ import math
 import torch
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Standard causal attention of one sequence, ``[L, Hq, D]`` × ``[L, Hkv, D]``, written out in full."""
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window=None,
+                     sinks=None) -> torch.Tensor:
+    """Standard causal attention of one sequence, ``[L, Hq, D]`` × ``[L, Hkv, D]``, written out in full; with a
+    sliding ``window``, token i sees tokens i - window + 1 ..= i (transformers' definition); with ``sinks [Hq]``,
+    each head's softmax also covers one logit per query (GPT-OSS), whose probability is then dropped."""
     rep = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
     n = q.shape[0]
     future = torch.triu(torch.ones(n, n, dtype=torch.bool, device=q.device), diagonal=1)
+    if window is not None:
+        future |= torch.tril(torch.ones(n, n, dtype=torch.bool, device=q.device), diagonal=-window)
     scores = scores.masked_fill(future, -math.inf)
+    if sinks is not None:
+        column = sinks[:, None, None].expand(-1, n, 1)
+        return torch.einsum("hqk,khd->qhd", torch.cat([scores, column], -1).softmax(-1)[..., :-1], v)
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 

@@ -35,29 +35,29 @@ def build_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuf
     return prompts, rows, prompt_ids, hq
 
 
-def run_case(prompts, rows, prompt_ids, left_prompt, left_completion, scale, kernels=None):
+def run_case(prompts, rows, prompt_ids, left_prompt, left_completion, scale, kernels=None, window=None):
     lp = max(p["len"] for p in prompts) + 1
     lc = max([r["q"].shape[0] for r in rows] + [0]) + 1
     pid, pmask = padded(prompt_ids, lp, left_prompt)
     cid, cmask = padded([torch.arange(r["q"].shape[0]) + 7 for r in rows], lc, left_completion)
-    plan = sp.plan(pid, pmask, cid, cmask)
+    plan = sp.plan(pid, pmask, cid, cmask, windows=None if window is None else [window])
 
     packed = {}
     for name in ("q", "k", "v"):
         px, _ = padded([prompts[r["group"]][name] for r in rows], lp, left_prompt)
         cx, _ = padded([r[name] for r in rows], lc, left_completion)
         packed[name] = plan.pack(px, cx)[0]
-    out = sp.attention(packed["q"], packed["k"], packed["v"], plan, scale=scale, kernels=kernels)
+    out = sp.attention(packed["q"], packed["k"], packed["v"], plan, scale=scale, kernels=kernels, window=window)
     return plan, out, cmask
 
 
-def reference(prompts, rows, scale):
+def reference(prompts, rows, scale, window=None):
     """Per row: [prompt, completion] alone; returns prompt outputs per group and completion outputs per row."""
     prompt_out, comp_out = {}, []
     for r in rows:
         p = prompts[r["group"]]
         q, k, v = (torch.cat([p[n], r[n]]) for n in ("q", "k", "v"))
-        o = causal_attention(q, k, v, scale)
+        o = causal_attention(q, k, v, scale, window)
         prompt_out.setdefault(r["group"], o[: p["len"]])
         comp_out.append(o[p["len"] :])
     return prompt_out, comp_out
@@ -84,15 +84,16 @@ def leaves(prompts, rows):
     return [p[n] for p in prompts for n in ("q", "k", "v")] + [r[n] for r in rows for n in ("q", "k", "v")]
 
 
-def check_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle, kernels=None, value_dim=None):
+def check_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle, kernels=None, value_dim=None,
+               window=None):
     prompts, rows, prompt_ids, _ = build_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle)
     if value_dim is not None:  # values with their own head dim (multi-head latent attention)
         g = torch.Generator().manual_seed(seed + 2)
         for x in prompts + rows:
             x["v"] = torch.randn(x["v"].shape[0], hkv, value_dim, generator=g, dtype=torch.float64).requires_grad_()
     scale = dim**-0.5 * (1.3 if seed % 2 else 1.0)
-    plan, out, cmask = run_case(prompts, rows, prompt_ids, left_prompt, left_completion, scale, kernels)
-    prompt_out, comp_out = reference(prompts, rows, scale)
+    plan, out, cmask = run_case(prompts, rows, prompt_ids, left_prompt, left_completion, scale, kernels, window)
+    prompt_out, comp_out = reference(prompts, rows, scale, window)
     compare(prompts, rows, plan, out, cmask, prompt_out, comp_out)
 
     # Gradients: the same scalar loss on both sides (each prompt output counted once, every completion output).
@@ -142,6 +143,103 @@ def test_matches_per_row_attention(seed, groups, hkv, ratio, dim, left_prompt, l
     # Both CPU backends: ATen's CPU flash kernel (the default) and the explicit-math kernel (CUDA's fp32 path).
     for kernels in ("cpu_flash", "math"):
         check_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle, kernels)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    groups=group_strategy,
+    hkv=st.sampled_from([1, 2]),
+    ratio=st.sampled_from([1, 3]),
+    window=st.one_of(st.integers(1, 6), st.integers(7, 80)),
+    left_prompt=st.booleans(),
+    left_completion=st.booleans(),
+    shuffle=st.booleans(),
+)
+def test_sliding_window_matches_per_row_attention(seed, groups, hkv, ratio, window, left_prompt, left_completion,
+                                                  shuffle):
+    """Sliding-window layers (each token sees itself and the window - 1 tokens before it in its own row): windows
+    shorter than the completion, than the prompt, and longer than every row; the default kernel (the explicit-math
+    one on CPU) and a forced one. Values and gradients against per-row windowed attention in fp64."""
+    for kernels in (None, "math"):
+        check_case(seed, groups, hkv, ratio, 8, left_prompt, left_completion, shuffle, kernels, window=window)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("kernels", ["cpu_flash", "math"])
+def test_attention_sinks(window, kernels):
+    """GPT-OSS's sinks (one extra logit per head in every softmax, zero value), with and without a sliding window:
+    values and the gradients of q, k, v and the sinks against per-row attention in fp64."""
+    if window is not None and kernels == "cpu_flash":
+        kernels = None  # the CPU flash kernel takes no window
+    prompts, rows, prompt_ids, hq = build_case(9, [(11, [4, 0, 6]), (3, [5]), (7, [1, 2])], 2, 2, 8, True, False, True)
+    sinks = torch.randn(hq, generator=torch.Generator().manual_seed(4), dtype=torch.float64).requires_grad_()
+    pid, pmask, cid, cmask = _plan_inputs(prompt_ids, rows)
+    plan = sp.plan(pid, pmask, cid, cmask, windows=None if window is None else [window])
+    lp, lc = pid.shape[1], cid.shape[1]
+    packed = {}
+    for name in ("q", "k", "v"):
+        px, _ = padded([prompts[r["group"]][name] for r in rows], lp, True)
+        cx, _ = padded([r[name] for r in rows], lc, False)
+        packed[name] = plan.pack(px, cx)[0]
+    out = sp.attention(packed["q"], packed["k"], packed["v"], plan, scale=0.4, kernels=kernels, window=window,
+                       sinks=sinks)
+    ours_comp = plan.unpack_completions(out[plan.prefix_tokens :])
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    w_comp = plan.unpack_completions(w[plan.prefix_tokens :])
+    loss, ref_loss = 0, 0
+    for i, r in enumerate(rows):
+        p = prompts[r["group"]]
+        ref = causal_attention(*(torch.cat([p[n], r[n]]) for n in ("q", "k", "v")), 0.4, window, sinks)[p["len"]:]
+        got = ours_comp[i][cmask[i]]
+        assert rel(got, ref) < 1e-10 if ref.numel() else got.numel() == 0
+        loss, ref_loss = loss + (got * w_comp[i][cmask[i]]).sum(), ref_loss + (ref * w_comp[i][cmask[i]]).sum()
+    first = {}
+    for r in rows:
+        first.setdefault(r["group"], r)
+    for (gi, r), got, wp in zip(first.items(), torch.split(out[: plan.prefix_tokens], [prompts[g]["len"] for g in first]),
+                                torch.split(w[: plan.prefix_tokens], [prompts[g]["len"] for g in first])):
+        p = prompts[gi]
+        ref = causal_attention(p["q"], p["k"], p["v"], 0.4, window, sinks)
+        assert rel(got, ref) < 1e-10
+        loss, ref_loss = loss + (got * wp).sum(), ref_loss + (ref * wp).sum()
+    inputs = leaves(prompts, rows) + [sinks]
+    ours = torch.autograd.grad(loss, inputs, allow_unused=True)
+    refs = torch.autograd.grad(ref_loss, inputs, allow_unused=True)
+    assert refs[-1].abs().max() > 1e-3  # the sinks do get a gradient
+    for a, b in zip(ours, refs):
+        a = torch.zeros_like(b) if a is None and b is not None else a
+        if b is not None:
+            assert (a - b).norm() <= 1e-10 * b.norm() + 1e-13
+
+
+def test_sliding_window_arguments():
+    prompts, rows, prompt_ids, _ = build_case(5, [(9, [3, 4]), (6, [2])], 2, 2, 8, True, False, False)
+    plan, _, _ = run_case(prompts, rows, prompt_ids, True, False, 0.3, window=4)
+    assert plan.windows == [4]
+    q, k, v = (torch.randn(plan.num_tokens, h, 8, dtype=torch.float64) for h in (4, 2, 2))
+    with pytest.raises(ValueError, match="window: the plan holds no key tables for a sliding window of 3"):
+        sp.attention(q, k, v, plan, window=3)
+    with pytest.raises(ValueError, match="kernels: \"cpu_flash\" takes no sliding window"):
+        sp.attention(q, k, v, plan, window=4, kernels="cpu_flash")
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="window: expected a positive int"):
+            sp.attention(q, k, v, plan, window=bad)
+    with pytest.raises(ValueError, match="windows: expected a list of positive ints"):
+        sp.plan(*_plan_inputs(prompt_ids, rows), windows=[0])
+    # A window as long as the longest row cuts nothing: no tables, the plain path, the same result.
+    assert plan.max_seqlen == 13
+    long = sp.plan(*_plan_inputs(prompt_ids, rows), windows=[13, 50])
+    assert long.windows == []
+    torch.testing.assert_close(sp.attention(q, k, v, long, window=13), sp.attention(q, k, v, long), rtol=0, atol=0)
+
+
+def _plan_inputs(prompt_ids, rows):
+    lp = max(p.shape[0] for p in prompt_ids) + 1
+    lc = max(r["q"].shape[0] for r in rows) + 1
+    pid, pmask = padded(prompt_ids, lp, True)
+    cid, cmask = padded([torch.arange(r["q"].shape[0]) + 7 for r in rows], lc, False)
+    return pid, pmask, cid, cmask
 
 
 @pytest.mark.parametrize(

@@ -30,13 +30,16 @@ def packed_on(plan, prompts, rows, lp, lc, left_prompt, left_completion, dtype):
     return moved_p, moved_r, packed
 
 
-def stock_low_precision(prompts, rows, scale, dtype):
+def stock_low_precision(prompts, rows, scale, dtype, window=None):
     """Per-row attention in ``dtype`` on the GPU (SDPA), for the noise floor of that dtype."""
     outs = []
     for r in rows:
         p = prompts[r["group"]]
         q, k, v = (torch.cat([p[n], r[n]]).to(DEV, dtype).transpose(0, 1)[None] for n in ("q", "k", "v"))
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        n = q.shape[2]
+        i = torch.arange(n, device=DEV)
+        keep = (i[None, :] <= i[:, None]) & ((i[None, :] > i[:, None] - window) if window else True)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=True)
         outs.append(o[0].transpose(0, 1)[p["len"] :].double().cpu())
     return outs
 
@@ -49,6 +52,18 @@ def stock_low_precision(prompts, rows, scale, dtype):
 )
 @pytest.mark.parametrize("left", [True, False])
 def test_attention_against_fp64(dtype, kernels, left):
+    check_against_fp64(dtype, kernels, left)
+
+
+@pytest.mark.parametrize("dtype,kernels", [(torch.bfloat16, None), (torch.float16, "flash"), (torch.float32, None)])
+@pytest.mark.parametrize("window", [16, 100])
+def test_sliding_window_against_fp64(dtype, kernels, window):
+    """Sliding-window layers: flash-attention 2 with a left window over each completion's gathered key run (fp16/
+    bf16), the explicit-math kernel's band mask (fp32); windows shorter than the completions and than the prompts."""
+    check_against_fp64(dtype, kernels, True, window)
+
+
+def check_against_fp64(dtype, kernels, left, window=None):
     groups = [(300, [40, 7, 0, 64]), (33, [5]), (129, [16, 16, 16])]
     prompts, rows, prompt_ids, _ = build_case(7, groups, 2, 4, 64, left, not left, True)
     scale = 64**-0.5
@@ -56,12 +71,12 @@ def test_attention_against_fp64(dtype, kernels, left):
     lc = max(r["q"].shape[0] for r in rows) + 1
     pid, pmask = padded(prompt_ids, lp, left)
     cid, cmask = padded([torch.arange(r["q"].shape[0]) + 7 for r in rows], lc, not left)
-    plan = sp.plan(pid.to(DEV), pmask.to(DEV), cid.to(DEV), cmask.to(DEV))
+    plan = sp.plan(pid.to(DEV), pmask.to(DEV), cid.to(DEV), cmask.to(DEV), windows=[window] if window else None)
     gp, gr, packed = packed_on(plan, prompts, rows, lp, lc, left, not left, dtype)
-    out = sp.attention(packed["q"], packed["k"], packed["v"], plan, scale=scale, kernels=kernels)
+    out = sp.attention(packed["q"], packed["k"], packed["v"], plan, scale=scale, kernels=kernels, window=window)
     assert out.dtype == dtype and out.is_cuda
 
-    _, comp_ref = reference(prompts, rows, scale)
+    _, comp_ref = reference(prompts, rows, scale, window)
     ours = plan.unpack_completions(out[plan.prefix_tokens :]).double().cpu()
     got = torch.cat([ours[i][cmask[i]] for i in range(len(rows))])
     want = torch.cat(comp_ref)
@@ -69,7 +84,7 @@ def test_attention_against_fp64(dtype, kernels, left):
     if dtype == torch.float32:
         assert err < 1e-5, err
     else:
-        stock = torch.cat(stock_low_precision(prompts, rows, scale, dtype))
+        stock = torch.cat(stock_low_precision(prompts, rows, scale, dtype, window))
         floor = rel(stock, want.detach())
         assert err < 2e-2 and err <= 2 * floor + 1e-3, (err, floor)
 
@@ -79,7 +94,7 @@ def test_attention_against_fp64(dtype, kernels, left):
     first = {}
     for i, r in enumerate(rows):
         first.setdefault(r["group"], i)
-    prompt_ref, _ = reference(prompts, rows, scale)
+    prompt_ref, _ = reference(prompts, rows, scale, window)
     w_pr = torch.split(w[: plan.prefix_tokens], [prompts[g]["len"] for g in first])
     w_c = plan.unpack_completions(w[plan.prefix_tokens :].to(DEV)).cpu()
     loss = sum((prompt_ref[g] * wp).sum() for g, wp in zip(first, w_pr))
@@ -92,21 +107,23 @@ def test_attention_against_fp64(dtype, kernels, left):
         assert rel(a.double().cpu(), b) < tol
 
 
-@pytest.mark.parametrize("kernels", [None, "cudnn", "cudnn_views", "flash"])
-def test_zero_syncs_in_attention_forward_backward(kernels):
+@pytest.mark.parametrize("kernels,window", [(None, None), ("cudnn", None), ("cudnn_views", None), ("flash", None),
+                                            (None, 32)])
+def test_zero_syncs_in_attention_forward_backward(kernels, window):
     prompts, rows, prompt_ids, _ = build_case(1, [(512, [64] * 8), (100, [3, 90])], 2, 4, 64, True, False, True)
     lp = max(p["len"] for p in prompts) + 1
     lc = max(r["q"].shape[0] for r in rows) + 1
     pid, pmask = padded(prompt_ids, lp, True)
     cid, cmask = padded([torch.arange(r["q"].shape[0]) + 7 for r in rows], lc, False)
-    plan = sp.plan(pid.to(DEV), pmask.to(DEV), cid.to(DEV), cmask.to(DEV))  # the plan may sync (one D2H read)
+    # The plan may sync (one D2H read); its window tables go up in its one H2D copy.
+    plan = sp.plan(pid.to(DEV), pmask.to(DEV), cid.to(DEV), cmask.to(DEV), windows=[window] if window else None)
     _, _, packed = packed_on(plan, prompts, rows, lp, lc, True, False, torch.bfloat16)
     q, k, v = (packed[n].detach().requires_grad_() for n in ("q", "k", "v"))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(2):
-            out = sp.attention(q, k, v, plan, kernels=kernels)
+            out = sp.attention(q, k, v, plan, kernels=kernels, window=window)
             out.float().square().sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -136,11 +153,12 @@ def test_zero_syncs_in_model_layers():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_completion_logprobs_on_gpu(dtype):
-    model64 = tiny_model("qwen2")  # fp64 CPU reference
+@pytest.mark.parametrize("family,extra", [("qwen2", {}), ("mistral", {"sliding_window": 4})], ids=["full", "window"])
+def test_completion_logprobs_on_gpu(dtype, family, extra):
+    model64 = tiny_model(family, **extra)  # fp64 CPU reference
     rows, pid, pmask, cid, cmask = make_batch()
     ref, _ = stock_logprobs(model64, rows, cid.shape[1], 0.8)
-    model = tiny_model("qwen2", dtype=dtype).to(DEV)
+    model = tiny_model(family, dtype=dtype, **extra).to(DEV)
     sp.hf.enable_checkpointing(model)
     model.train()
     lp = sp.completion_logprobs(model, pid.to(DEV), pmask.to(DEV), cid.to(DEV), cmask.to(DEV), temperature=0.8)

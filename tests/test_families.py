@@ -1,6 +1,6 @@
 """completion_logprobs against each row run alone through the stock model (fp64), over many more decoder families
 than test_hf's five: dense, MoE (experts run eagerly: the grouped-matmul kernels take no fp64), absolute and
-rotary positions, MLA, QK norms, biases. One forward and backward each, no checkpointing (test_hf covers that).
+rotary positions, MLA, QK norms, biases, sliding windows shorter than every row, GPT-OSS's attention sinks. One forward and backward each, no checkpointing (test_hf covers that).
 A family that this transformers lacks is skipped; `make test` runs this file over two transformers versions."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from test_hf import VOCAB, make_batch, param_grads, stock_logprobs
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, max_position_embeddings=256, attention_dropout=0.0, pad_token_id=0)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
-WINDOW = dict(sliding_window=4096)  # longer than any row: the window never cuts
+WINDOW = dict(sliding_window=3)  # shorter than every row: sliding layers use their own key runs
 # config class -> its own arguments. Dropouts that act on hidden states (not attention) are zeroed: they are random
 # in train mode in the stock model too, so no comparison would hold.
 FAMILIES = {
@@ -35,6 +35,7 @@ FAMILIES = {
     "Gemma3TextConfig": dict(WINDOW, query_pre_attn_scalar=8),
     "GlmConfig": {},
     "Glm4Config": {},
+    "GptOssConfig": dict(WINDOW, num_local_experts=4, num_experts_per_tok=2),  # sinks; eager-only in transformers
     "GraniteConfig": {},
     "HeliumConfig": {},
     "HunYuanDenseV1Config": {},
@@ -65,9 +66,13 @@ def build(cls_name: str, extra: dict, attn: str = "sdpa"):
     return model.train()  # the trainer's mode: every dropout left is 0
 
 
+# Families transformers runs on eager attention only (no sdpa): the stock reference is eager, in fp64 here.
+EAGER = {"GptOssConfig"}
+
+
 @pytest.mark.parametrize("cls_name", sorted(FAMILIES))
 def test_family_matches_stock(cls_name):
-    model = build(cls_name, FAMILIES[cls_name])
+    model = build(cls_name, FAMILIES[cls_name], attn="eager" if cls_name in EAGER else "sdpa")
     rows, pid, pmask, cid, cmask = make_batch()
     w = torch.randn(cid.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     ref_lp, ref_ent = stock_logprobs(model, rows, cid.shape[1], 0.7)
@@ -81,12 +86,3 @@ def test_family_matches_stock(cls_name):
     assert grads.keys() == ref_grads.keys()
     worst = max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-300)).item() for n in grads)
     assert worst <= 1e-6, worst
-
-
-def test_attention_sinks_are_refused():
-    """GPT-OSS adds a learned sink logit to each head's softmax (``s_aux``), which our kernels do not take: refused
-    by name rather than dropped."""
-    model = build("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, **WINDOW), attn="eager")
-    _, pid, pmask, cid, cmask = make_batch()
-    with pytest.raises(sp.UnsupportedModelError, match="sinks"):
-        sp.completion_logprobs(model, pid, pmask, cid, cmask)

@@ -200,12 +200,51 @@ def test_direct_model_call_with_plan():
     assert (lp - ref_lp).abs().max().item() <= 1e-9
 
 
+@pytest.mark.parametrize("family,extra", [
+    ("mistral", {"sliding_window": 4}),  # every layer
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}),  # layer 1 only
+    ("mistral", {"sliding_window": 2}),  # the previous token only (window 1 is covered at attention level: q/k get
+    # no gradient there, which a relative comparison of rounding noise cannot judge)
+])
+@pytest.mark.parametrize("grad_ckpt", [False, True], ids=["no-ckpt", "ckpt"])
+def test_sliding_window_layers_match_stock(family, extra, grad_ckpt):
+    """Windows shorter than the prompts and the completions: each completion's keys are its prompt's tail and
+    itself (exact, fp64, values, entropies and gradients)."""
+    check_family(family, grad_ckpt, **extra)
+
+
+def test_sliding_window_layers_of_gemma3():
+    """Gemma 3's pattern: sliding layers (window 3) between full ones, QK norms, tied embeddings."""
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=3, query_pre_attn_scalar=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], pad_token_id=0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(cfg).double()
+    assert sp.hf.model_windows(model) == [3]
+    rows, pid, pmask, cid, cmask = make_batch()
+    w = torch.randn(cid.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref, ref_ent = stock_logprobs(model, rows, cid.shape[1], 0.7)
+    ref_grads = param_grads(model, (ref * w).sum() + 0.1 * (ref_ent * w).sum())
+    lp, ent = sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0.7, return_entropy=True)
+    assert (lp - ref).abs().max().item() <= 1e-9 and (ent - ref_ent).abs().max().item() <= 1e-9
+    grads = param_grads(model, (lp * w).sum() + 0.1 * (ent * w).sum())
+    assert max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in ref_grads) <= 1e-6
+
+
 class TestUnsupported:
-    def test_sliding_window_shorter_than_sequence(self):
+    def test_sliding_window_without_key_tables(self):
+        """A plan made without the model's window: the layers refuse it rather than attend past the window."""
         model = tiny_model("mistral", sliding_window=4)
         _, pid, pmask, cid, cmask = make_batch()
-        with pytest.raises(NotImplementedError, match="sliding_window=4"):
-            sp.completion_logprobs(model, pid, pmask, cid, cmask)
+        p = sp.plan(pid, pmask, cid, cmask)
+        sp.register()
+        model.set_attn_implementation("shared_prefix")
+        with pytest.raises(NotImplementedError, match="sliding_window=4 .* made without it"):
+            model(input_ids=p.input_ids, position_ids=p.position_ids, shared_prefix_plan=p)
+        assert sp.hf.unsupported_for(model, p) is not None
+        assert sp.hf.unsupported_for(model, sp.plan(pid, pmask, cid, cmask, windows=[4])) is None
 
     def test_attention_dropout_in_train_mode(self):
         model = tiny_model("llama", attention_dropout=0.1)

@@ -161,7 +161,8 @@ def test_lora_adapters_equal_stock(tmp_path):
 
 def _unsplittable_model(kind):
     """A model the plan cannot split: StableLM's decoder layers drop keyword arguments before attention (a property
-    of the class); a Qwen2 with a 4-token sliding window on every layer (a property of each long micro-batch)."""
+    of the class); a Qwen2 with a 4-token sliding window on every layer, for a plan made without its key tables (a
+    property of each long micro-batch)."""
     import transformers
 
     common = dict(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -174,9 +175,13 @@ def _unsplittable_model(kind):
 
 
 @pytest.mark.parametrize("kind", ["stablelm", "window"])
-def test_models_the_plan_cannot_split_fall_back_to_stock(tmp_path, caplog, kind):
+def test_models_the_plan_cannot_split_fall_back_to_stock(tmp_path, caplog, monkeypatch, kind):
     """Such a model trains exactly as with the stock trainer: the stock log-probs are used (logged once with the
     reason); a model class found unsplittable on its forward is not tried again."""
+    import shared_prefix.hf
+
+    if kind == "window":  # plans without the window's key tables: refused per micro-batch
+        monkeypatch.setattr(shared_prefix.hf, "model_windows", lambda model: [])
     path = tmp_path / "model"
     _unsplittable_model(kind).save_pretrained(path)
     ids, mask, lc = batch()
@@ -193,6 +198,31 @@ def test_models_the_plan_cannot_split_fall_back_to_stock(tmp_path, caplog, kind)
     reason = "0 attention call" if kind == "stablelm" else "sliding_window=4"
     assert caplog.text.count(reason) == 1, caplog.text
     assert bool(ours._shared_prefix_refused) == (kind == "stablelm")
+
+
+def test_sliding_window_model_runs_ours(tmp_path, caplog):
+    """A Qwen2 with a 4-token sliding window on every layer (shorter than every row): ours runs (no fallback) and
+    its log-probs, entropies and gradients equal the stock trainer's."""
+    path = tmp_path / "model"
+    _unsplittable_model("window").save_pretrained(path)
+    ids, mask, lc = batch()
+    out = []
+    for cls, sub in ((trl.GRPOTrainer, "stock"), (SharedPrefixGRPOTrainer, "ours")):
+        t = cls(model=str(path), reward_funcs=reward_len, args=config(tmp_path / sub), train_dataset=dataset(),
+                processing_class=tokenizer())
+        t.model.train()
+        t.model.zero_grad(set_to_none=True)
+        with caplog.at_level(logging.WARNING, logger="shared_prefix"):
+            logps, ent, _ = t._get_per_token_logps_and_entropies(t.model, ids, mask, lc, compute_entropy=True)
+        w = torch.randn(logps.shape, generator=torch.Generator().manual_seed(2))
+        ((logps * w).sum() + (ent * w).sum()).backward()
+        out.append((logps, ent, {n: p.grad.clone() for n, p in t.model.named_parameters()}, t))
+    (lp_s, ent_s, g_s, _), (lp_o, ent_o, g_o, ours) = out
+    assert "shared_prefix" not in caplog.text  # no fallback logged
+    assert len(ours._metrics["train"][METRIC]) == 1  # ours ran
+    assert (lp_o - lp_s).abs().max().item() <= 1e-6 and (ent_o - ent_s).abs().max().item() <= 1e-6
+    for n in g_s:
+        assert ((g_o[n] - g_s[n]).norm() / g_s[n].norm().clamp_min(1e-12)).item() <= 1e-5, n
 
 
 def test_attention_dropout_as_the_modules_apply_it(tmp_path, caplog):

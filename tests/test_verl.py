@@ -128,6 +128,26 @@ def test_plugin_matches_stock_engine(engine, remove_padding):
     spv.enable(False)
 
 
+def test_sliding_window_model_matches_stock_engine(engine):
+    """A Qwen2 with a 4-token sliding window on every layer (shorter than every sample): ours runs, exactly."""
+    cfg = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, use_sliding_window=True, sliding_window=4,
+                      max_window_layers=0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    engine.module = Qwen2ForCausalLM(cfg)
+    td, rmask = micro_batch(True)
+    resp = rmask.sum(1)
+    stock, g_stock = run(engine, td, enabled=False, resp_lens=resp)
+    ours, g_ours = run(engine, td, enabled=True, resp_lens=resp)
+    pos = response_positions(stock["log_probs"].offsets(), resp)
+    for key in ("log_probs", "entropy"):
+        assert (ours[key].values()[pos] - stock[key].values()[pos]).abs().max().item() <= 1e-5, key
+    for n in g_stock:
+        assert ((g_ours[n] - g_stock[n]).norm() / g_stock[n].norm().clamp_min(1e-12)).item() <= 1e-5, n
+    spv.enable(False)
+
+
 def test_bf16_autocast_as_close_as_stock(engine):
     """The engine's bf16 autocast over fp32 weights (no FSDP mixed-precision policy casting them): the model hands
     attention fp32 q/k beside a bf16 v. Ours runs and is as close to the fp32 computation as the stock engine under
@@ -170,6 +190,8 @@ def test_models_the_plan_cannot_split_run_stock(engine, caplog, monkeypatch, kin
         cfg = Qwen2Config(use_sliding_window=True, sliding_window=4, max_window_layers=0, **common)
         cfg._attn_implementation = "sdpa"
         engine.module = Qwen2ForCausalLM(cfg)
+        # Plans without the window's key tables, and the config-level check off: the layers find the window.
+        monkeypatch.setattr(spv.hf, "model_windows", lambda model: [])
         monkeypatch.setattr(spv.hf, "unsupported_for", lambda model, p: None)
     spv._state["refused"].clear()
     spv._state["said"].clear()  # reasons are logged once per process

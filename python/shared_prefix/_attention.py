@@ -17,12 +17,19 @@ class _SharedPrefixAttention(torch.autograd.Function):
     # The log-sum-exp of flash kernels is not differentiable, so autograd through the merge would be silently
     # wrong; the backward here calls each kernel's backward with the merged out/lse instead (DESIGN: exact backward).
     @staticmethod
-    def forward(ctx, q, k, v, core_plan, scale, kernels):  # type: ignore[override]
-        out, lse = _core.attention_forward(q, k, v, core_plan, scale, kernels)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, core_plan, scale, kernels, window, sinks):  # type: ignore[override]
+        out, lse = _core.attention_forward(q, k, v, core_plan, scale, kernels, window)
+        if sinks is not None:
+            # A sink is one more key per head with logit s_h and a zero value: it joins the softmax's denominator.
+            # The kernels' backward with the final out/lse stays exact (the sink adds nothing to rowsum(dO∘O)).
+            with_sink = torch.logaddexp(lse, sinks.to(lse.dtype))
+            out = (out.to(lse.dtype) * (lse - with_sink).exp_().unsqueeze(-1)).to(out.dtype)
+            lse = with_sink
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.core_plan = core_plan
         ctx.scale = scale
         ctx.kernels = kernels
+        ctx.window = window
         return out
 
     @staticmethod
@@ -31,11 +38,17 @@ class _SharedPrefixAttention(torch.autograd.Function):
             # create_graph=True: the kernels' backward is not differentiable. Refuse rather than return gradients
             # without their second-order terms.
             raise RuntimeError("shared_prefix.attention has no double backward (create_graph=True)")
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         # backward() may be called inside an autocast region; the kernels' backward runs in the forward's dtypes.
         with torch.autocast(q.device.type, enabled=False):
-            dq, dk, dv = _core.attention_backward(dout, q, k, v, out, lse, ctx.core_plan, ctx.scale, ctx.kernels)
-        return dq, dk, dv, None, None, None
+            dq, dk, dv = _core.attention_backward(dout, q, k, v, out, lse, ctx.core_plan, ctx.scale, ctx.kernels,
+                                                  ctx.window)
+            d_sinks = None
+            if sinks is not None and ctx.needs_input_grad[7]:
+                # d s_h = -Σ_rows p_sink · rowsum(dO∘O), p_sink = e^(s_h - lse).
+                row = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+                d_sinks = -((sinks.to(lse.dtype) - lse).exp() * row).sum(0).to(sinks.dtype)
+        return dq, dk, dv, None, None, None, None, d_sinks
 
 
 def attention(
@@ -46,6 +59,8 @@ def attention(
     *,
     scale: Optional[float] = None,
     kernels: Optional[str] = None,
+    window: Optional[int] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Shared-prefix attention on packed tensors.
 
@@ -54,12 +69,19 @@ def attention(
     Prompt tokens attend causally within their prompt; completion tokens attend to their group's whole prompt and
     causally to their own completion. Returns ``[T, Hq, Dv]``; forward and backward are exact.
 
+    ``window``: a sliding window as transformers defines it (each token sees itself and the ``window - 1`` tokens
+    before it in its own row). The plan must have been made with it (``plan(..., windows=[window])``) unless it is
+    at least ``plan.max_seqlen``, when it cuts nothing and is ignored.
+
+    ``sinks``: ``[Hq]`` attention-sink logits (GPT-OSS): each head's softmax also covers one key with that logit and
+    a zero value. Differentiable.
+
     ``kernels`` forces a backend (for tests and measurements): ``"cpu_flash"`` (ATen's CPU flash kernel, the CPU
     default), ``"auto"`` (CUDA fp16/bf16 default: cuDNN for calls that are one dense batch with ≥ 8192 keys,
     flash-attention 2 varlen otherwise), ``"flash"``, ``"cudnn"`` (cuDNN dense attention per run of equal-length
     segments), ``"cudnn_views"`` (the same without copying operands to contiguous tensors; experimental, not yet
-    verified on a GPU) or ``"math"`` (explicit matmuls, any device, the CUDA fp32/fp64 default). Without it, the
-    environment variable ``SHARED_PREFIX_KERNELS`` may name one.
+    verified on a GPU) or ``"math"`` (explicit matmuls, any device, the CUDA fp32/fp64 default, and the CPU
+    kernel for sliding windows). Without it, the environment variable ``SHARED_PREFIX_KERNELS`` may name one.
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan: expected a shared_prefix.Plan, got {type(plan).__name__}")
@@ -77,6 +99,14 @@ def attention(
     if not math.isfinite(scale) or scale <= 0:
         # ATen's CPU flash kernel returns NaN for scale <= 0; no attention layer uses one.
         raise ValueError(f"scale: must be a finite positive number, got {scale!r}")
+    if sinks is not None and (not isinstance(sinks, torch.Tensor) or q.dim() != 3 or sinks.shape != q.shape[1:2]
+                              or sinks.device != q.device or not sinks.dtype.is_floating_point):
+        raise ValueError(f"sinks: expected a float [Hq] tensor on q's device (one logit per query head), got "
+                         f"{tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+            raise ValueError(f"window: expected a positive int (a sliding window in tokens) or None, got {window!r}")
+        window = int(window) if window < plan.max_seqlen else None  # a window as long as every row cuts nothing
     if kernels is None:
         kernels = os.environ.get("SHARED_PREFIX_KERNELS") or None
     dv = v.shape[-1] if v.dim() == 3 else None
@@ -86,11 +116,12 @@ def attention(
         # are their gradients), as transformers does for flash-attention.
         width = max(dv, q.shape[-1])
         q, k, v = (torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
-        return _apply(q, k, v, plan, float(scale), kernels)[..., :dv]
-    return _apply(q, k, v, plan, float(scale), kernels)
+        return _apply(q, k, v, plan, float(scale), kernels, window, sinks)[..., :dv]
+    return _apply(q, k, v, plan, float(scale), kernels, window, sinks)
 
 
-def _apply(q, k, v, plan: Plan, scale: float, kernels: Optional[str]) -> torch.Tensor:
+def _apply(q, k, v, plan: Plan, scale: float, kernels: Optional[str], window: Optional[int],
+           sinks: Optional[torch.Tensor]) -> torch.Tensor:
     device = q.device.type
     if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
         # As autocast treats scaled_dot_product_attention: fp16/bf16/fp32 operands run in autocast's dtype (fp64
@@ -98,8 +129,8 @@ def _apply(q, k, v, plan: Plan, scale: float, kernels: Optional[str]) -> torch.T
         # states), which SDPA accepts only because autocast casts them. Autograd casts the gradients back.
         q, k, v = (_autocast_operand(t, device) for t in (q, k, v))
         with torch.autocast(device, enabled=False):  # our kernels run in exactly these dtypes
-            return _SharedPrefixAttention.apply(q, k, v, plan._core, scale, kernels)
-    return _SharedPrefixAttention.apply(q, k, v, plan._core, scale, kernels)
+            return _SharedPrefixAttention.apply(q, k, v, plan._core, scale, kernels, window, sinks)
+    return _SharedPrefixAttention.apply(q, k, v, plan._core, scale, kernels, window, sinks)
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")

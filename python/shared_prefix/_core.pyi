@@ -28,6 +28,9 @@ class CorePlan:
     @property
     def max_seqlen(self) -> int: ...
     @property
+    def windows(self) -> list[int]:
+        """Sliding windows (shorter than max_seqlen) with key tables on the device."""
+    @property
     def device(self) -> str: ...
     @property
     def src_index(self) -> torch.Tensor:
@@ -54,9 +57,16 @@ def make_plan(
     completion_mask: torch.Tensor,
     group_sizes: Optional[Sequence[int]] = None,
     group_ids: Optional[Union[torch.Tensor, Sequence[Hashable]]] = None,
+    windows: Optional[Sequence[int]] = None,
 ) -> CorePlan: ...
 def attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CorePlan, scale: float, kernels: Optional[str] = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: CorePlan,
+    scale: float,
+    kernels: Optional[str] = None,
+    window: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (out [T, Hq, D], lse [T, Hq] fp32, or fp64 for fp64 inputs)."""
 def attention_backward(
@@ -69,6 +79,7 @@ def attention_backward(
     plan: CorePlan,
     scale: float,
     kernels: Optional[str] = None,
+    window: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def make_compat_plan(
     prefix_lens: Sequence[int],

@@ -100,6 +100,11 @@ class Plan:
         return self._core.max_seqlen
 
     @property
+    def windows(self) -> list:
+        """Sliding windows (shorter than :attr:`max_seqlen`) this plan holds key tables for."""
+        return self._core.windows
+
+    @property
     def group_sizes(self) -> list:
         """Group sizes in plan order."""
         return self._core.group_sizes
@@ -167,8 +172,12 @@ def plan(
     *,
     group_sizes: Optional[Union[int, Sequence[int]]] = None,
     group_ids: Optional[Union[torch.Tensor, Sequence[Hashable]]] = None,
+    windows: Optional[Sequence[int]] = None,
 ) -> Plan:
-    """Plan one micro-batch. See the README for the grouping rules."""
+    """Plan one micro-batch. See the README for the grouping rules.
+
+    ``windows``: the sliding windows of the model's attention layers (transformers' ``sliding_window``), whose key
+    tables the plan then holds (for windows shorter than its longest row; longer ones cut nothing)."""
     _check_ids("prompt_ids", prompt_ids)
     _check_mask("prompt_mask", prompt_mask, prompt_ids, "prompt_ids")
     _check_ids("completion_ids", completion_ids)
@@ -206,5 +215,10 @@ def plan(
         group_ids = torch.stack(list(group_ids))
     if isinstance(group_ids, torch.Tensor) and (group_ids.dtype.is_floating_point or group_ids.dtype.is_complex):
         raise TypeError(f"group_ids: expected integer ids, got {group_ids.dtype}")
-    core = _core.make_plan(prompt_ids, prompt_mask, completion_mask, sizes, group_ids)
+    if windows is not None:
+        if isinstance(windows, (int, torch.Tensor)) or not all(
+                isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in windows):
+            raise ValueError(f"windows: expected a list of positive ints (sliding windows in tokens), got {windows!r}")
+        windows = list(windows)
+    core = _core.make_plan(prompt_ids, prompt_mask, completion_mask, sizes, group_ids, windows)
     return Plan(core, (prompt_ids, completion_ids))

@@ -57,20 +57,24 @@ def _deferred_mask(*args, **kwargs) -> _DeferredMask:
 
 
 def _window_refusal(window: int, p: Plan) -> str:
-    return (f"sliding_window={window} is shorter than the longest sequence ({p.max_seqlen} tokens); "
-            "shared-prefix attention covers full causal attention only")
+    return (f"sliding_window={window} is shorter than the longest sequence ({p.max_seqlen} tokens) and the plan was "
+            f"made without it (shared_prefix.plan(..., windows=[{window}]))")
+
+
+def _layer_window(module: torch.nn.Module, p: Plan, kwargs: dict) -> Optional[int]:
+    """The sliding window this attention call applies, if it cuts some row of ``p`` (None otherwise)."""
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    return window if isinstance(window, int) and not isinstance(window, bool) and window < p.max_seqlen else None
 
 
 def _unsupported(module: torch.nn.Module, p: Plan, dropout: float, kwargs: dict) -> "tuple[Optional[str], bool]":
     """Why this attention layer cannot take the plan exactly, and whether the reason is this micro-batch's length
     (rather than the model as configured)."""
-    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-    if window is not None and window < p.max_seqlen:
+    window = _layer_window(module, p, kwargs)
+    if window is not None and window not in p.windows:
         return _window_refusal(window, p), True
     if kwargs.get("softcap") is not None:
         return "attention logit softcapping is not supported", False
-    if kwargs.get("s_aux") is not None:
-        return "attention sinks (s_aux) are not supported", False
     if dropout and dropout > 0:
         return f"attention dropout ({dropout}) in train mode is not supported; set attention_dropout=0", False
     return None, False
@@ -97,7 +101,10 @@ def _plan_attention(module, query, key, value, p: Plan, scaling, dropout, kwargs
             f"{PLAN_KWARG}: the model must run on the packed stream [1, T] (plan.input_ids), got batch {query.shape[0]}"
         )
     # HF hands [1, H, T, D]; ours is [T, H, D] (a view, no copy).
-    out = attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), p, scale=scaling)
+    window = _layer_window(module, p, kwargs)
+    window = window if window in p.windows else None  # a deferred refusal goes on without it; its result is dropped
+    out = attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), p, scale=scaling,
+                    window=window, sinks=kwargs.get("s_aux"))
     return out.unsqueeze(0), None
 
 
@@ -259,23 +266,35 @@ def _text_config(model: torch.nn.Module):
     return cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
 
 
+def model_windows(model: torch.nn.Module) -> list:
+    """The sliding windows of the model's attention layers (from its text config, as transformers applies them:
+    ``sliding_window`` on the layers ``layer_types`` marks as sliding, or on every layer where there are no layer
+    types and ``use_sliding_window`` is not off), for :func:`shared_prefix.plan`'s ``windows``."""
+    cfg = _text_config(model)
+    window = getattr(cfg, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        return []
+    kinds = getattr(cfg, "layer_types", None)
+    if isinstance(kinds, (list, tuple)):
+        windowed = "sliding_attention" in kinds
+    else:
+        windowed = getattr(cfg, "use_sliding_window", True)
+    return [window] if windowed else []
+
+
 def unsupported_for(model: torch.nn.Module, p: Plan) -> Optional[str]:
     """Why this micro-batch cannot run exactly on this model (whose config :func:`unsupported_config` has passed),
-    judged from the config before any forward: windows shorter than its longest sequence, Llama 4's chunked
+    judged from the config before any forward: windows shorter than its longest sequence that the plan has no key
+    tables for (plans made with :func:`model_windows` have them), Llama 4's chunked
     attention or position-dependent attention temperature beyond their first block. The attention layers check
     again on the forward, with the window and the dropout they actually use (a config's dropout rate may be
     switched off in the modules, as TRL's disable_dropout does)."""
     cfg = _text_config(model)
     if cfg is None:
         return None
-    window = getattr(cfg, "sliding_window", None)
-    kinds = getattr(cfg, "layer_types", None)
-    if isinstance(kinds, (list, tuple)):
-        windowed = "sliding_attention" in kinds
-    else:
-        windowed = getattr(cfg, "use_sliding_window", True)
-    if isinstance(window, int) and windowed and window < p.max_seqlen:
-        return _window_refusal(window, p)
+    for window in model_windows(model):
+        if window < p.max_seqlen and window not in p.windows:
+            return _window_refusal(window, p)
     chunk = getattr(cfg, "attention_chunk_size", None)
     if isinstance(chunk, int) and chunk < p.max_seqlen:
         return f"chunked attention (attention_chunk_size={chunk}) is shorter than the longest sequence"
@@ -396,7 +415,8 @@ def completion_logprobs(
         raise ValueError(f"temperature: must be a finite positive number, got {temperature!r}")
     _check_model(model)
     register()
-    p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, group_sizes=group_sizes, group_ids=group_ids)
+    p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, group_sizes=group_sizes, group_ids=group_ids,
+                  windows=model_windows(model))
     embeddings = model.get_input_embeddings()
     if isinstance(embeddings, torch.nn.Embedding):  # the valid tokens only: ids at padding are never read
         check_token_ids(p.input_ids, embeddings.num_embeddings, "prompt_ids, completion_ids")

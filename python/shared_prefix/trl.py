@@ -174,7 +174,7 @@ class SharedPrefixMixin:
             mask = attention_mask[start : start + batch_size]
             prompt_ids, completion_ids = ids[:, :-logits_to_keep], ids[:, -logits_to_keep:]
             prompt_mask, completion_mask = mask[:, :-logits_to_keep], mask[:, -logits_to_keep:]
-            p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask)
+            p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, windows=hf.model_windows(base))
             out = self._shared_prefix_forward(model, base, p)
             stock += ids.numel()  # TRL forwards the padded rows
             if isinstance(out, str):  # this micro-batch (or the model) cannot take the plan: the stock method

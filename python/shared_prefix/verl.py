@@ -116,10 +116,11 @@ def _prepare_model_inputs(self, micro_batch, _orig, ti, tu):
         _say_once("a sample without prompt tokens")
         return _orig(self, micro_batch)
     uid = list(micro_batch["uid"]) if "uid" in micro_batch.keys() else None
+    windows = hf.model_windows(self.module)
     try:
-        p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, group_ids=uid)
+        p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, group_ids=uid, windows=windows)
     except ValueError:  # a uid group whose prompts differ (verl's padding samples): group by identical prompts
-        p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, windows=windows)
     why = hf.unsupported_for(self.module, p)
     if why is not None:
         _say_once(why)

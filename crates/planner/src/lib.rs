@@ -108,6 +108,20 @@ impl Plan {
         self.prefix_tokens + self.completion_tokens
     }
 
+    /// Longest per-row sequence (prompt + completion) the stock computation would see.
+    pub fn max_seqlen(&self) -> usize {
+        let mut best = 0;
+        let mut c = 0;
+        for (g, &size) in self.group_sizes.iter().enumerate() {
+            let p = (self.cu_prefix[g + 1] - self.cu_prefix[g]) as usize;
+            for i in c..c + size {
+                best = best.max(p + (self.cu_completions[i + 1] - self.cu_completions[i]) as usize);
+            }
+            c += size;
+        }
+        best
+    }
+
     /// Tokens the stock per-row computation would forward: each row's prompt plus its completion.
     pub fn stock_tokens(&self) -> usize {
         let mut total = self.completion_tokens;
@@ -115,6 +129,49 @@ impl Plan {
             total += size * (self.cu_prefix[g + 1] - self.cu_prefix[g]) as usize;
         }
         total
+    }
+}
+
+/// The keys of the completions' attention call in a sliding-window layer (window `window`: each token sees itself
+/// and the `window - 1` tokens before it). Each completion gets its own key run: the last `window - 1` tokens of
+/// its group's prompt (all of it if shorter) followed by the completion itself. With causal attention aligned
+/// bottom-right (as flash kernels align it) and a left window of `window - 1`, completion token `j` then sees
+/// exactly the stock row's keys, positions `P + j - window + 1 ..= P + j`; no merge with another call is needed.
+/// The prompt tail is gathered (at most `window - 1` rows per completion), so this suits windows short next to
+/// the prompt, which is when a window cuts at all.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowKeys {
+    pub window: usize,
+    /// Packed rows (prefix region first, then the completion region) gathered into the key runs, run after run.
+    pub gather: Vec<i64>,
+    /// Key segment table: one segment per completion in plan order, aligned with `Plan::cu_completions`.
+    pub cu_k: Vec<i32>,
+    pub max_k: usize,
+}
+
+impl Plan {
+    /// Key runs for a sliding-window layer; see [`WindowKeys`]. Completions without tokens get no keys.
+    pub fn window_keys(&self, window: usize) -> WindowKeys {
+        let tail_max = window.saturating_sub(1);
+        let mut gather = Vec::new();
+        let mut cu_k = Vec::with_capacity(self.cu_completions.len());
+        cu_k.push(0i32);
+        let mut c = 0; // completion index, plan order
+        for (g, &size) in self.group_sizes.iter().enumerate() {
+            let (p0, p1) = (self.cu_prefix[g] as usize, self.cu_prefix[g + 1] as usize);
+            for _ in 0..size {
+                let (c0, c1) = (self.cu_completions[c] as usize, self.cu_completions[c + 1] as usize);
+                if c1 > c0 {
+                    let tail = tail_max.min(p1 - p0);
+                    gather.extend((p1 - tail..p1).map(|r| r as i64));
+                    gather.extend((c0..c1).map(|r| (self.prefix_tokens + r) as i64));
+                }
+                cu_k.push(gather.len() as i32);
+                c += 1;
+            }
+        }
+        let max_k = cu_k.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+        WindowKeys { window, gather, cu_k, max_k }
     }
 }
 

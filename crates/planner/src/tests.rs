@@ -272,6 +272,38 @@ proptest! {
     }
 
     #[test]
+    fn window_keys_are_each_rows_last_keys((rows, _) in batch_strategy(), window in 1usize..12) {
+        let p = plan(&rows.batch(), Grouping::ByPrompt).unwrap();
+        let w = p.window_keys(window);
+        prop_assert_eq!(w.cu_k.len(), p.cu_completions.len());
+        prop_assert_eq!(*w.cu_k.last().unwrap() as usize, w.gather.len());
+        let mut c = 0;
+        for (g, &size) in p.group_sizes.iter().enumerate() {
+            let (p0, p1) = (p.cu_prefix[g] as usize, p.cu_prefix[g + 1] as usize);
+            for _ in 0..size {
+                let (c0, c1) = (p.cu_completions[c] as usize, p.cu_completions[c + 1] as usize);
+                let keys = &w.gather[w.cu_k[c] as usize..w.cu_k[c + 1] as usize];
+                let (plen, slen) = (p1 - p0, c1 - c0);
+                if slen == 0 {
+                    prop_assert!(keys.is_empty());
+                } else {
+                    let tail = (window - 1).min(plen);
+                    prop_assert_eq!(keys.len(), tail + slen);
+                    // The group's last prompt tokens, then the completion's own rows, in stock position order.
+                    let pos: Vec<i64> = keys.iter().map(|&k| p.position_ids[k as usize]).collect();
+                    let want: Vec<i64> = ((plen - tail) as i64..(plen + slen) as i64).collect();
+                    prop_assert_eq!(pos, want);
+                    prop_assert!(keys[..tail].iter().all(|&k| (p0..p1).contains(&(k as usize))));
+                    let own: Vec<i64> = (c0..c1).map(|r| (p.prefix_tokens + r) as i64).collect();
+                    prop_assert_eq!(&keys[tail..], &own[..]);
+                    prop_assert!(keys.len() <= w.max_k);
+                }
+                c += 1;
+            }
+        }
+    }
+
+    #[test]
     fn group_size_one_is_valid((rows, _) in batch_strategy()) {
         let b = rows.pmask.len() / rows.lp;
         let ones = vec![1usize; b];
