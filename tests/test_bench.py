@@ -38,8 +38,21 @@ def test_bench_writes_results(tmp_path):
     assert (out / "results.png").stat().st_size > 0
 
 
+def test_bench_with_a_sliding_window(tmp_path):
+    """--window: every layer windowed (8 tokens, shorter than every row); ours still equals the baseline, and the
+    full-attention-only variants are left out."""
+    out = tmp_path / "bench"
+    assert bench.main(["--config", "24x12x3x2", "--window", "8", "--variants",
+                       "baseline,packed_causal,shared_prefix,prefix_grouper", "--out", str(out), "--threads", "1"]) == 0
+    rows = {r["variant"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert set(rows) == {"baseline", "packed_causal", "shared_prefix"} and rows["shared_prefix"]["window"] == 8
+    assert rows["shared_prefix"]["grad_rel_l2"] < 1e-4 and rows["shared_prefix"]["max_abs_logp_diff"] < 1e-4
+    assert "sliding window 8" in (out / "results.md").read_text()
+
+
 def test_bench_rejects_bad_arguments(tmp_path):
-    for argv in (["--config", "12x3x2"], ["--config", "0x3x2x1"], ["--variants", "nope"], ["--steps", "2"]):
+    for argv in (["--config", "12x3x2"], ["--config", "0x3x2x1"], ["--variants", "nope"], ["--steps", "2"],
+                 ["--window", "0"]):
         with pytest.raises(SystemExit):
             bench.main(argv + ["--out", str(tmp_path)])
 

@@ -11,6 +11,10 @@ with G completions of S tokens (config ``PxSxGxB``). Variants, measured side by 
 - ``prefix_grouper``: the original ``prefix-grouper`` package through its API, where it is installed;
 - ``flex``: FlexAttention with a shared-prefix block mask (CUDA only; compile time reported separately).
 
+``--window W`` gives every layer a sliding window of W tokens (Qwen2's ``use_sliding_window``, as Mistral and
+Gemma 3's sliding layers apply it); ``flex`` and ``prefix_grouper`` implement full causal attention only and are
+left out then.
+
 Per variant: the median of the timed steps after warm-up (rounds run the variants in turn, so drifts in the machine's
 speed fall on all of them alike), peak memory above the weights, and max |Δ logprob|,
 gradient rel L2 and cosine against ``baseline``. Writes ``results.jsonl``, ``results.md`` and ``results.png``.
@@ -72,11 +76,12 @@ def parse_config(text: str) -> tuple[int, int, int, int]:
     return p, s, g, b
 
 
-def build_model(name: str, dtype: torch.dtype, device: torch.device, grad_ckpt: bool):
+def build_model(name: str, dtype: torch.dtype, device: torch.device, grad_ckpt: bool, window: Optional[int] = None):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    windowed = {} if window is None else dict(use_sliding_window=True, sliding_window=window, max_window_layers=0)
     cfg = Qwen2Config(**MODELS[name], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True, **windowed)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
@@ -155,10 +160,17 @@ class FlexVariant:
         return packed_rows_logprobs(model, self.ids, self.pos, self.pred, self.completion_ids, self.block_mask)
 
 
+# Variants that compute full causal attention whatever the model's sliding window.
+FULL_ATTENTION_ONLY = ("flex", "prefix_grouper")
+
+
 def variant_fns(model, batch, g: int, device: torch.device, wanted: list[str]) -> dict[str, Callable]:
     pid, pmask, cid, cmask = batch
     fns: dict[str, Callable] = {}
+    windowed = bool(sp.hf.model_windows(model))
     for name in wanted:
+        if windowed and name in FULL_ATTENTION_ONLY:
+            continue
         if name == "baseline":
             fns[name] = lambda: stock_logprobs(model, pid, pmask, cid, cmask)
         elif name == "packed_causal":
@@ -239,8 +251,9 @@ def run_config(model, cfg, args, device, bar):
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
+    window = "" if meta.get("window") is None else f", sliding window {meta['window']} on every layer"
     lines = [
-        f"Device: {meta['device_name']}; model {meta['model']} (random weights), {meta['dtype']}, "
+        f"Device: {meta['device_name']}; model {meta['model']} (random weights{window}), {meta['dtype']}, "
         f"grad checkpointing {'on' if meta['grad_ckpt'] else 'off'}; torch {meta['torch']}; commit {meta['commit']}; "
         f"{meta['date']}. Median of {meta['steps']} interleaved rounds (forward+backward of completion log-probs).",
         "",
@@ -315,6 +328,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--steps", type=int, default=None,
                     help="timed rounds (one step of each variant per round; median reported; ≥ 3; preset: 5)")
+    ap.add_argument("--window", type=int, default=None, help="a sliding window of this many tokens on every layer")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads")
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args(argv)
@@ -333,6 +347,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.variants = ["baseline"] + [v for v in args.variants if v != "baseline"]
     if args.steps < 3:
         ap.error("--steps: at least 3")
+    if args.window is not None and args.window < 1:
+        ap.error("--window: at least 1 token")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
@@ -341,8 +357,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = build_model(args.model, getattr(torch, args.dtype), device, args.grad_ckpt)
-    meta = dict(device_name=device_name(device), model=args.model, dtype=args.dtype, grad_ckpt=args.grad_ckpt,
+    model = build_model(args.model, getattr(torch, args.dtype), device, args.grad_ckpt, args.window)
+    meta = dict(device_name=device_name(device), model=args.model, window=args.window, dtype=args.dtype,
+                grad_ckpt=args.grad_ckpt,
                 torch=torch.__version__, commit=git_commit(), steps=args.steps,
                 date=datetime.date.today().isoformat(), python=sys.version.split()[0])
     per_variant = args.steps + UNTIMED_STEPS
