@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import shared_prefix as sp
-from test_hf import VOCAB, make_batch, param_grads, stock_logprobs
+from test_hf import VOCAB, assert_matches_stock
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, max_position_embeddings=256, attention_dropout=0.0, pad_token_id=0)
@@ -73,16 +73,6 @@ EAGER = {"GptOssConfig"}
 @pytest.mark.parametrize("cls_name", sorted(FAMILIES))
 def test_family_matches_stock(cls_name):
     model = build(cls_name, FAMILIES[cls_name], attn="eager" if cls_name in EAGER else "sdpa")
-    rows, pid, pmask, cid, cmask = make_batch()
-    w = torch.randn(cid.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    ref_lp, ref_ent = stock_logprobs(model, rows, cid.shape[1], 0.7)
-    ref_grads = param_grads(model, (ref_lp * w).sum() + 0.1 * (ref_ent * w).sum())
-    lp, ent = sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0.7, return_entropy=True)
-    grads = param_grads(model, (lp * w).sum() + 0.1 * (ent * w).sum())
     # fp64 rounding of two summation orders; MoE routers and deep norms amplify it to ~1e-9 at most (a wrong mask
     # or position is off by 1e-2 or more).
-    assert (lp - ref_lp).abs().max().item() <= 1e-8
-    assert (ent - ref_ent).abs().max().item() <= 1e-8
-    assert grads.keys() == ref_grads.keys()
-    worst = max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-300)).item() for n in grads)
-    assert worst <= 1e-6, worst
+    assert_matches_stock(model, logp_tol=1e-8)

@@ -79,6 +79,20 @@ def param_grads(model, loss):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_matches_stock(model, logp_tol=1e-9, grad_tol=1e-6):
+    """completion_logprobs (values, entropies, every parameter's gradient) against the rows run alone, fp64."""
+    rows, pid, pmask, cid, cmask = make_batch()
+    w = torch.randn(cid.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref, ref_ent = stock_logprobs(model, rows, cid.shape[1], 0.7)
+    ref_grads = param_grads(model, (ref * w).sum() + 0.1 * (ref_ent * w).sum())
+    lp, ent = sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0.7, return_entropy=True)
+    assert (lp - ref).abs().max().item() <= logp_tol and (ent - ref_ent).abs().max().item() <= logp_tol
+    grads = param_grads(model, (lp * w).sum() + 0.1 * (ent * w).sum())
+    assert grads.keys() == ref_grads.keys()
+    worst = max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-300)).item() for n in grads)
+    assert worst <= grad_tol, worst
+
+
 def check_family(family, grad_ckpt, temperature=0.7, attn="sdpa", **model_kw):
     """``grad_ckpt``: False, True (non-reentrant checkpointing of every layer), or a function that turns
     checkpointing on for the model it is given."""
@@ -223,14 +237,7 @@ def test_sliding_window_layers_of_gemma3():
     torch.manual_seed(0)
     model = transformers.Gemma3ForCausalLM(cfg).double()
     assert sp.hf.model_windows(model) == [3]
-    rows, pid, pmask, cid, cmask = make_batch()
-    w = torch.randn(cid.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    ref, ref_ent = stock_logprobs(model, rows, cid.shape[1], 0.7)
-    ref_grads = param_grads(model, (ref * w).sum() + 0.1 * (ref_ent * w).sum())
-    lp, ent = sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0.7, return_entropy=True)
-    assert (lp - ref).abs().max().item() <= 1e-9 and (ent - ref_ent).abs().max().item() <= 1e-9
-    grads = param_grads(model, (lp * w).sum() + 0.1 * (ent * w).sum())
-    assert max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in ref_grads) <= 1e-6
+    assert_matches_stock(model)
 
 
 class TestUnsupported:
@@ -421,14 +428,7 @@ def test_value_head_dim_unlike_query_head_dim():
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = transformers.DeepseekV3ForCausalLM(cfg).double()
-    rows, pid, pmask, cid, cmask = make_batch()
-    w = torch.randn(cid.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    ref, ref_ent = stock_logprobs(model, rows, cid.shape[1], 0.7)
-    ref_grads = param_grads(model, (ref * w).sum() + 0.1 * (ref_ent * w).sum())
-    lp, ent = sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0.7, return_entropy=True)
-    assert (lp - ref).abs().max().item() <= 1e-9 and (ent - ref_ent).abs().max().item() <= 1e-9
-    grads = param_grads(model, (lp * w).sum() + 0.1 * (ent * w).sum())
-    assert max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in ref_grads) <= 1e-6
+    assert_matches_stock(model)
 
 
 @pytest.mark.parametrize("extra,match", [
