@@ -225,8 +225,10 @@ def test_sliding_window_arguments():
     for bad in (0, -2, 2.5, True):
         with pytest.raises(ValueError, match="window: expected a positive int"):
             sp.attention(q, k, v, plan, window=bad)
-    with pytest.raises(ValueError, match="windows: expected a list of positive ints"):
-        sp.plan(*_plan_inputs(prompt_ids, rows), windows=[0])
+    for bad in ([0], (w for w in [4]), 4, [2.0]):
+        with pytest.raises(ValueError, match="windows: expected a list of positive ints"):
+            sp.plan(*_plan_inputs(prompt_ids, rows), windows=bad)
+    assert sp.plan(*_plan_inputs(prompt_ids, rows), windows=[2**70, 4]).windows == [4]  # a huge one cuts nothing
     # A window as long as the longest row cuts nothing: no tables, the plain path, the same result.
     assert plan.max_seqlen == 13
     long = sp.plan(*_plan_inputs(prompt_ids, rows), windows=[13, 50])

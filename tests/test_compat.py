@@ -121,7 +121,12 @@ def reference_attn(q, k, v, attn_mask, *args, **kwargs):
     scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
     allowed = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)[None, None] & attn_mask.bool()[:, None, None, :]
     scores = scores.masked_fill(~allowed, -math.inf)
-    probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)
+    sinks = kwargs.get("sinks")
+    if sinks is not None:  # GPT-OSS: one more logit per head in every softmax, dropped after it
+        column = sinks[None, :, None, None].expand(scores.shape[0], -1, lq, 1)
+        probs = torch.cat([scores, column], -1).softmax(-1)[..., :-1]
+    else:
+        probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)
     return torch.einsum("bhqk,bhkd->bqhd", probs, v)
 
 
@@ -140,6 +145,24 @@ def test_forward_matches_original(seed, padding_mode):
     assert got.shape == want.shape == (b, seq, hq, 8)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     grads_equal(got, want, [q, k, v], [q, k, v], seed)
+
+
+@pytest.mark.parametrize("seed", SEEDS[:4])
+def test_forward_with_attention_sinks(seed):
+    """``sinks=`` (GPT-OSS's per-head sink logits; what our transformers entry passes for ``s_aux``) against the
+    original driven with a sink-aware attention function: outputs and the gradients of q, k, v and the sinks."""
+    ours, orig, *_ = both(seed)
+    b, seq = ours.padding_mask.shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, 4, seq, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, 2, seq, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, 2, seq, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    sinks = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    got = ours.forward(None, q, k, v, sinks=sinks)
+    want = orig.forward(reference_attn, q, k, v, sinks=sinks)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert (got - ours.forward(None, q, k, v)).abs().max() > 1e-3  # the sinks took effect
+    grads_equal(got, want, [q, k, v, sinks], [q, k, v, sinks], seed)
 
 
 def test_bad_inputs():

@@ -253,6 +253,18 @@ class TestUnsupported:
         assert sp.hf.unsupported_for(model, p) is not None
         assert sp.hf.unsupported_for(model, sp.plan(pid, pmask, cid, cmask, windows=[4])) is None
 
+    def test_window_applied_by_the_mask_alone(self):
+        """PhiMoE applies its config's window through the mask only: its layers neither pass a window nor hold
+        one, so the plan cannot know which layers it cuts. Refused (it ran full attention, 0.18 off, before)."""
+        cfg = transformers.PhimoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, sliding_window=3, pad_token_id=0)
+        cfg._attn_implementation = "sdpa"
+        model = transformers.AutoModelForCausalLM.from_config(cfg, experts_implementation="eager").double()
+        _, pid, pmask, cid, cmask = make_batch()
+        with pytest.raises(sp.UnsupportedModelError, match="does not say whether it applies it"):
+            sp.completion_logprobs(model, pid, pmask, cid, cmask)
+
     def test_attention_dropout_in_train_mode(self):
         model = tiny_model("llama", attention_dropout=0.1)
         model.train()

@@ -6,6 +6,7 @@ host→device copy of the index tensors. Nothing here loops over rows or tokens 
 
 from __future__ import annotations
 
+import numbers
 from typing import Hashable, Optional, Sequence, Union
 
 import torch
@@ -216,9 +217,10 @@ def plan(
     if isinstance(group_ids, torch.Tensor) and (group_ids.dtype.is_floating_point or group_ids.dtype.is_complex):
         raise TypeError(f"group_ids: expected integer ids, got {group_ids.dtype}")
     if windows is not None:
-        if isinstance(windows, (int, torch.Tensor)) or not all(
-                isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in windows):
+        if not isinstance(windows, (list, tuple)) or not all(
+                isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1 for w in windows):
             raise ValueError(f"windows: expected a list of positive ints (sliding windows in tokens), got {windows!r}")
-        windows = list(windows)
+        # Windows beyond any sequence the segment tables can hold cut nothing: clamp them into the planner's range.
+        windows = [min(int(w), 2**31 - 1) for w in windows]
     core = _core.make_plan(prompt_ids, prompt_mask, completion_mask, sizes, group_ids, windows)
     return Plan(core, (prompt_ids, completion_ids))

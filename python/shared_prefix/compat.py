@@ -255,7 +255,8 @@ class PrefixGrouper:
     def forward(self, attn_func: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args, **kwargs):
         """Shared-prefix attention on the grouped layout: q/k/v ``[groups, heads, seq, dim]`` → ``[groups, seq,
         heads, dim]`` (0 at padding). Runs our exact attention; ``attn_func`` and positional extras are ignored
-        (a ``scale``, ``softmax_scale`` or ``scaling`` keyword sets the softmax scale, default ``dim ** -0.5``)."""
+        (a ``scale``, ``softmax_scale`` or ``scaling`` keyword sets the softmax scale, default ``dim ** -0.5``;
+        ``sinks``, a ``[heads]`` tensor, adds GPT-OSS's attention-sink logits)."""
         scale = next((kwargs[n] for n in ("scale", "softmax_scale", "scaling") if kwargs.get(n) is not None), None)
         self._use(q.device)
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -268,7 +269,7 @@ class PrefixGrouper:
         def packed(x):
             return x.transpose(1, 2).reshape(b * seq, x.shape[1], x.shape[3]).index_select(0, self._packed)
 
-        out = attention(packed(q), packed(k), packed(v), self._plan, scale=scale)
+        out = attention(packed(q), packed(k), packed(v), self._plan, scale=scale, sinks=kwargs.get("sinks"))
         return _scatter_rows(out, self._packed, b, seq)
 
 
@@ -289,7 +290,7 @@ def _transformers_attention(module, query, key, value, attention_mask, *args, pr
     why, _ = _unsupported(module, prefix_grouper._plan, dropout, kwargs)
     if why is not None:
         raise NotImplementedError(f"shared_prefix.compat ({type(module).__name__}): {why}")
-    return prefix_grouper.forward(None, query, key, value, scale=scaling), None
+    return prefix_grouper.forward(None, query, key, value, scale=scaling, sinks=kwargs.get("s_aux")), None
 
 
 def register_attention() -> None:

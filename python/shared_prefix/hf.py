@@ -61,10 +61,15 @@ def _window_refusal(window: int, p: Plan) -> str:
             f"made without it (shared_prefix.plan(..., windows=[{window}]))")
 
 
+def _cuts(window: Any, p: Plan) -> bool:
+    return isinstance(window, int) and not isinstance(window, bool) and window < p.max_seqlen
+
+
 def _layer_window(module: torch.nn.Module, p: Plan, kwargs: dict) -> Optional[int]:
-    """The sliding window this attention call applies, if it cuts some row of ``p`` (None otherwise)."""
+    """The sliding window this attention call applies (a ``sliding_window`` keyword, else the module's attribute),
+    if it cuts some row of ``p``; None otherwise."""
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-    return window if isinstance(window, int) and not isinstance(window, bool) and window < p.max_seqlen else None
+    return window if _cuts(window, p) else None
 
 
 def _unsupported(module: torch.nn.Module, p: Plan, dropout: float, kwargs: dict) -> "tuple[Optional[str], bool]":
@@ -73,6 +78,13 @@ def _unsupported(module: torch.nn.Module, p: Plan, dropout: float, kwargs: dict)
     window = _layer_window(module, p, kwargs)
     if window is not None and window not in p.windows:
         return _window_refusal(window, p), True
+    if "sliding_window" not in kwargs and not hasattr(module, "sliding_window"):
+        # The layer does not say which window it applies, yet its config has one: its model may apply it through
+        # the mask alone (PhiMoE does), which the plan never builds. Refuse rather than attend past it.
+        cut = [w for w in _config_windows(getattr(module, "config", None)) if _cuts(w, p)]
+        if cut:
+            return (f"the config's sliding_window={cut[0]} is shorter than the longest sequence ({p.max_seqlen} "
+                    "tokens) and the attention layer does not say whether it applies it"), True
     if kwargs.get("softcap") is not None:
         return "attention logit softcapping is not supported", False
     if dropout and dropout > 0:
@@ -270,7 +282,12 @@ def model_windows(model: torch.nn.Module) -> list:
     """The sliding windows of the model's attention layers (from its text config, as transformers applies them:
     ``sliding_window`` on the layers ``layer_types`` marks as sliding, or on every layer where there are no layer
     types and ``use_sliding_window`` is not off), for :func:`shared_prefix.plan`'s ``windows``."""
-    cfg = _text_config(model)
+    return _config_windows(_text_config(model))
+
+
+def _config_windows(cfg) -> list:
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
     window = getattr(cfg, "sliding_window", None)
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         return []
