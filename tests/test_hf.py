@@ -253,6 +253,22 @@ class TestUnsupported:
         assert sp.hf.unsupported_for(model, p) is not None
         assert sp.hf.unsupported_for(model, sp.plan(pid, pmask, cid, cmask, windows=[4])) is None
 
+    def test_torch_without_local_flash_attention(self, monkeypatch):
+        """A torch built with FLASHATTENTION_DISABLE_LOCAL raises this before launching FA2 with a window: a windowed
+        model is then refused (TRL and verl run the stock method) instead of failing the step."""
+        real = sp.hf.attention
+
+        def no_local(*args, window=None, **kw):
+            if window is not None:
+                raise RuntimeError("This flash attention build does not support local attention.")
+            return real(*args, **kw)
+
+        monkeypatch.setattr(sp.hf, "attention", no_local)
+        _, pid, pmask, cid, cmask = make_batch()
+        with pytest.raises(sp.UnsupportedModelError, match="has no sliding windows"):
+            sp.completion_logprobs(tiny_model("mistral", sliding_window=4), pid, pmask, cid, cmask)
+        sp.completion_logprobs(tiny_model("mistral"), pid, pmask, cid, cmask)  # no window: unaffected
+
     def test_window_applied_by_the_mask_alone(self):
         """PhiMoE applies its config's window through the mask only: its layers neither pass a window nor hold
         one, so the plan cannot know which layers it cuts. Refused (it ran full attention, 0.18 off, before)."""

@@ -97,26 +97,40 @@ class UnsupportedModelError(NotImplementedError):
     TRL's and verl's integrations catch it and fall back to the stock computation."""
 
 
+def _refuse(module, p: Plan, why: str, per_batch: bool) -> None:
+    """Raise :class:`UnsupportedModelError`, or, where the caller cannot stop the forward (verl), record the first
+    reason on the plan and let the forward go on; its caller discards it."""
+    why = f"shared_prefix ({type(module).__name__}): {why}"
+    if not p._defer_refusal:
+        raise UnsupportedModelError(why)
+    if p._refusal is None:
+        p._refusal, p._refusal_per_batch = why, per_batch
+
+
 def _plan_attention(module, query, key, value, p: Plan, scaling, dropout, kwargs):
     if not isinstance(p, Plan):
         raise TypeError(f"{PLAN_KWARG}: expected a shared_prefix.Plan, got {type(p).__name__}")
     why, per_batch = _unsupported(module, p, dropout, kwargs)
     if why is not None:
-        why = f"shared_prefix ({type(module).__name__}): {why}"
-        if not p._defer_refusal:
-            raise UnsupportedModelError(why)
-        if p._refusal is None:  # the forward goes on (without the window/dropout); its caller discards it
-            p._refusal, p._refusal_per_batch = why, per_batch
+        _refuse(module, p, why, per_batch)
     p.attention_calls += 1
     if query.shape[0] != 1:
         raise ValueError(
             f"{PLAN_KWARG}: the model must run on the packed stream [1, T] (plan.input_ids), got batch {query.shape[0]}"
         )
     # HF hands [1, H, T, D]; ours is [T, H, D] (a view, no copy).
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
     window = _layer_window(module, p, kwargs)
     window = window if window in p.windows else None  # a deferred refusal goes on without it; its result is dropped
-    out = attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), p, scale=scaling,
-                    window=window, sinks=kwargs.get("s_aux"))
+    try:
+        out = attention(q, k, v, p, scale=scaling, window=window, sinks=kwargs.get("s_aux"))
+    except RuntimeError as e:
+        # A torch built with FLASHATTENTION_DISABLE_LOCAL refuses windows in FA2 with this message (before any
+        # launch): the model cannot run here, which TRL and verl answer with the stock method.
+        if window is None or "does not support local attention" not in str(e):
+            raise
+        _refuse(module, p, f"this torch build's flash-attention has no sliding windows ({e})", False)
+        out = attention(q, k, v, p, scale=scaling, sinks=kwargs.get("s_aux"))  # deferred: discarded by the caller
     return out.unsqueeze(0), None
 
 
