@@ -7,7 +7,9 @@
 #include <ATen/ops/_scaled_dot_product_cudnn_attention.h>
 #include <ATen/ops/_scaled_dot_product_cudnn_attention_backward.h>
 
+#include <optional>
 #include <string>
+#include <utility>
 
 namespace {
 thread_local std::string last_error;
@@ -24,6 +26,13 @@ const char* guarded(F&& f) {
   }
   return last_error.c_str();
 }
+
+// FA2's (window_size_left, window_size_right) for a left window (-1: none). With a window, the right edge is the
+// query itself: with causal, FA2 keeps keys [i - window_left, i], bottom-right aligned.
+std::pair<std::optional<int64_t>, std::optional<int64_t>> window_args(int64_t window_left) {
+  if (window_left < 0) return {std::nullopt, std::nullopt};
+  return {window_left, 0};
+}
 }  // namespace
 
 extern "C" {
@@ -35,9 +44,7 @@ const char* sp_flash_varlen_fwd(const at::Tensor* q, const at::Tensor* k, const 
                                 bool causal, double scale, int64_t window_left, at::Tensor** out,
                                 at::Tensor** lse) {
   return guarded([&] {
-    // window_left >= 0: a sliding window (with causal, FA2 keeps keys [i - window_left, i] bottom-right aligned).
-    auto left = window_left >= 0 ? std::optional<int64_t>(window_left) : std::nullopt;
-    auto right = window_left >= 0 ? std::optional<int64_t>(0) : std::nullopt;
+    auto [left, right] = window_args(window_left);
     auto res = at::_flash_attention_forward(*q, *k, *v, *cu_q, *cu_k, max_q, max_k, /*dropout_p=*/0.0, causal,
                                             /*return_debug_mask=*/false, scale, left, right);
     *out = new at::Tensor(std::get<0>(res));
@@ -55,8 +62,7 @@ const char* sp_flash_varlen_bwd(const at::Tensor* dout, const at::Tensor* q, con
     // No dropout: the philox state is never read, but the op takes one.
     auto rng = at::zeros({2}, q->options().dtype(at::kUInt64));
     auto unused = at::empty({0}, q->options());
-    auto left = window_left >= 0 ? std::optional<int64_t>(window_left) : std::nullopt;
-    auto right = window_left >= 0 ? std::optional<int64_t>(0) : std::nullopt;
+    auto [left, right] = window_args(window_left);
     auto res = at::_flash_attention_backward(*dout, *q, *k, *v, *out, *lse, *cu_q, *cu_k, max_q, max_k,
                                              /*dropout_p=*/0.0, causal, rng, unused, scale, left, right);
     *dq = new at::Tensor(std::get<0>(res));

@@ -166,10 +166,10 @@ impl Math {
         s.f_masked_fill_tensor(&hidden, &host_scalar(f64::NEG_INFINITY)?)
     }
 
-    /// `acc += x` in `acc`'s dtype, or `x` itself (upcast to `kind`) for the first block.
-    fn accumulate(acc: Option<Tensor>, x: Tensor, kind: Kind) -> Result<Option<Tensor>> {
+    /// `acc += x`, or `x` itself for the first block.
+    fn accumulate(acc: Option<Tensor>, x: Tensor) -> Result<Option<Tensor>> {
         Ok(Some(match acc {
-            None => x.f_to_kind(kind)?,
+            None => x,
             Some(mut a) => {
                 let _ = a.f_add_(&x)?;
                 a
@@ -229,8 +229,7 @@ impl Math {
         let (ke, ve) = (Math::expand_heads(k, hq)?, Math::expand_heads(v, hq)?);
         let (lq, lk) = (q.size()[2], ke.size()[2]);
         let block = Math::block_rows(q, lk);
-        // dK and dV sum over query blocks: in fp32 (fp64) when there are several, rounded once at the end.
-        let acc = if q.kind() == Kind::Double { Kind::Double } else if lq > block { Kind::Float } else { q.kind() };
+        // dK and dV sum over query blocks in the work dtype, fp32 or fp64 (`math_operand` upcasts fp16/bf16).
         let (mut dqs, mut dk, mut dv) = (Vec::new(), None, None);
         let scale_t = host_scalar(scale)?;
         for r0 in (0..lq).step_by(block as usize) {
@@ -242,23 +241,21 @@ impl Math {
             let p = Math::scores(&qb, &ke, causal, window, scale, r0, lq)?
                 .f_sub(&lb.f_to_kind(q.kind())?.f_unsqueeze(-1)?)?
                 .f_exp()?;
-            dv = Math::accumulate(dv, p.f_transpose(-2, -1)?.f_matmul(&dob)?, acc)?;
+            dv = Math::accumulate(dv, p.f_transpose(-2, -1)?.f_matmul(&dob)?)?;
             let dp = dob.f_matmul(&ve.f_transpose(-2, -1)?)?;
             let row = dob.f_mul(&ob)?.f_sum_dim_intlist(&[-1i64][..], true, None::<Kind>)?;
             let ds = p.f_mul(&dp.f_sub(&row)?)?;
             dqs.push(ds.f_matmul(&ke)?.f_mul(&scale_t)?);
-            dk = Math::accumulate(dk, ds.f_transpose(-2, -1)?.f_matmul(&qb)?.f_mul(&scale_t)?, acc)?;
+            dk = Math::accumulate(dk, ds.f_transpose(-2, -1)?.f_matmul(&qb)?.f_mul(&scale_t)?)?;
         }
         let fold = |x: Option<Tensor>| -> Result<Tensor> {
             // Runs never have empty query blocks (the planner skips segments without query rows).
             let x = x.ok_or_else(|| tch::TchError::Shape("math kernel: a run with no query rows".into()))?;
             let s = x.size();
-            let x = if hq == hkv {
-                x
-            } else {
-                x.f_view([s[0], hkv, hq / hkv, s[2], s[3]])?.f_sum_dim_intlist(&[2i64][..], false, None::<Kind>)?
-            };
-            x.f_to_kind(q.kind())
+            if hq == hkv {
+                return Ok(x);
+            }
+            x.f_view([s[0], hkv, hq / hkv, s[2], s[3]])?.f_sum_dim_intlist(&[2i64][..], false, None::<Kind>)
         };
         let dq = if dqs.len() == 1 { dqs.pop().unwrap() } else { Tensor::f_cat(&dqs, 2)? };
         Ok((dq, fold(dk)?, fold(dv)?))
