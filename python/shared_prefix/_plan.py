@@ -70,6 +70,7 @@ class Plan:
         self._predictor = core.predictor
         self._completion_flat = core.completion_flat
         self.position_ids = core.position_ids.unsqueeze(0)
+        self._windows = core.windows  # read by every attention layer: fetched from the extension once
         if input_ids is not None:  # (prompt_ids, completion_ids); plans made for attention alone have none
             self.input_ids = self.pack(input_ids[0], input_ids[1])
             # An all-ones 2-D mask: with it transformers skips its packed-sequence detection (a host sync) and our
@@ -103,7 +104,7 @@ class Plan:
     @property
     def windows(self) -> list:
         """Sliding windows (shorter than :attr:`max_seqlen`) this plan holds key tables for."""
-        return self._core.windows
+        return self._windows
 
     @property
     def group_sizes(self) -> list:

@@ -296,10 +296,11 @@ def model_windows(model: torch.nn.Module) -> list:
     """The sliding windows of the model's attention layers (from its text config, as transformers applies them:
     ``sliding_window`` on the layers ``layer_types`` marks as sliding, or on every layer where there are no layer
     types and ``use_sliding_window`` is not off), for :func:`shared_prefix.plan`'s ``windows``."""
-    return _config_windows(_text_config(model))
+    return _config_windows(getattr(model, "config", None))
 
 
 def _config_windows(cfg) -> list:
+    """:func:`model_windows` from a config (a multimodal one is read through its text config)."""
     if cfg is not None and hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
     window = getattr(cfg, "sliding_window", None)
