@@ -3,8 +3,10 @@
 # step at two configs, and the cuDNN diagnosis (`scripts/gpu_cudnn_diag.py layouts`: operand layouts, and whether
 # calls 1+2 can be one top-left-causal call).
 # Run from the repo root with the wheels in .whl/ (our abi3 wheel built on the CPU machine, plus pure-Python or
-# abi3 wheels the image lacks). Results land in $OUT (gpu.txt, gpu_tests.log, bench/results.{jsonl,md,png},
-# profile_*.txt, cudnn_layouts.jsonl). Timeouts default to 120 + 265 + 95 + 65 s, inside one 600 s device call;
+# abi3 wheels the image lacks). Results land in $OUT as 7 files, since a device call returns at most 8: gpu.txt
+# (card, versions, the bench's log), gpu_tests.log, bench/results.{jsonl,md,png}, profiles.txt,
+# cudnn_layouts.jsonl. The tree travels without .git: pass SHARED_PREFIX_COMMIT so the results name the commit.
+# Timeouts default to 120 + 265 + 95 + 65 s, inside one 600 s device call;
 # each sends SIGINT first (then KILL 5 s later), so pytest prints its summary and the bench writes the rounds it
 # completed. With the install and import checks the worst case is about 580 s.
 # Of the kernel-forcing variants only shared_prefix_cudnn_views runs by default, last and only if its GPU tests
@@ -36,6 +38,7 @@ if grep -qE "FAILED.*cudnn_views|cudnn_views.*(FAILED|ERROR)|CUDA error|illegal 
 fi
 timeout -s INT -k 5 "${BENCH_TIMEOUT:-265}" python3 -m shared_prefix.bench --preset gpu --variants "$VARIANTS" --out "$OUT/bench" \
   ${BENCH_ARGS:-} 2>&1 \
-  | grep -v "step/s\]\|s/step\]" | tee "$OUT/bench.log" | tail -30
-timeout -s INT -k 5 "${PROFILE_TIMEOUT:-95}" python3 scripts/gpu_profile.py "$OUT" 4096x512x8x1 8192x256x16x1 2>&1 | tail -64
+  | grep -v "step/s\]\|s/step\]" | tee -a "$OUT/gpu.txt" | tail -30
+timeout -s INT -k 5 "${PROFILE_TIMEOUT:-95}" python3 scripts/gpu_profile.py "$OUT" 4096x512x8x1 8192x256x16x1 2>&1 \
+  | grep -A6 " ms (median" | tail -64
 timeout -s INT -k 5 "${DIAG_TIMEOUT:-65}" python3 scripts/gpu_cudnn_diag.py layouts "$OUT/cudnn_layouts.jsonl" 2>&1 | tail -20

@@ -1,10 +1,14 @@
 """Where a step's GPU time goes: torch.profiler on one warm step of `shared_prefix` and of `packed_causal`.
 
-Usage (GPU machine): python3 scripts/gpu_profile.py OUT_DIR [PxSxGxB ...]. Writes profile_<config>_<variant>.txt
-(top kernels).
+Usage (GPU machine): python3 scripts/gpu_profile.py OUT_DIR [PxSxGxB ...]. Appends to OUT_DIR/profiles.txt (one
+file, since a device call returns few files): per config and variant, first the host-vs-wall timing of 5 steps
+without the profiler (host = until backward() returns, before the final sync; host close to wall means the step is
+bound by the CPU issuing kernels, not by the GPU), then the top kernels of one profiled step.
 """
 
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -39,14 +43,24 @@ def profile_config(model, config: str, out: Path) -> None:
         for _ in range(2):
             step()
         synchronize(model.device)
+        host, wall = [], []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            step()
+            host.append(time.perf_counter() - t0)
+            synchronize(model.device)
+            wall.append(time.perf_counter() - t0)
+        timing = (f"{config} {name}: host {statistics.median(host) * 1e3:.1f} ms, wall {statistics.median(wall) * 1e3:.1f}"
+                  f" ms (median of 5, no profiler)")
         cuda = model.device.type == "cuda"
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             step()
             synchronize(model.device)
         sort = "cuda_time_total" if cuda else "cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
-        (out / f"profile_{config}_{name}.txt").write_text(table)
-        print(config, name)
+        with open(out / "profiles.txt", "a") as f:
+            f.write(f"## {timing}\n{table}\n\n")
+        print(timing)
         print("\n".join(table.splitlines()[:14]))
     model.zero_grad(set_to_none=True)
     if cuda:
