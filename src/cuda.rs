@@ -222,30 +222,34 @@ impl Dense for CudnnDense {
 /// is one dense batch (one run) with keys of at least `CUDNN_MIN_KEYS` tokens, flash-attention 2 varlen otherwise.
 /// cuDNN won at 16k keys (0.54 s vs 0.66 s per step) and tied at 8k; varlen won at 4k (0.19 s vs 0.23 s) and
 /// takes ragged batches in one call (cuDNN would need one call, and one cuDNN graph, per run). Forward and
-/// backward of a call make the same choice, since it depends only on the plan's host integers.
-pub struct AutoKernels;
+/// backward of a call make the same choice, since it depends only on the plan's host integers. `cudnn` is the
+/// dense kernel it picks: `AUTO` copies operands (`CUDNN`), `AUTO_VIEWS` (`kernels="auto_views"`) does not.
+pub struct AutoKernels {
+    cudnn: &'static crate::runs::Runs<CudnnDense>,
+}
 
 pub const CUDNN_MIN_KEYS: usize = 8192;
 
 pub static FLASH: FlashKernels = FlashKernels;
 pub static CUDNN: crate::runs::Runs<CudnnDense> = crate::runs::Runs(CudnnDense { contiguous: true });
 pub static CUDNN_VIEWS: crate::runs::Runs<CudnnDense> = crate::runs::Runs(CudnnDense { contiguous: false });
-pub static AUTO: AutoKernels = AutoKernels;
+pub static AUTO: AutoKernels = AutoKernels { cudnn: &CUDNN };
+pub static AUTO_VIEWS: AutoKernels = AutoKernels { cudnn: &CUDNN_VIEWS };
 
 impl AutoKernels {
-    fn pick(seg: &Segments) -> &'static dyn Kernels {
+    fn pick(&self, seg: &Segments) -> &'static dyn Kernels {
         // Sliding windows: FA2 takes them, cuDNN dense attention (as ATen exposes it) does not.
-        if seg.window.is_none() && seg.runs.len() <= 1 && seg.max_k >= CUDNN_MIN_KEYS { &CUDNN } else { &FLASH }
+        if seg.window.is_none() && seg.runs.len() <= 1 && seg.max_k >= CUDNN_MIN_KEYS { self.cudnn } else { &FLASH }
     }
 }
 
 impl Kernels for AutoKernels {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, seg: &Segments, causal: bool, scale: f64)
         -> Result<(Tensor, Tensor)> {
-        Self::pick(seg).forward(q, k, v, seg, causal, scale)
+        self.pick(seg).forward(q, k, v, seg, causal, scale)
     }
 
     fn backward(&self, s: &Saved, seg: &Segments, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
-        Self::pick(seg).backward(s, seg, causal, scale)
+        self.pick(seg).backward(s, seg, causal, scale)
     }
 }

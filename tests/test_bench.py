@@ -152,6 +152,24 @@ def test_measure_methods_interrupted_between_steps(monkeypatch):
     assert "| 1x1x1x1 | b | — |" in bench.markdown(rows, meta)
 
 
+def test_markdown_gpu_busy_columns():
+    """CUDA rows carry the profiled GPU busy time: the table gains its columns, with the ratio to packed_causal's;
+    a row without it (a failed profile) shows dashes; CPU-only rows keep the plain table."""
+    meta = dict(device_name="gpu", model="m", dtype="bfloat16", grad_ckpt=True, torch="t", commit="c", date="d",
+                steps=3)
+    common = dict(peak_mem_bytes=2**30, max_abs_logp_diff=0.0, grad_rel_l2=0.0, grad_cos=1.0)
+    rows = [dict(config="1x1x1x1", variant="baseline", median_s=1.0, gpu_busy_s=0.8, gpu_attn_s=0.2, **common),
+            dict(config="1x1x1x1", variant="packed_causal", median_s=0.5, gpu_busy_s=0.4, gpu_attn_s=0.1, **common),
+            dict(config="1x1x1x1", variant="shared_prefix", median_s=0.5, gpu_busy_s=0.3, gpu_attn_s=0.05, **common),
+            dict(config="1x1x1x1", variant="flex", median_s=0.6, gpu_busy_error="RuntimeError: x", **common)]
+    table = bench.markdown(rows, meta)
+    assert "GPU busy s (attention)" in table
+    assert "| 0.300 (0.050) | 0.75× |" in table
+    assert "| 1.000000 | — | — |" in table
+    assert "GPU busy" not in bench.markdown([{k: v for k, v in r.items() if not k.startswith("gpu")} for r in rows],
+                                            meta)
+
+
 def test_bench_keeps_partial_results_when_interrupted(tmp_path, monkeypatch):
     """SIGINT in the second config's rounds: rows of the first config and the completed rounds of the second are
     written (jsonl, table, plot), the remaining configs are skipped and the exit status is 130."""

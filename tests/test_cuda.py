@@ -48,7 +48,7 @@ def stock_low_precision(prompts, rows, scale, dtype, window=None):
     "dtype,kernels",
     [(torch.bfloat16, None), (torch.float16, None), (torch.float32, None), (torch.bfloat16, "cudnn"),
      (torch.float16, "cudnn"), (torch.bfloat16, "flash"), (torch.float16, "flash"), (torch.bfloat16, "cudnn_views"),
-     (torch.float16, "cudnn_views")],
+     (torch.float16, "cudnn_views"), (torch.bfloat16, "auto_views")],
 )
 @pytest.mark.parametrize("left", [True, False])
 def test_attention_against_fp64(dtype, kernels, left):
@@ -108,7 +108,7 @@ def check_against_fp64(dtype, kernels, left, window=None):
 
 
 @pytest.mark.parametrize("kernels,window", [(None, None), ("cudnn", None), ("cudnn_views", None), ("flash", None),
-                                            (None, 32)])
+                                            ("auto_views", None), (None, 32)])
 def test_zero_syncs_in_attention_forward_backward(kernels, window):
     prompts, rows, prompt_ids, _ = build_case(1, [(512, [64] * 8), (100, [3, 90])], 2, 4, 64, True, False, True)
     lp = max(p["len"] for p in prompts) + 1
@@ -248,7 +248,7 @@ def test_sliced_head_peak_memory_and_syncs():
     assert sliced < 0.3 * whole, (sliced, whole)
 
 
-@pytest.mark.parametrize("kernels", ["cudnn", "cudnn_views", "flash"])
+@pytest.mark.parametrize("kernels", ["cudnn", "cudnn_views", "flash", "auto_views"])
 def test_kernels_at_the_bench_shape_that_broke_cudnn(kernels):
     """8192x256x16x1 (Qwen2.5-0.5B heads): the shape where strided q/k/v with contiguous dO/O gave cuDNN gradients
     off by 0.46. Each kernel against fp32 explicit-math attention on the same bf16 inputs: bf16-level errors."""
@@ -268,3 +268,16 @@ def test_kernels_at_the_bench_shape_that_broke_cudnn(kernels):
 
     for got, want in zip(grads(torch.bfloat16, kernels), grads(torch.float32, "math")):
         assert rel(got.float(), want) < 2e-2, (kernels, rel(got.float(), want))
+
+
+def test_gpu_kernel_seconds():
+    """The bench's GPU busy time: kernels of a step are counted (a 4096² matmul alone is well above 10 µs), and an
+    SDPA call's kernel lands in the attention part, a matmul's does not."""
+    from shared_prefix._measure import gpu_kernel_seconds
+
+    a = torch.randn(4096, 4096, device=DEV, dtype=torch.bfloat16)
+    mm = gpu_kernel_seconds(lambda: a @ a)
+    assert 1e-5 < mm["gpu_busy_s"] < 1.0 and mm["gpu_attn_s"] == 0.0, mm
+    q = torch.randn(1, 8, 2048, 64, device=DEV, dtype=torch.bfloat16)
+    attn = gpu_kernel_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))
+    assert 0 < attn["gpu_attn_s"] <= attn["gpu_busy_s"], attn

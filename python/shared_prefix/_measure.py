@@ -63,6 +63,29 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return _cpu_peak_bytes(fn)
 
 
+# Kernel names of attention kernels (FA2, cuDNN's fused SDPA, PyTorch's efficient/flex kernels) for gpu_attn_s.
+_ATTENTION_KERNEL = ("flash", "fmha", "sdpa", "attention", "triton_tem_fused")
+
+
+def gpu_kernel_seconds(fn: Callable[[], object]) -> dict:
+    """GPU busy time of one call of ``fn``: the summed durations of its CUDA kernels and copies (one stream, so no
+    overlap), and of its attention kernels alone. Wall time on a small model can be bound by the host issuing
+    kernels; this is the time the GPU itself needs, what a step costs once the model is large enough to keep the
+    GPU fed."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
+        with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    busy = sum(e.device_time_total for e in kernels)
+    attn = sum(e.device_time_total for e in kernels if any(k in e.name.lower() for k in _ATTENTION_KERNEL))
+    return dict(gpu_busy_s=busy * 1e-6, gpu_attn_s=attn * 1e-6)
+
+
 def grad_vector(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """All parameter gradients as one flat vector (fp32 keeps a 0.5B model's copy at 2 GB)."""
     return torch.cat([p.grad.reshape(-1).to(dtype) for p in model.parameters() if p.grad is not None])
@@ -103,7 +126,8 @@ def measure_methods(model, methods: dict[str, Callable], advantages, mask, devic
 
     Each method first runs once (its time is ``first_step_s``; its log-probs and gradient are compared with the
     first method's: ``agreement``) and once more under the peak-memory probe (``peak_mem_bytes`` above what existed
-    before, gradients included). Then ``steps`` rounds run the methods in turn, one timed step each, so that drifts
+    before, gradients included); on CUDA a third, profiled step gives ``gpu_busy_s`` and ``gpu_attn_s``
+    (``gpu_kernel_seconds``; not counted in ``progress``). Then ``steps`` rounds run the methods in turn, one timed step each, so that drifts
     in the machine's speed (other tenants, clocks) fall on every method alike; ``median_s`` is each method's median.
     ``setup(name)`` is a context manager entered around every call of that method. With ``keep_going`` a method
     that raises gets ``{"error": ...}`` and the others go on, and a ``KeyboardInterrupt`` (SIGINT, e.g. from
@@ -155,6 +179,13 @@ def measure_methods(model, methods: dict[str, Callable], advantages, mask, devic
                 results[name] = failed(e)
                 continue
             results[name] = dict(peak_mem_bytes=peak, first_step_s=first, times=[])
+            if device.type == "cuda":
+                try:
+                    with setup(name):
+                        results[name].update(gpu_kernel_seconds(step))
+                except Exception as e:  # the profiler is a measurement aid: its failure must not cost the method
+                    results[name]["gpu_busy_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                model.zero_grad(set_to_none=True)
             results[name].update(agreement(logp, grad, ref_logp, ref_grad, mask))
             if ref_logp is None:
                 ref_logp, ref_grad = logp, grad

@@ -6,7 +6,7 @@ with G completions of S tokens (config ``PxSxGxB``). Variants, measured side by 
 - ``baseline``: stock rows ``[prompt, completion]`` as TRL builds them, SDPA, logits only at completion positions;
 - ``packed_causal``: each group as one causal row of P + G·S tokens (the limit proxy: our token count with plain
   causal attention, so its log-probs are wrong by design);
-- ``shared_prefix``: ours (``_fa2`` / ``_cudnn`` / ``_cudnn_views``: one attention kernel forced, CUDA;
+- ``shared_prefix``: ours (``_fa2`` / ``_cudnn`` / ``_cudnn_views`` / ``_auto_views``: the attention kernels forced, CUDA;
   ``_full_head``: the LM head in one piece instead of vocabulary slices);
 - ``prefix_grouper``: the original ``prefix-grouper`` package through its API, where it is installed;
 - ``flex``: FlexAttention with a shared-prefix block mask (CUDA only; compile time reported separately).
@@ -17,7 +17,8 @@ left out then.
 
 Per variant: the median of the timed steps after warm-up (rounds run the variants in turn, so drifts in the machine's
 speed fall on all of them alike), peak memory above the weights, and max |Δ logprob|,
-gradient rel L2 and cosine against ``baseline``. Writes ``results.jsonl``, ``results.md`` and ``results.png``.
+gradient rel L2 and cosine against ``baseline``; on CUDA also the GPU busy time of one profiled step (its kernels'
+summed durations, and those of its attention kernels), which leaves out the host's time to issue the step. Writes ``results.jsonl``, ``results.md`` and ``results.png``.
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ PRESETS = {
 }
 # Order of measurement: the reference first; the original package last (it may not fit long configs).
 VARIANTS = ["baseline", "packed_causal", "shared_prefix", "shared_prefix_fa2", "shared_prefix_cudnn",
-            "shared_prefix_cudnn_views", "shared_prefix_full_head", "flex", "prefix_grouper"]
+            "shared_prefix_cudnn_views", "shared_prefix_auto_views", "shared_prefix_full_head", "flex",
+            "prefix_grouper"]
 # Variants that run ours with a forced kernel choice (SHARED_PREFIX_KERNELS for the whole measurement, so the
 # checkpoint recompute in backward uses the same kernels as the forward).
 KERNEL_VARIANTS = {"shared_prefix_fa2": "flash", "shared_prefix_cudnn": "cudnn",
-                   "shared_prefix_cudnn_views": "cudnn_views"}
+                   "shared_prefix_cudnn_views": "cudnn_views", "shared_prefix_auto_views": "auto_views"}
 
 
 def parse_config(text: str) -> tuple[int, int, int, int]:
@@ -198,12 +200,15 @@ def variant_fns(model, batch, g: int, device: torch.device, wanted: list[str]) -
 
 
 def git_commit() -> str:
+    # A copy of the tree without its .git (a device machine's) names the commit through the environment.
+    if os.environ.get("SHARED_PREFIX_COMMIT"):
+        return os.environ["SHARED_PREFIX_COMMIT"]
     try:
         here = Path(__file__).resolve().parent
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
-        return out.stdout.strip() or os.environ.get("SHARED_PREFIX_COMMIT", "unknown")
+        return out.stdout.strip() or "unknown"
     except OSError:
-        return os.environ.get("SHARED_PREFIX_COMMIT", "unknown")
+        return "unknown"
 
 
 def device_name(device: torch.device) -> str:
@@ -252,14 +257,18 @@ def run_config(model, cfg, args, device, bar):
 
 def markdown(rows: list[dict], meta: dict) -> str:
     window = "" if meta.get("window") is None else f", sliding window {meta['window']} on every layer"
+    # CUDA runs add the GPU busy time of one profiled step (kernels only: what the step costs the GPU, apart from
+    # the host's time to issue it) and its attention part, with its ratio to packed_causal's.
+    busy = any("gpu_busy_s" in r for r in rows)
     lines = [
         f"Device: {meta['device_name']}; model {meta['model']} (random weights{window}), {meta['dtype']}, "
         f"grad checkpointing {'on' if meta['grad_ckpt'] else 'off'}; torch {meta['torch']}; commit {meta['commit']}; "
         f"{meta['date']}. Median of {meta['steps']} interleaved rounds (forward+backward of completion log-probs).",
         "",
         "| config PxSxGxB | variant | median s | vs baseline | vs packed_causal | peak mem GiB | max abs Δlogp "
-        "| grad rel L2 | grad cos | note |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| grad rel L2 | grad cos |" + (" GPU busy s (attention) | busy vs packed_causal |" if busy else "")
+        + " note |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if busy else "") + "---|",
     ]
     for cfg in dict.fromkeys(r["config"] for r in rows):
         group = {r["variant"]: r for r in rows if r["config"] == cfg}
@@ -269,7 +278,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         limit = limit if limit and "error" not in limit else None
         for r in group.values():
             if "error" in r:
-                lines.append(f"| {cfg} | {r['variant']} | — | — | — | — | — | — | — | {r['error']} |")
+                lines.append(f"| {cfg} | {r['variant']} | — | — | — | — | — | — | — |{' — | — |' if busy else ''}"
+                             f" {r['error']} |")
                 continue
             speed = f"{base['median_s'] / r['median_s']:.2f}× faster" if base else "—"
             ratio = f"{r['median_s'] / limit['median_s']:.2f}×" if limit else "—"
@@ -278,11 +288,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 notes = ["limit proxy; wrong mask by design"]
             if r.get("interrupted"):
                 notes.append(f"interrupted: median of {r['rounds']} of {meta['steps']} rounds")
+            gpu = ""
+            if busy:
+                gpu = " — | — |"
+                if "gpu_busy_s" in r:
+                    vs = (f"{r['gpu_busy_s'] / limit['gpu_busy_s']:.2f}×"
+                          if limit and "gpu_busy_s" in limit else "—")
+                    gpu = f" {r['gpu_busy_s']:.3f} ({r['gpu_attn_s']:.3f}) | {vs} |"
             note = "; ".join(n for n in notes if n)
             lines.append(
                 f"| {cfg} | {r['variant']} | {r['median_s']:.3f} | {speed} | {ratio} | "
                 f"{r['peak_mem_bytes'] / 2**30:.2f} | {r['max_abs_logp_diff']:.1e} | {r['grad_rel_l2']:.1e} | "
-                f"{r['grad_cos']:.6f} | {note} |"
+                f"{r['grad_cos']:.6f} |{gpu} {note} |"
             )
     return "\n".join(lines) + "\n"
 
