@@ -1,8 +1,9 @@
 //! CUDA kernels through ATen, via the C++ shim for the entry points tch does not bind:
 //! - flash-attention 2 varlen (the default for fp16/bf16): one call per attention call, segment tables on the
 //!   device and max lengths from the host, so no call reads a device value back;
-//! - cuDNN dense attention, run by run (`kernels="cudnn"`, and by `AutoKernels` for long one-batch calls; see
-//!   BENCHMARKS.md for the measured choice; `"cudnn_views"`: the same without operand copies, unverified).
+//! - cuDNN dense attention, run by run, on strided views of the packed tensors (`kernels="cudnn_views"`, and by
+//!   `AutoKernels` for long one-batch calls; see BENCHMARKS.md for the measured choice), or on contiguous copies
+//!   (`kernels="cudnn"`).
 //!
 //! GQA is native in both (Hkv < Hq): K/V are never repeated.
 
@@ -156,13 +157,13 @@ impl Kernels for FlashKernels {
 /// the first forward is what backward hands back (0 = not seen yet).
 static CUDNN_LSE_RANK: AtomicI64 = AtomicI64::new(0);
 
-/// cuDNN dense attention. With `contiguous`, every operand is copied to a contiguous `[B, H, L, D]` tensor (the
-/// verified default: q/k/v as strided `[B, H, L, D]` views of token-major storage with dO/O copied to contiguous,
-/// i.e. head-major, `[B, H, L, D]` gave wrong gradients at some shapes — the operands' layouts differed). Without, every
-/// operand — q, k, v, out and dO alike — goes in as the strided `[B, H, L, D]` view of token-major `[B, L, H, D]`
-/// storage that `Runs` hands over (the executor makes q/k/v token-major first, once per attention call), saving
-/// the per-call copies. `cudnn_views` selects the latter: NOT yet verified on a GPU (added without a device;
-/// `tests/test_cuda.py` and `scripts/gpu_cudnn_diag.py layouts` check it).
+/// cuDNN dense attention. Without `contiguous` (`cudnn_views`, what "auto" uses) every operand — q, k, v, out and
+/// dO alike — goes in as the strided `[B, H, L, D]` view of token-major `[B, L, H, D]` storage that `Runs` hands
+/// over (the executor makes q/k/v token-major first, once per attention call): no per-call copies. The operands
+/// must share one layout: strided q/k/v with head-major (contiguous) dO/O gave wrong gradients at 8192x256x16x1
+/// (H200 run 2). With `contiguous` (`kernels="cudnn"`) every operand is copied to a contiguous `[B, H, L, D]`
+/// tensor. Both are checked against fp32 references on the GPU (`tests/test_cuda.py`; `scripts/gpu_cudnn_diag.py
+/// layouts`: the same dq/dk/dv errors, 2.4e-3 to 3.0e-3, for either layout, H200 run 6).
 pub struct CudnnDense {
     pub contiguous: bool,
 }
@@ -218,38 +219,37 @@ impl Dense for CudnnDense {
     }
 }
 
-/// The CUDA fp16/bf16 default, chosen per attention call by measurement (H200, BENCHMARKS.md): cuDNN when the call
-/// is one dense batch (one run) with keys of at least `CUDNN_MIN_KEYS` tokens, flash-attention 2 varlen otherwise.
-/// cuDNN won at 16k keys (0.54 s vs 0.66 s per step) and tied at 8k; varlen won at 4k (0.19 s vs 0.23 s) and
-/// takes ragged batches in one call (cuDNN would need one call, and one cuDNN graph, per run). Forward and
-/// backward of a call make the same choice, since it depends only on the plan's host integers. `cudnn` is the
-/// dense kernel it picks: `AUTO` copies operands (`CUDNN`), `AUTO_VIEWS` (`kernels="auto_views"`) does not.
-pub struct AutoKernels {
-    cudnn: &'static crate::runs::Runs<CudnnDense>,
-}
+/// The CUDA fp16/bf16 default, chosen per attention call by measurement (H200, BENCHMARKS.md): cuDNN, copy-free
+/// (`CUDNN_VIEWS`), when the call is one dense batch (one run) with keys of at least `CUDNN_MIN_KEYS` tokens,
+/// flash-attention 2 varlen otherwise. In GPU kernel time cuDNN's attention is 35-40 % below FA2's at 4k-16k keys,
+/// but each cuDNN call costs more host time, which a small model's host-bound step feels at 4k (run 7: all-cuDNN
+/// 0.134 s of kernels vs 0.152 s, yet 0.242 s vs 0.209 s of wall time); at 8k and 16k the rule is the best or tied
+/// in both. Varlen also takes ragged batches in one call (cuDNN would need one call, and one cuDNN graph, per
+/// run). Copy-free beat copying operands at 8k and 16k (0.206 vs 0.212 s and 0.515 vs 0.526 s of kernels). Forward
+/// and backward of a call make the same choice, since it depends only on the plan's host integers.
+pub struct AutoKernels;
 
 pub const CUDNN_MIN_KEYS: usize = 8192;
 
 pub static FLASH: FlashKernels = FlashKernels;
 pub static CUDNN: crate::runs::Runs<CudnnDense> = crate::runs::Runs(CudnnDense { contiguous: true });
 pub static CUDNN_VIEWS: crate::runs::Runs<CudnnDense> = crate::runs::Runs(CudnnDense { contiguous: false });
-pub static AUTO: AutoKernels = AutoKernels { cudnn: &CUDNN };
-pub static AUTO_VIEWS: AutoKernels = AutoKernels { cudnn: &CUDNN_VIEWS };
+pub static AUTO: AutoKernels = AutoKernels;
 
 impl AutoKernels {
-    fn pick(&self, seg: &Segments) -> &'static dyn Kernels {
+    fn pick(seg: &Segments) -> &'static dyn Kernels {
         // Sliding windows: FA2 takes them, cuDNN dense attention (as ATen exposes it) does not.
-        if seg.window.is_none() && seg.runs.len() <= 1 && seg.max_k >= CUDNN_MIN_KEYS { self.cudnn } else { &FLASH }
+        if seg.window.is_none() && seg.runs.len() <= 1 && seg.max_k >= CUDNN_MIN_KEYS { &CUDNN_VIEWS } else { &FLASH }
     }
 }
 
 impl Kernels for AutoKernels {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, seg: &Segments, causal: bool, scale: f64)
         -> Result<(Tensor, Tensor)> {
-        self.pick(seg).forward(q, k, v, seg, causal, scale)
+        Self::pick(seg).forward(q, k, v, seg, causal, scale)
     }
 
     fn backward(&self, s: &Saved, seg: &Segments, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
-        self.pick(seg).backward(s, seg, causal, scale)
+        Self::pick(seg).backward(s, seg, causal, scale)
     }
 }

@@ -208,8 +208,8 @@ fn make_plan(
 static CPU_FLASH: runs::Runs<runs::CpuFlash> = runs::Runs(runs::CpuFlash);
 static MATH: runs::Runs<runs::Math> = runs::Runs(runs::Math);
 
-/// The backend for these inputs. `name` forces one ("cpu_flash", "math", "flash", "cudnn", "cudnn_views", "auto",
-/// "auto_views"); by default:
+/// The backend for these inputs. `name` forces one ("cpu_flash", "math", "flash", "cudnn", "cudnn_views", "auto");
+/// by default:
 /// CPU → ATen's CPU flash kernel; CUDA fp16/bf16 → "auto" (cuDNN for one-batch calls, flash-attention 2 varlen
 /// otherwise); CUDA fp32/fp64 → the explicit-math kernel. A sliding-window layer (`window`) needs a kernel that
 /// takes a window: flash-attention 2 on CUDA (which "auto" picks), the explicit-math kernel elsewhere.
@@ -234,7 +234,7 @@ fn kernels_for(q: &Tensor, name: Option<&str>, window: Option<usize>) -> PyResul
     match (name, device) {
         ("math", _) => Ok(&MATH),
         ("cpu_flash", Device::Cpu) => Ok(&CPU_FLASH),
-        ("flash" | "cudnn" | "cudnn_views" | "auto" | "auto_views", Device::Cuda(_)) => {
+        ("flash" | "cudnn" | "cudnn_views" | "auto", Device::Cuda(_)) => {
             let d = q.size()[2];
             if !half {
                 return Err(PyTypeError::new_err(format!("q: the {name} kernel takes fp16/bf16, got {:?}", q.kind())));
@@ -248,7 +248,6 @@ fn kernels_for(q: &Tensor, name: Option<&str>, window: Option<usize>) -> PyResul
                 "flash" => &cuda::FLASH,
                 "cudnn" => &cuda::CUDNN,
                 "cudnn_views" => &cuda::CUDNN_VIEWS,
-                "auto_views" => &cuda::AUTO_VIEWS,
                 _ => &cuda::AUTO,
             })
         }

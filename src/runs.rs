@@ -5,6 +5,7 @@
 //! dtype (the correct path for fp32/fp64 on CUDA, and an independent implementation the CPU tests check).
 
 use crate::executor::{Kernels, Result, Saved, Segments};
+use planner::Run;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tch::{Kind, Tensor};
 
@@ -74,15 +75,27 @@ impl<D: Dense> Kernels for Runs<D> {
     }
 
     fn backward(&self, s: &Saved, seg: &Segments, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
-        // Keys no query of this call sees (a prompt whose group has no completion tokens) get zero gradient.
-        let (dq, dk, dv) = (s.q.f_zeros_like()?, s.k.f_zeros_like()?, s.v.f_zeros_like()?);
-        for r in seg.runs {
+        let run_grads = |r: &Run| {
             let rows = |x: &Tensor| batched(x, r.q_start, r.count, r.q_len);
             let keys = |x: &Tensor| batched(x, r.k_start, r.count, r.k_len);
             let (dout, q, k, v, out) = (rows(s.dout)?, rows(s.q)?, keys(s.k)?, keys(s.v)?, rows(s.out)?);
             let lse = batched_lse(s.lse, r.q_start, r.count, r.q_len)?;
             let batch = Saved { dout: &dout, q: &q, k: &k, v: &v, out: &out, lse: &lse };
-            let (g_q, g_k, g_v) = self.0.bwd(&batch, causal, seg.window, scale)?;
+            self.0.bwd(&batch, causal, seg.window, scale)
+        };
+        if let [r] = seg.runs {
+            let (q_rows, k_rows) = (s.q.size()[0] as usize, s.k.size()[0] as usize);
+            if r.q_start == 0 && r.k_start == 0 && r.count * r.q_len == q_rows && r.count * r.k_len == k_rows {
+                // One run over every row and key (one prompt, one group): its gradients are the whole answer, with
+                // no zero-filled tensors to copy them into (three fills and three copies fewer per call).
+                let (g_q, g_k, g_v) = run_grads(r)?;
+                return Ok((unbatched(&g_q)?, unbatched(&g_k)?, unbatched(&g_v)?));
+            }
+        }
+        // Keys no query of this call sees (a prompt whose group has no completion tokens) get zero gradient.
+        let (dq, dk, dv) = (s.q.f_zeros_like()?, s.k.f_zeros_like()?, s.v.f_zeros_like()?);
+        for r in seg.runs {
+            let (g_q, g_k, g_v) = run_grads(r)?;
             let (qn, kn) = ((r.count * r.q_len) as i64, (r.count * r.k_len) as i64);
             dq.f_narrow(0, r.q_start as i64, qn)?.f_copy_(&unbatched(&g_q)?)?;
             dk.f_narrow(0, r.k_start as i64, kn)?.f_copy_(&unbatched(&g_k)?)?;

@@ -6,7 +6,7 @@ with G completions of S tokens (config ``PxSxGxB``). Variants, measured side by 
 - ``baseline``: stock rows ``[prompt, completion]`` as TRL builds them, SDPA, logits only at completion positions;
 - ``packed_causal``: each group as one causal row of P + G·S tokens (the limit proxy: our token count with plain
   causal attention, so its log-probs are wrong by design);
-- ``shared_prefix``: ours (``_fa2`` / ``_cudnn`` / ``_cudnn_views`` / ``_auto_views``: the attention kernels forced, CUDA;
+- ``shared_prefix``: ours (``_fa2`` / ``_cudnn`` / ``_cudnn_views``: one attention kernel forced, CUDA;
   ``_full_head``: the LM head in one piece instead of vocabulary slices);
 - ``prefix_grouper``: the original ``prefix-grouper`` package through its API, where it is installed;
 - ``flex``: FlexAttention with a shared-prefix block mask (CUDA only; compile time reported separately).
@@ -60,12 +60,11 @@ PRESETS = {
 }
 # Order of measurement: the reference first; the original package last (it may not fit long configs).
 VARIANTS = ["baseline", "packed_causal", "shared_prefix", "shared_prefix_fa2", "shared_prefix_cudnn",
-            "shared_prefix_cudnn_views", "shared_prefix_auto_views", "shared_prefix_full_head", "flex",
-            "prefix_grouper"]
+            "shared_prefix_cudnn_views", "shared_prefix_full_head", "flex", "prefix_grouper"]
 # Variants that run ours with a forced kernel choice (SHARED_PREFIX_KERNELS for the whole measurement, so the
 # checkpoint recompute in backward uses the same kernels as the forward).
 KERNEL_VARIANTS = {"shared_prefix_fa2": "flash", "shared_prefix_cudnn": "cudnn",
-                   "shared_prefix_cudnn_views": "cudnn_views", "shared_prefix_auto_views": "auto_views"}
+                   "shared_prefix_cudnn_views": "cudnn_views"}
 
 
 def parse_config(text: str) -> tuple[int, int, int, int]:
