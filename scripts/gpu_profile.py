@@ -2,8 +2,9 @@
 
 Usage (GPU machine): python3 scripts/gpu_profile.py OUT_DIR [PxSxGxB ...]. Appends to OUT_DIR/profiles.txt (one
 file, since a device call returns few files): per config and variant, first the host-vs-wall timing of 5 steps
-without the profiler (host = until backward() returns, before the final sync; host close to wall means the step is
-bound by the CPU issuing kernels, not by the GPU), then the top kernels of one profiled step.
+without the profiler (host = until backward() returns, before the final sync), then the top kernels of one profiled
+step. In H200 run 6 host equalled wall (backward ends waiting for the GPU), so the measure of a host-bound step is
+the profile's "Self CUDA time total" (the kernels' sum) against wall: 152 ms in a 220 ms step at 4096x512x8x1.
 """
 
 import statistics
