@@ -86,8 +86,8 @@ impl<D: Dense> Kernels for Runs<D> {
         if let [r] = seg.runs {
             let (q_rows, k_rows) = (s.q.size()[0] as usize, s.k.size()[0] as usize);
             if r.q_start == 0 && r.k_start == 0 && r.count * r.q_len == q_rows && r.count * r.k_len == k_rows {
-                // One run over every row and key (one prompt, one group): its gradients are the whole answer, with
-                // no zero-filled tensors to copy them into (three fills and three copies fewer per call).
+                // One run over every row and key (segments all of one length: one prompt, one group, or equal
+                // lengths): its gradients are the whole answer, with no zero-filled tensors to copy them into.
                 let (g_q, g_k, g_v) = run_grads(r)?;
                 return Ok((unbatched(&g_q)?, unbatched(&g_k)?, unbatched(&g_v)?));
             }
