@@ -25,8 +25,9 @@ import torch
 
 # Working set per logit of a slice: the logits, their fp32 scaled copy, probabilities and the logits' gradient.
 BYTES_PER_LOGIT = 16
-# A slice's working set stays within this budget (every slice costs ~35 small ops on the host: at a 152k vocabulary
-# and 4096 rows, 256 MiB meant 38 slices, about 19 ms of a host-bound 0.26 s H200 step; 512 MiB halves that) ...
+# A slice's working set stays within this budget. Every slice also costs host time for its small ops (forward and
+# backward, measured at tiny sizes on a 2-core CPU: 200-250 µs), which a host-bound GPU step feels: at a 152k
+# vocabulary and 4096 rows, 256 MiB meant 38 slices; 512 MiB halves them ...
 CHUNK_BUDGET_BYTES = 512 * 2**20
 # ... and is at most 1/MIN_CHUNKS of the unchunked one, so the head stays a small part of a step's peak on small
 # models too; but a slice keeps at least MIN_COLUMNS columns (narrower GEMMs and more launches cost more than they
@@ -61,10 +62,17 @@ def _scaled_logits(h, weight, bias, lo, hi, temperature):
     return (u.div_(temperature) if temperature != 1.0 else u), logits.dtype
 
 
-def _in_slice(targets, lo, hi):
-    """Which rows' targets fall in ``[lo, hi)``, and their column within the slice (clamped elsewhere)."""
-    inside = (targets >= lo) & (targets < hi)
-    return inside, (targets - lo).clamp_(0, hi - lo - 1)
+def _slice_targets(targets, cols):
+    """Each target's slice (slice i holds columns ``[i·cols, (i+1)·cols)``) and its column there as ``[rows, 1]``,
+    once for all slices: a slice's ops are small, so on a GPU their count (host time) is what a slice costs."""
+    slice_of = torch.div(targets, cols, rounding_mode="floor")
+    return slice_of, (targets - slice_of * cols)[:, None]
+
+
+def _in_slice(slice_of, col, i, width, cols):
+    """Which rows' targets fall in slice ``i`` (``width`` columns), and their column there, clamped into the slice
+    for the other rows (only the last slice can be narrower than ``cols``)."""
+    return slice_of == i, (col if width == cols else col.clamp(max=width - 1))
 
 
 @functools.cache
@@ -101,11 +109,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
         # it keeps its relative precision however peaked the distribution (lse - E_p[u] would cancel).
         m = s_sum = a_sum = None
         target_u = hidden.new_zeros(n, dtype=acc)
-        for lo in range(0, vocab, cols):
+        slice_of, t_col = _slice_targets(targets, cols)
+        for i, lo in enumerate(range(0, vocab, cols)):
             hi = min(lo + cols, vocab)
             u, _ = _scaled_logits(hidden, weight, bias, lo, hi, temperature)
-            inside, col = _in_slice(targets, lo, hi)
-            target_u = torch.where(inside, u.gather(-1, col[:, None])[:, 0], target_u)
+            inside, col = _in_slice(slice_of, t_col, i, hi - lo, cols)
+            target_u = torch.where(inside, u.gather(-1, col)[:, 0], target_u)
             m_new = u.amax(-1) if m is None else torch.maximum(m, u.amax(-1))
             shifted = u.sub_(m_new[:, None])
             e = shifted.exp() if with_entropy else shifted.exp_()  # without the entropy, u is not needed again
@@ -174,7 +183,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
         else:
             c = (-inv_t * gp)[:, None] * inv_s
         h_cast = None
-        for lo in range(0, vocab, cols):
+        slice_of, t_col = _slice_targets(targets, cols)
+        g_target = (inv_t * gp)[:, None] if gp is not None else None  # the target column's own term, dz_t += g/T
+        for i, lo in enumerate(range(0, vocab, cols)):
             hi = min(lo + cols, vocab)
             u, logits_dtype = _scaled_logits(hidden, weight, bias, lo, hi, ctx.temperature)
             d = u.sub_(m[:, None])
@@ -184,13 +195,14 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 del p
             else:
                 dz = d.exp_().mul_(c)
-            if gp is not None:
-                inside, col = _in_slice(targets, lo, hi)
-                dz.scatter_add_(-1, col[:, None], (inv_t * gp * inside)[:, None])
+            if g_target is not None:
+                inside, col = _in_slice(slice_of, t_col, i, hi - lo, cols)
+                dz.scatter_add_(-1, col, g_target * inside[:, None])
             # Back through the fp32 upcast: the gradient reaches the logits in their own dtype.
             dz = dz.to(logits_dtype)
             if dh is not None:
-                _add_mm(dh, dz, weight[lo:hi].to(logits_dtype))
+                w = weight[lo:hi]
+                _add_mm(dh, dz, w if w.dtype == logits_dtype else w.to(logits_dtype))
             if dw is not None:
                 if h_cast is None:
                     h_cast = hidden.to(logits_dtype)
