@@ -30,8 +30,9 @@ transformers.__version__, 'gpu', torch.cuda.get_device_name())" 2>&1 | tee -a "$
 timeout -s INT -k 5 "${TEST_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -25
 VARIANTS=${VARIANTS:-baseline,packed_causal,shared_prefix,shared_prefix_full_head,flex,prefix_grouper,shared_prefix_cudnn_views}
-# The unverified copy-free cuDNN path joins the bench only if its GPU tests passed: a CUDA error there (an illegal
-# memory access poisons the context) would take every later measurement of the run with it.
+# The all-cuDNN variant (last) joins the bench only if the GPU tests passed: a CUDA error in it (an illegal memory
+# access poisons the context) would take every later measurement of the run with it. The default rule's cuDNN calls
+# run the same copy-free path; a failure there shows in the tests and in shared_prefix's agreement column.
 if grep -qE "FAILED.*cudnn_views|cudnn_views.*(FAILED|ERROR)|CUDA error|illegal memory" "$OUT/gpu_tests.log" || ! grep -q " passed" "$OUT/gpu_tests.log"; then
   VARIANTS=${VARIANTS//,shared_prefix_cudnn_views/}
   echo "bench without shared_prefix_cudnn_views (its GPU tests did not pass)" | tee -a "$OUT/gpu.txt"

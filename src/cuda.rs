@@ -244,6 +244,12 @@ impl AutoKernels {
 }
 
 impl Kernels for AutoKernels {
+    // The copy-free cuDNN calls need every operand in one layout, and `pick` comes after the executor lays them out:
+    // token-major for all (q/k/v, out and dO). FA2 copies its operands to exactly that layout anyway.
+    fn token_major(&self) -> bool {
+        true
+    }
+
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, seg: &Segments, causal: bool, scale: f64)
         -> Result<(Tensor, Tensor)> {
         Self::pick(seg).forward(q, k, v, seg, causal, scale)

@@ -88,8 +88,10 @@ impl<D: Dense> Kernels for Runs<D> {
             if r.q_start == 0 && r.k_start == 0 && r.count * r.q_len == q_rows && r.count * r.k_len == k_rows {
                 // One run over every row and key (segments all of one length: one prompt, one group, or equal
                 // lengths): its gradients are the whole answer, with no zero-filled tensors to copy them into.
+                // Token-major like the zero-filled path's (a no-op for the kernels that return that layout).
                 let (g_q, g_k, g_v) = run_grads(r)?;
-                return Ok((unbatched(&g_q)?, unbatched(&g_k)?, unbatched(&g_v)?));
+                let packed = |g: &Tensor| unbatched(g)?.f_contiguous();
+                return Ok((packed(&g_q)?, packed(&g_k)?, packed(&g_v)?));
             }
         }
         // Keys no query of this call sees (a prompt whose group has no completion tokens) get zero gradient.

@@ -168,6 +168,8 @@ def test_markdown_gpu_busy_columns():
     assert "| 1.000000 | — | — |" in table
     assert "GPU busy" not in bench.markdown([{k: v for k, v in r.items() if not k.startswith("gpu")} for r in rows],
                                             meta)
+    rows[1]["gpu_busy_s"] = 0.0  # a reference without a busy time: no ratio, no ZeroDivisionError
+    assert "| 0.300 (0.050) | — |" in bench.markdown(rows, meta)
 
 
 def test_bench_keeps_partial_results_when_interrupted(tmp_path, monkeypatch):

@@ -249,10 +249,13 @@ def test_sliced_head_peak_memory_and_syncs():
 
 
 @pytest.mark.parametrize("kernels", ["cudnn", "cudnn_views", "flash", None])
-def test_kernels_at_the_bench_shape_that_broke_cudnn(kernels):
+@pytest.mark.parametrize("head_major_qk", [False, True])
+def test_kernels_at_the_bench_shape_that_broke_cudnn(kernels, head_major_qk):
     """8192x256x16x1 (Qwen2.5-0.5B heads): the shape where strided q/k/v with contiguous dO/O gave cuDNN gradients
-    off by 0.46. Each kernel (None: the default rule) against fp32 explicit-math attention on the same bf16 inputs:
-    bf16-level errors."""
+    off by 0.46. Each kernel (None: the default rule, which takes cuDNN for the 8192-key calls) against fp32
+    explicit-math attention on the same bf16 inputs: bf16-level errors. Head-major q/k beside a token-major v and
+    dO is what partial-rotary models (GLM, Phi, GPT-NeoX) hand over: every operand must still reach copy-free cuDNN
+    in one layout."""
     from shared_prefix.bench import make_batch
 
     pid, pmask, cid, cmask = make_batch(8192, 256, 16, 1, 1000, DEV)
@@ -263,7 +266,11 @@ def test_kernels_at_the_bench_shape_that_broke_cudnn(kernels):
 
     def grads(dtype, name):
         leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-        out = sp.attention(*leaves, plan, kernels=name)
+        q_in, k_in, v_in = leaves
+        if head_major_qk:  # the same values, stored [H, T, D]
+            q_in, k_in = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (q_in, k_in))
+            assert q_in.stride()[0] == 64 and k_in.stride()[0] == 64
+        out = sp.attention(q_in, k_in, v_in, plan, kernels=name)
         out.backward(do.to(dtype))
         return [out.detach()] + [x.grad for x in leaves]
 

@@ -81,6 +81,8 @@ def gpu_kernel_seconds(fn: Callable[[], object]) -> dict:
             fn()
             torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if not kernels:  # no CUPTI, or another profiler holds it: no measurement rather than a busy time of 0
+        raise RuntimeError("the profiler recorded no CUDA kernels")
     busy = sum(e.device_time_total for e in kernels)
     attn = sum(e.device_time_total for e in kernels if any(k in e.name.lower() for k in _ATTENTION_KERNEL))
     return dict(gpu_busy_s=busy * 1e-6, gpu_attn_s=attn * 1e-6)

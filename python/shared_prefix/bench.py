@@ -292,7 +292,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 gpu = " — | — |"
                 if "gpu_busy_s" in r:
                     vs = (f"{r['gpu_busy_s'] / limit['gpu_busy_s']:.2f}×"
-                          if limit and "gpu_busy_s" in limit else "—")
+                          if limit and limit.get("gpu_busy_s") else "—")
                     gpu = f" {r['gpu_busy_s']:.3f} ({r['gpu_attn_s']:.3f}) | {vs} |"
             note = "; ".join(n for n in notes if n)
             lines.append(
