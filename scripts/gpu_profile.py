@@ -51,8 +51,8 @@ def profile_config(model, config: str, out: Path) -> None:
             host.append(time.perf_counter() - t0)
             synchronize(model.device)
             wall.append(time.perf_counter() - t0)
-        timing = (f"{config} {name}: host {statistics.median(host) * 1e3:.1f} ms, wall {statistics.median(wall) * 1e3:.1f}"
-                  f" ms (median of 5, no profiler)")
+        timing = (f"{config} {name}: host {statistics.median(host) * 1e3:.1f} ms, "
+                  f"wall {statistics.median(wall) * 1e3:.1f} ms (median of 5, no profiler)")
         cuda = model.device.type == "cuda"
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             step()

@@ -129,8 +129,9 @@ def measure_methods(model, methods: dict[str, Callable], advantages, mask, devic
     Each method first runs once (its time is ``first_step_s``; its log-probs and gradient are compared with the
     first method's: ``agreement``) and once more under the peak-memory probe (``peak_mem_bytes`` above what existed
     before, gradients included); on CUDA a third, profiled step gives ``gpu_busy_s`` and ``gpu_attn_s``
-    (``gpu_kernel_seconds``; not counted in ``progress``). Then ``steps`` rounds run the methods in turn, one timed step each, so that drifts
-    in the machine's speed (other tenants, clocks) fall on every method alike; ``median_s`` is each method's median.
+    (``gpu_kernel_seconds``; not counted in ``progress``). Then ``steps`` rounds run the methods in turn, one timed
+    step each, so that drifts in the machine's speed (other tenants, clocks) fall on every method alike;
+    ``median_s`` is each method's median.
     ``setup(name)`` is a context manager entered around every call of that method. With ``keep_going`` a method
     that raises gets ``{"error": ...}`` and the others go on, and a ``KeyboardInterrupt`` (SIGINT, e.g. from
     ``timeout -s INT``) ends the measurement early with the rounds completed so far (``rounds`` counts them;

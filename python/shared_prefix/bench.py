@@ -18,7 +18,8 @@ left out then.
 Per variant: the median of the timed steps after warm-up (rounds run the variants in turn, so drifts in the machine's
 speed fall on all of them alike), peak memory above the weights, and max |Δ logprob|,
 gradient rel L2 and cosine against ``baseline``; on CUDA also the GPU busy time of one profiled step (its kernels'
-summed durations, and those of its attention kernels), which leaves out the host's time to issue the step. Writes ``results.jsonl``, ``results.md`` and ``results.png``.
+summed durations, and those of its attention kernels), which leaves out the host's time to issue the step.
+Writes ``results.jsonl``, ``results.md`` and ``results.png``.
 """
 
 from __future__ import annotations
@@ -277,8 +278,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         limit = limit if limit and "error" not in limit else None
         for r in group.values():
             if "error" in r:
-                lines.append(f"| {cfg} | {r['variant']} | — | — | — | — | — | — | — |{' — | — |' if busy else ''}"
-                             f" {r['error']} |")
+                dashes = " — |" * (9 if busy else 7)
+                lines.append(f"| {cfg} | {r['variant']} |{dashes} {r['error']} |")
                 continue
             speed = f"{base['median_s'] / r['median_s']:.2f}× faster" if base else "—"
             ratio = f"{r['median_s'] / limit['median_s']:.2f}×" if limit else "—"

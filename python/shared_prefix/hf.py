@@ -268,8 +268,7 @@ def unsupported_config(cfg) -> Optional[str]:
     kind. :func:`check_planned_forward` checks the rest on the forward itself."""
     if cfg is None:
         return None
-    if hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
+    cfg = _as_text_config(cfg)
     for attr in _SOFTCAPS + _SCALES:
         value = getattr(cfg, attr, None)
         if value is not None and (attr in _SOFTCAPS or value != 1):
@@ -287,9 +286,13 @@ def unsupported_config(cfg) -> Optional[str]:
     return None
 
 
-def _text_config(model: torch.nn.Module):
-    cfg = getattr(model, "config", None)
+def _as_text_config(cfg):
+    """A multimodal config's text (decoder) config; any other config, or None, as it is."""
     return cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+
+
+def _text_config(model: torch.nn.Module):
+    return _as_text_config(getattr(model, "config", None))
 
 
 def model_windows(model: torch.nn.Module) -> list:
@@ -301,8 +304,7 @@ def model_windows(model: torch.nn.Module) -> list:
 
 def _config_windows(cfg) -> list:
     """:func:`model_windows` from a config (a multimodal one is read through its text config)."""
-    if cfg is not None and hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
+    cfg = _as_text_config(cfg)
     window = getattr(cfg, "sliding_window", None)
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         return []
@@ -324,7 +326,7 @@ def unsupported_for(model: torch.nn.Module, p: Plan) -> Optional[str]:
     cfg = _text_config(model)
     if cfg is None:
         return None
-    for window in model_windows(model):
+    for window in _config_windows(cfg):
         if window < p.max_seqlen and window not in p.windows:
             return _window_refusal(window, p)
     chunk = getattr(cfg, "attention_chunk_size", None)
@@ -447,8 +449,8 @@ def completion_logprobs(
         raise ValueError(f"temperature: must be a finite positive number, got {temperature!r}")
     _check_model(model)
     register()
-    p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, group_sizes=group_sizes, group_ids=group_ids,
-                  windows=model_windows(model))
+    p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, group_sizes=group_sizes,
+                  group_ids=group_ids, windows=model_windows(model))
     embeddings = model.get_input_embeddings()
     if isinstance(embeddings, torch.nn.Embedding):  # the valid tokens only: ids at padding are never read
         check_token_ids(p.input_ids, embeddings.num_embeddings, "prompt_ids, completion_ids")
