@@ -59,8 +59,8 @@ const char* sp_flash_varlen_bwd(const at::Tensor* dout, const at::Tensor* q, con
                                 bool causal, double scale, int64_t window_left, at::Tensor** dq, at::Tensor** dk,
                                 at::Tensor** dv) {
   return guarded([&] {
-    // No dropout: the philox state is never read, but the op takes one.
-    auto rng = at::zeros({2}, q->options().dtype(at::kUInt64));
+    // No dropout: the philox state is never read, but the op takes one (empty: no fill kernel to launch).
+    auto rng = at::empty({2}, q->options().dtype(at::kUInt64));
     auto unused = at::empty({0}, q->options());
     auto [left, right] = window_args(window_left);
     auto res = at::_flash_attention_backward(*dout, *q, *k, *v, *out, *lse, *cu_q, *cu_k, max_q, max_k,
@@ -89,9 +89,9 @@ const char* sp_cudnn_bwd(const at::Tensor* dout, const at::Tensor* q, const at::
                          const at::Tensor* out, const at::Tensor* lse, bool causal, double scale, at::Tensor** dq,
                          at::Tensor** dk, at::Tensor** dv) {
   return guarded([&] {
-    // No dropout: the philox seed/offset are not read.
-    auto seed = at::zeros({1}, q->options().dtype(at::kLong));
-    auto offset = at::zeros({1}, q->options().dtype(at::kLong));
+    // No dropout: the philox seed/offset are not read (empty: no fill kernels to launch).
+    auto seed = at::empty({1}, q->options().dtype(at::kLong));
+    auto offset = at::empty({1}, q->options().dtype(at::kLong));
     at::Tensor none;
     auto res = at::_scaled_dot_product_cudnn_attention_backward(*dout, *q, *k, *v, *out, *lse, seed, offset, none,
                                                                 none, none, q->size(2), k->size(2),

@@ -1,4 +1,5 @@
-"""Where a step's GPU time goes: torch.profiler on one warm step of `shared_prefix` and of `packed_causal`.
+"""Where a step's GPU time goes: torch.profiler on one warm step of `shared_prefix`, of `shared_prefix_split` (the
+prefixes' and completions' causal attention forced apart, DESIGN's three calls) and of `packed_causal`.
 
 Usage (GPU machine): python3 scripts/gpu_profile.py OUT_DIR [PxSxGxB ...]. Appends to OUT_DIR/profiles.txt (one
 file, since a device call returns few files): per config and variant, first the host-vs-wall timing of 5 steps
@@ -16,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import shared_prefix as sp
+from shared_prefix import _core
 from shared_prefix._measure import synchronize
 from shared_prefix.bench import build_model, make_batch, packed_causal_logprobs, parse_config
 
@@ -32,14 +34,17 @@ def main() -> None:
 def profile_config(model, config: str, out: Path) -> None:
     p, s, g, b = parse_config(config)
     pid, pmask, cid, cmask = make_batch(p, s, g, b, model.config.vocab_size, model.device)
-    variants = {
-        "shared_prefix": lambda: sp.completion_logprobs(model, pid, pmask, cid, cmask, group_sizes=g),
-        "packed_causal": lambda: packed_causal_logprobs(model, pid, cid, g),
-    }
+    ours = lambda: sp.completion_logprobs(model, pid, pmask, cid, cmask, group_sizes=g)  # noqa: E731
+    variants = {"shared_prefix": ours, "shared_prefix_split": ours,
+                "packed_causal": lambda: packed_causal_logprobs(model, pid, cid, g)}
     for name, fn in variants.items():
         def step():
             model.zero_grad(set_to_none=True)
-            fn().sum().backward()
+            before = _core.set_self_calls("split" if name == "shared_prefix_split" else "auto")
+            try:
+                fn().sum().backward()
+            finally:
+                _core.set_self_calls(before)
 
         for _ in range(2):
             step()

@@ -237,9 +237,13 @@ pub static CUDNN_VIEWS: crate::runs::Runs<CudnnDense> = crate::runs::Runs(CudnnD
 pub static AUTO: AutoKernels = AutoKernels;
 
 impl AutoKernels {
-    fn pick(seg: &Segments) -> &'static dyn Kernels {
+    fn cudnn(seg: &Segments) -> bool {
         // Sliding windows: FA2 takes them, cuDNN dense attention (as ATen exposes it) does not.
-        if seg.window.is_none() && seg.runs.len() <= 1 && seg.max_k >= CUDNN_MIN_KEYS { &CUDNN_VIEWS } else { &FLASH }
+        seg.window.is_none() && seg.runs.len() <= 1 && seg.max_k >= CUDNN_MIN_KEYS
+    }
+
+    fn pick(seg: &Segments) -> &'static dyn Kernels {
+        if Self::cudnn(seg) { &CUDNN_VIEWS } else { &FLASH }
     }
 }
 
@@ -248,6 +252,11 @@ impl Kernels for AutoKernels {
     // token-major for all (q/k/v, out and dO). FA2 copies its operands to exactly that layout anyway.
     fn token_major(&self) -> bool {
         true
+    }
+
+    // A prefix long enough for cuDNN keeps its own call; otherwise FA2 takes it with the completions' in one call.
+    fn prefix_alone(&self, prefix: &Segments) -> bool {
+        Self::cudnn(prefix)
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, seg: &Segments, causal: bool, scale: f64)

@@ -17,9 +17,12 @@ pub struct DevicePlan {
     pub cu_prefix: Tensor,
     pub cu_group_completions: Tensor,
     pub cu_completions: Tensor,
+    /// Prefix segments then completion segments over the whole stream (`Plan::cu_self`).
+    pub cu_self: Tensor,
     runs_prefix: Vec<Run>,
     runs_group: Vec<Run>,
     runs_completion: Vec<Run>,
+    runs_self: Vec<Run>,
     windows: Vec<WindowTables>,
 }
 
@@ -53,7 +56,8 @@ impl DevicePlan {
             &host.completion_flat,
             &host.completion_slot,
         ];
-        let cus: [&[i32]; 3] = [&host.cu_prefix, &host.cu_group_completions, &host.cu_completions];
+        let cu_self = host.cu_self();
+        let cus: [&[i32]; 4] = [&host.cu_prefix, &host.cu_group_completions, &host.cu_completions, &cu_self];
         let mut buf: Vec<i64> = Vec::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + 32);
         for p in parts {
             buf.extend_from_slice(p);
@@ -81,6 +85,7 @@ impl DevicePlan {
         let cu_prefix = take(cus[0].len())?.f_to_kind(Kind::Int)?;
         let cu_group_completions = take(cus[1].len())?.f_to_kind(Kind::Int)?;
         let cu_completions = take(cus[2].len())?.f_to_kind(Kind::Int)?;
+        let cu_self_t = take(cus[3].len())?.f_to_kind(Kind::Int)?;
         let mut window_tables = Vec::with_capacity(keys.len());
         for w in keys {
             window_tables.push(WindowTables {
@@ -96,6 +101,7 @@ impl DevicePlan {
             runs_prefix: runs_from_lengths(&host.cu_prefix, &host.cu_prefix),
             runs_group: runs_from_lengths(&host.cu_group_completions, &host.cu_prefix),
             runs_completion: runs_from_lengths(&host.cu_completions, &host.cu_completions),
+            runs_self: runs_from_lengths(&cu_self, &cu_self),
             host,
             device,
             src_index,
@@ -106,6 +112,7 @@ impl DevicePlan {
             cu_prefix,
             cu_group_completions,
             cu_completions,
+            cu_self: cu_self_t,
         })
     }
 
@@ -143,6 +150,13 @@ impl DevicePlan {
             runs: &self.runs_completion,
             window: None,
         }
+    }
+
+    /// Calls 1 and 3 as one call: each prefix and each completion attends causally to itself (see
+    /// `Plan::cu_self`), on the full packed q/k/v.
+    pub fn seg_self(&self) -> Segments<'_> {
+        let max = self.host.max_prefix.max(self.host.max_completion);
+        Segments { cu_q: &self.cu_self, cu_k: &self.cu_self, max_q: max, max_k: max, runs: &self.runs_self, window: None }
     }
 
     /// The windows this plan holds key tables for.

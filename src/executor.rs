@@ -4,6 +4,7 @@
 
 use crate::device_plan::{DevicePlan, WindowTables};
 use planner::Run;
+use std::sync::atomic::{AtomicU8, Ordering};
 use tch::{Kind, Tensor};
 
 pub type Result<T> = std::result::Result<T, tch::TchError>;
@@ -48,6 +49,31 @@ pub trait Kernels {
     fn token_major(&self) -> bool {
         false
     }
+
+    /// Whether the prefixes' causal call (`prefix`) should run on its own, as DESIGN's call 1. Otherwise calls 1
+    /// and 3 run as one causal call over the whole stream (`DevicePlan::seg_self`): for a varlen kernel one launch
+    /// instead of two in forward and in backward, no copy of the prefix rows' output, and gradients added in
+    /// place instead of concatenated. Kernels that run per run of equal segments gain nothing from it (the same
+    /// calls, plus concatenations), nor do kernels faster on the prefix alone.
+    fn prefix_alone(&self, _prefix: &Segments) -> bool {
+        false
+    }
+}
+
+/// How calls 1 and 3 run: as the kernels prefer (`SELF_CALLS_AUTO`, the default), always apart (`SELF_CALLS_SPLIT`)
+/// or always as one (`SELF_CALLS_FUSED`). The forced modes let the CPU tests cover both executor paths with every
+/// kernel and the bench measure one against the other.
+pub static SELF_CALLS: AtomicU8 = AtomicU8::new(SELF_CALLS_AUTO);
+pub const SELF_CALLS_AUTO: u8 = 0;
+pub const SELF_CALLS_SPLIT: u8 = 1;
+pub const SELF_CALLS_FUSED: u8 = 2;
+
+fn self_calls_split(kern: &dyn Kernels, p: &DevicePlan) -> bool {
+    match SELF_CALLS.load(Ordering::Relaxed) {
+        SELF_CALLS_SPLIT => true,
+        SELF_CALLS_FUSED => false,
+        _ => kern.prefix_alone(&p.seg_prefix()),
+    }
 }
 
 /// A contiguous copy of `x` when `yes` (a no-op if it already is), else `x` itself.
@@ -72,16 +98,23 @@ fn accum_kind(kind: Kind) -> Kind {
 }
 
 /// Combine two partial attentions over disjoint key sets into the attention over their union, written into `out`
-/// (the input dtype) and `lse` (fp32, or fp64). The fp16/bf16 partial outputs times the fp32 weights promote to
-/// fp32 inside each op, so the merge is computed in fp32 without upcast copies and rounded once, on the write.
+/// (the input dtype) and `lse` (fp32, or fp64), which may be `o3` and `l3` themselves (a merge in place: every
+/// element is read before it is written, at the same position). The fp16/bf16 partial outputs times the fp32
+/// weights promote to fp32 inside each op, so the merge is computed in fp32 without upcast copies and rounded
+/// once, on the write.
 fn merge_into(o2: &Tensor, l2: &Tensor, o3: &Tensor, l3: &Tensor, out: &Tensor, lse: &Tensor) -> Result<()> {
     let acc = lse.kind();
     let (l2, l3) = (l2.f_to_kind(acc)?, l3.f_to_kind(acc)?);
-    let _ = l2.f_logaddexp_out(lse, &l3)?;
     // Fallible ops throughout (tch's operators unwrap, so an out-of-memory error there would be a panic).
-    let w2 = l2.f_sub(lse)?.f_exp_()?.f_unsqueeze(-1)?;
-    let w3 = l3.f_sub(lse)?.f_exp_()?.f_unsqueeze(-1)?;
+    // In place, l3 is needed after the merged lse is known: that goes to a temporary first and is copied in last.
+    let in_place = lse.data_ptr() == l3.data_ptr();
+    let merged = if in_place { l2.f_logaddexp(&l3)? } else { l2.f_logaddexp_out(lse, &l3)? };
+    let w2 = l2.f_sub(&merged)?.f_exp_()?.f_unsqueeze(-1)?;
+    let w3 = l3.f_sub(&merged)?.f_exp_()?.f_unsqueeze(-1)?;
     let _ = o2.f_mul(&w2)?.f_addcmul_out(out, o3, &w3)?;
+    if in_place {
+        lse.shallow_clone().f_copy_(&merged)?;
+    }
     Ok(())
 }
 
@@ -106,8 +139,19 @@ pub fn forward(kern: &dyn Kernels, p: &DevicePlan, q: &Tensor, k: &Tensor, v: &T
         return forward_window(kern, p, &q, &k, &v, scale, tables(p, w)?);
     }
     let ((qp, qc), (kp, kc), (vp, vc)) = (split(&q, np)?, split(&k, np)?, split(&v, np)?);
-    let (o1, l1) = kern.forward(&qp, &kp, &vp, &p.seg_prefix(), true, scale)?;
     let acc = accum_kind(q.kind());
+    if !self_calls_split(kern, p) {
+        // Calls 1 and 3 as one: the prefix rows' results are final; call 2 is merged into the completion rows.
+        let (out, lse) = kern.forward(&q, &k, &v, &p.seg_self(), true, scale)?;
+        let lse = lse.f_to_kind(acc)?;
+        if p.host.completion_tokens > 0 {
+            let (o2, l2) = kern.forward(&qc, &kp, &vp, &p.seg_group(), false, scale)?;
+            let ((_, oc), (_, lc)) = (split(&out, np)?, split(&lse, np)?);
+            merge_into(&o2, &l2, &oc, &lc, &oc, &lc)?;
+        }
+        return Ok((out, lse));
+    }
+    let (o1, l1) = kern.forward(&qp, &kp, &vp, &p.seg_prefix(), true, scale)?;
     if p.host.completion_tokens == 0 {
         return Ok((o1, l1.f_to_kind(acc)?));
     }
@@ -146,6 +190,19 @@ pub fn backward(
     }
     let ((qp, qc), (kp, kc), (vp, vc)) = (split(&q, np)?, split(&k, np)?, split(&v, np)?);
     let ((dop, doc), (op, oc), (lp, lc)) = (split(&dout, np)?, split(&out, np)?, split(lse, np)?);
+    if !self_calls_split(kern, p) {
+        let all = Saved { dout: &dout, q: &q, k: &k, v: &v, out: &out, lse };
+        let (dq, dk, dv) = kern.backward(&all, &p.seg_self(), true, scale)?;
+        if p.host.completion_tokens > 0 {
+            // Call 2 (completion rows against their prefix keys) adds onto the fresh gradients in place.
+            let call2 = Saved { dout: &doc, q: &qc, k: &kp, v: &vp, out: &oc, lse: &lc };
+            let (dq2, dk2, dv2) = kern.backward(&call2, &p.seg_group(), false, scale)?;
+            let _ = split(&dq, np)?.1.f_add_(&dq2)?;
+            let _ = split(&dk, np)?.0.f_add_(&dk2)?;
+            let _ = split(&dv, np)?.0.f_add_(&dv2)?;
+        }
+        return Ok((dq, dk, dv));
+    }
     let call1 = Saved { dout: &dop, q: &qp, k: &kp, v: &vp, out: &op, lse: &lp };
     let (dq1, dk1, dv1) = kern.backward(&call1, &p.seg_prefix(), true, scale)?;
     if p.host.completion_tokens == 0 {

@@ -461,6 +461,29 @@ fn set_math_block_bytes(n: usize) -> PyResult<usize> {
     Ok(runs::MATH_BLOCK_BYTES.swap(n, std::sync::atomic::Ordering::Relaxed))
 }
 
+/// How the prefixes' and the completions' causal attention calls run: "auto" (as the kernels prefer: one call for
+/// flash-attention 2 unless the prefix goes to cuDNN, apart for the kernels that run per run), "split" (DESIGN's
+/// three calls) or "fused" (calls 1 and 3 as one). Returns the previous mode. For tests, which cover both executor
+/// paths with every kernel, and the bench.
+#[pyfunction]
+fn set_self_calls(mode: &str) -> PyResult<String> {
+    let value = match mode {
+        "auto" => executor::SELF_CALLS_AUTO,
+        "split" => executor::SELF_CALLS_SPLIT,
+        "fused" => executor::SELF_CALLS_FUSED,
+        other => {
+            return Err(PyValueError::new_err(format!("mode: expected \"auto\", \"split\" or \"fused\", got {other:?}")))
+        }
+    };
+    let before = executor::SELF_CALLS.swap(value, std::sync::atomic::Ordering::Relaxed);
+    Ok(match before {
+        executor::SELF_CALLS_SPLIT => "split",
+        executor::SELF_CALLS_FUSED => "fused",
+        _ => "auto",
+    }
+    .to_string())
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(make_compat_plan, m)?)?;
@@ -470,5 +493,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(attention_forward, m)?)?;
     m.add_function(wrap_pyfunction!(attention_backward, m)?)?;
     m.add_function(wrap_pyfunction!(set_math_block_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(set_self_calls, m)?)?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -11,6 +12,18 @@ from hypothesis import strategies as st
 
 import shared_prefix as sp
 from helpers import causal_attention, padded, rel
+from shared_prefix import _core
+
+
+@contextlib.contextmanager
+def self_calls(mode: str):
+    """Run the prefixes' and completions' causal calls apart ("split", DESIGN's three calls), as one ("fused") or
+    as the kernels prefer ("auto", the default: apart for the CPU kernels, one call for flash-attention 2)."""
+    before = _core.set_self_calls(mode)
+    try:
+        yield
+    finally:
+        _core.set_self_calls(before)
 
 
 def build_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle):
@@ -138,11 +151,14 @@ group_strategy = st.lists(
     left_prompt=st.booleans(),
     left_completion=st.booleans(),
     shuffle=st.booleans(),
+    mode=st.sampled_from(["auto", "fused"]),
 )
-def test_matches_per_row_attention(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle):
-    # Both CPU backends: ATen's CPU flash kernel (the default) and the explicit-math kernel (CUDA's fp32 path).
-    for kernels in ("cpu_flash", "math"):
-        check_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle, kernels)
+def test_matches_per_row_attention(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle, mode):
+    # Both CPU backends: ATen's CPU flash kernel (the default) and the explicit-math kernel (CUDA's fp32 path);
+    # both executor paths: the three calls apart (the CPU kernels' choice) and calls 1 and 3 as one (FA2's).
+    with self_calls(mode):
+        for kernels in ("cpu_flash", "math"):
+            check_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle, kernels)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -254,8 +270,27 @@ def _plan_inputs(prompt_ids, rows):
     ],
 )
 @pytest.mark.parametrize("kernels", ["cpu_flash", "math"])
-def test_edge_shapes(groups, kernels):
-    check_case(3, groups, 2, 2, 8, True, False, True, kernels)
+@pytest.mark.parametrize("mode", ["auto", "fused"])
+def test_edge_shapes(groups, kernels, mode):
+    with self_calls(mode):
+        check_case(3, groups, 2, 2, 8, True, False, True, kernels)
+
+
+@pytest.mark.parametrize("mode,calls", [("fused", 2), ("split", 3), ("auto", 3)])
+def test_self_call_modes(mode, calls):
+    """Fused, the prefixes' and completions' causal calls are one call: with a prompt as long as each of its
+    completions, its segments and theirs are one run of equal lengths, so the CPU flash kernel runs twice (that
+    run, and the completions against the prompt) instead of three times. The CPU kernels' own choice is the split."""
+    q, k, v = (torch.randn(4 * 3, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ids = torch.arange(1, 5).expand(2, 4)
+    plan = sp.plan(ids, torch.ones(2, 4, dtype=torch.bool), ids, torch.ones(2, 4, dtype=torch.bool))
+    with self_calls(mode), torch.profiler.profile() as prof:
+        sp.attention(q, k, v, plan, kernels="cpu_flash").sum().backward()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts["aten::_scaled_dot_product_flash_attention_for_cpu"] == calls
+    assert counts["aten::_scaled_dot_product_flash_attention_for_cpu_backward"] == calls
+    with pytest.raises(ValueError, match="mode: expected"):
+        _core.set_self_calls("two")
 
 
 @pytest.mark.parametrize("value_dim", [4, 24])

@@ -12,14 +12,15 @@ from shared_prefix import bench, demo
 
 def test_bench_writes_results(tmp_path):
     out = tmp_path / "bench"
-    variants = "baseline,packed_causal,shared_prefix,shared_prefix_full_head,flex,prefix_grouper"
+    variants = ("baseline,packed_causal,shared_prefix,shared_prefix_full_head,shared_prefix_split,shared_prefix_fused,"
+                "flex,prefix_grouper")
     assert bench.main(["--config", "48x6x3x2", "--config", "20x5x1x3", "--variants", variants,
                        "--out", str(out), "--threads", "1"]) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     by = {(r["config"], r["variant"]): r for r in rows}
     # flex is CUDA-only; prefix-grouper is installed in the test environment.
     assert {v for _, v in by} == {"baseline", "packed_causal", "shared_prefix", "shared_prefix_full_head",
-                                  "prefix_grouper"}
+                                  "shared_prefix_split", "shared_prefix_fused", "prefix_grouper"}
     for r in rows:
         assert "error" not in r, r
         for key in ("median_s", "peak_mem_bytes", "max_abs_logp_diff", "grad_rel_l2", "grad_cos", "first_step_s"):
@@ -30,6 +31,8 @@ def test_bench_writes_results(tmp_path):
         assert by[(cfg, "shared_prefix")]["max_abs_logp_diff"] < 1e-4
         assert by[(cfg, "prefix_grouper")]["grad_rel_l2"] < 1e-4
         assert by[(cfg, "shared_prefix_full_head")]["grad_rel_l2"] < 1e-4
+        assert by[(cfg, "shared_prefix_split")]["grad_rel_l2"] < 1e-4
+        assert by[(cfg, "shared_prefix_fused")]["grad_rel_l2"] < 1e-4
     assert by[("48x6x3x2", "baseline")]["tokens"] == 6 * 54 and by[("48x6x3x2", "shared_prefix")]["tokens"] == 2 * 66
     # G=3: the packed causal row lets completions see each other, so its log-probs are wrong by design.
     assert by[("48x6x3x2", "packed_causal")]["max_abs_logp_diff"] > 1e-3

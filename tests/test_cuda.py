@@ -11,7 +11,7 @@ import torch
 
 import shared_prefix as sp
 from helpers import padded, rel
-from test_attention import build_case, leaves, reference
+from test_attention import build_case, leaves, reference, self_calls
 from test_hf import make_batch, stock_logprobs, tiny_model
 
 pytestmark = pytest.mark.cuda
@@ -63,6 +63,17 @@ def test_sliding_window_against_fp64(dtype, kernels, window):
     check_against_fp64(dtype, kernels, True, window)
 
 
+@pytest.mark.parametrize("mode,dtype,kernels", [("split", torch.bfloat16, "flash"), ("split", torch.float16, None),
+                                               ("fused", torch.bfloat16, "cudnn_views"),
+                                               ("fused", torch.float32, None)])
+def test_self_call_modes_against_fp64(mode, dtype, kernels):
+    """The executor path each kernel does not choose itself: DESIGN's three calls apart on flash-attention 2 (which
+    by default serves the prefixes' and the completions' causal calls as one varlen call; the bench's
+    ``shared_prefix_split``), and the fused path on the per-run kernels (cuDNN, the fp32 math kernel)."""
+    with self_calls(mode):
+        check_against_fp64(dtype, kernels, True)
+
+
 def check_against_fp64(dtype, kernels, left, window=None):
     groups = [(300, [40, 7, 0, 64]), (33, [5]), (129, [16, 16, 16])]
     prompts, rows, prompt_ids, _ = build_case(7, groups, 2, 4, 64, left, not left, True)
@@ -107,9 +118,10 @@ def check_against_fp64(dtype, kernels, left, window=None):
         assert rel(a.double().cpu(), b) < tol
 
 
-@pytest.mark.parametrize("kernels,window", [(None, None), ("cudnn", None), ("cudnn_views", None), ("flash", None),
-                                            (None, 32)])
-def test_zero_syncs_in_attention_forward_backward(kernels, window):
+@pytest.mark.parametrize("kernels,window,mode", [(None, None, "auto"), ("cudnn", None, "auto"),
+                                                 ("cudnn_views", None, "auto"), ("flash", None, "auto"),
+                                                 ("flash", None, "split"), (None, 32, "auto")])
+def test_zero_syncs_in_attention_forward_backward(kernels, window, mode):
     prompts, rows, prompt_ids, _ = build_case(1, [(512, [64] * 8), (100, [3, 90])], 2, 4, 64, True, False, True)
     lp = max(p["len"] for p in prompts) + 1
     lc = max(r["q"].shape[0] for r in rows) + 1
@@ -123,8 +135,9 @@ def test_zero_syncs_in_attention_forward_backward(kernels, window):
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(2):
-            out = sp.attention(q, k, v, plan, kernels=kernels, window=window)
-            out.float().square().sum().backward()
+            with self_calls(mode):
+                out = sp.attention(q, k, v, plan, kernels=kernels, window=window)
+                out.float().square().sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()

@@ -96,3 +96,6 @@ def mask_positions(mask: torch.Tensor) -> torch.Tensor:
     """Flat row-major positions of a mask's true entries, on the mask's device."""
 def set_math_block_bytes(n: int) -> int:
     """Score bytes per block of query rows in the explicit-math kernel (default 256 MiB); returns the previous."""
+def set_self_calls(mode: str) -> str:
+    """How the prefixes' and the completions' causal attention calls run: "auto" (the default: as the kernels
+    prefer), "split" (DESIGN's three calls) or "fused" (calls 1 and 3 as one); returns the previous mode."""

@@ -7,7 +7,9 @@ with G completions of S tokens (config ``PxSxGxB``). Variants, measured side by 
 - ``packed_causal``: each group as one causal row of P + G·S tokens (the limit proxy: our token count with plain
   causal attention, so its log-probs are wrong by design);
 - ``shared_prefix``: ours (``_fa2`` / ``_cudnn`` / ``_cudnn_views``: one attention kernel forced, CUDA;
-  ``_full_head``: the LM head in one piece instead of vocabulary slices);
+  ``_full_head``: the LM head in one piece instead of vocabulary slices; ``_split`` / ``_fused``: the prefixes'
+  and the completions' causal attention forced apart, as DESIGN's three calls, or into one call, where by default
+  each kernel chooses: one call on flash-attention 2, apart on cuDNN and the CPU kernels);
 - ``prefix_grouper``: the original ``prefix-grouper`` package through its API, where it is installed;
 - ``flex``: FlexAttention with a shared-prefix block mask (CUDA only; compile time reported separately).
 
@@ -39,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 import shared_prefix as sp
+from shared_prefix import _core
 from shared_prefix._logprobs import token_logprobs
 from shared_prefix._measure import UNTIMED_STEPS, measure_methods
 from shared_prefix.hf import enable_checkpointing
@@ -61,11 +64,14 @@ PRESETS = {
 }
 # Order of measurement: the reference first; the original package last (it may not fit long configs).
 VARIANTS = ["baseline", "packed_causal", "shared_prefix", "shared_prefix_fa2", "shared_prefix_cudnn",
-            "shared_prefix_cudnn_views", "shared_prefix_full_head", "flex", "prefix_grouper"]
+            "shared_prefix_cudnn_views", "shared_prefix_full_head", "shared_prefix_split", "shared_prefix_fused", "flex",
+            "prefix_grouper"]
 # Variants that run ours with a forced kernel choice (SHARED_PREFIX_KERNELS for the whole measurement, so the
 # checkpoint recompute in backward uses the same kernels as the forward).
 KERNEL_VARIANTS = {"shared_prefix_fa2": "flash", "shared_prefix_cudnn": "cudnn",
                    "shared_prefix_cudnn_views": "cudnn_views"}
+# Variants that force how the prefixes' and completions' causal calls run (`_core.set_self_calls`), likewise.
+SELF_CALL_VARIANTS = {"shared_prefix_split": "split", "shared_prefix_fused": "fused"}
 
 
 def parse_config(text: str) -> tuple[int, int, int, int]:
@@ -177,7 +183,7 @@ def variant_fns(model, batch, g: int, device: torch.device, wanted: list[str]) -
             fns[name] = lambda: stock_logprobs(model, pid, pmask, cid, cmask)
         elif name == "packed_causal":
             fns[name] = lambda: packed_causal_logprobs(model, pid, cid, g)
-        elif name == "shared_prefix" or (name in KERNEL_VARIANTS and device.type == "cuda"):
+        elif name == "shared_prefix" or name in SELF_CALL_VARIANTS or (name in KERNEL_VARIANTS and device.type == "cuda"):
             fns[name] = lambda: sp.completion_logprobs(model, pid, pmask, cid, cmask, group_sizes=g)
         elif name == "shared_prefix_full_head":
             # Ours with the LM head in one piece (no vocabulary slices): what the memory-lean head costs and saves.
@@ -231,9 +237,11 @@ def run_config(model, cfg, args, device, bar):
         if name in KERNEL_VARIANTS:
             # For the whole step, so the checkpoint recompute in backward uses the forward's kernels.
             os.environ["SHARED_PREFIX_KERNELS"] = KERNEL_VARIANTS[name]
+        mode_before = _core.set_self_calls(SELF_CALL_VARIANTS.get(name, "auto"))
         try:
             yield
         finally:
+            _core.set_self_calls(mode_before)
             if before is None:
                 os.environ.pop("SHARED_PREFIX_KERNELS", None)
             else:

@@ -122,6 +122,17 @@ impl Plan {
         best
     }
 
+    /// One segment table over the whole packed stream for the two causal self-attention calls (each prefix
+    /// over itself, each completion over itself): the prefix segments, then the completion segments offset by
+    /// `prefix_tokens`. Both calls are plain causal attention within a segment, so a varlen kernel serves them in
+    /// one call on the full q/k/v instead of two.
+    pub fn cu_self(&self) -> Vec<i32> {
+        let np = self.prefix_tokens as i32;
+        let mut cu = self.cu_prefix.clone();
+        cu.extend(self.cu_completions[1..].iter().map(|&c| np + c));
+        cu
+    }
+
     /// Tokens the stock per-row computation would forward: each row's prompt plus its completion.
     pub fn stock_tokens(&self) -> usize {
         let mut total = self.completion_tokens;

@@ -124,6 +124,18 @@ fn check_plan(rows: &Rows, p: &Plan) {
     assert_eq!(p.max_prefix, seg_max(&p.cu_prefix));
     assert_eq!(p.max_completion, seg_max(&p.cu_completions));
     assert_eq!(p.max_group_completions, seg_max(&p.cu_group_completions));
+
+    // The self-attention table: the prefix segments then the completion segments, tiling [0, T) in order.
+    let cu_self = p.cu_self();
+    assert_eq!(cu_self.len(), p.cu_prefix.len() + p.cu_completions.len() - 1);
+    assert_eq!((cu_self[0], *cu_self.last().unwrap()), (0, t as i32));
+    assert_eq!(&cu_self[..p.cu_prefix.len()], &p.cu_prefix[..]);
+    for (i, w) in p.cu_completions.windows(2).enumerate() {
+        let s = p.cu_prefix.len() - 1 + i;
+        assert_eq!(cu_self[s], p.prefix_tokens as i32 + w[0]);
+        assert_eq!(cu_self[s + 1] - cu_self[s], w[1] - w[0]);
+    }
+    assert_eq!(seg_max(&cu_self), p.max_prefix.max(p.max_completion));
 }
 
 /// Runs cover exactly the non-empty segments, in order, each as consecutive equal-length slices.
@@ -249,6 +261,7 @@ proptest! {
         check_runs(&p.cu_prefix, &p.cu_prefix);
         check_runs(&p.cu_group_completions, &p.cu_prefix);
         check_runs(&p.cu_completions, &p.cu_completions);
+        check_runs(&p.cu_self(), &p.cu_self());
         // Identical prompts always merge: no two groups share a prompt.
         let firsts: Vec<Vec<i64>> = (0..p.group_sizes.len())
             .map(|g| {
