@@ -92,6 +92,14 @@ fn window_left(seg: &Segments) -> i64 {
     seg.window.map_or(-1, |w| w as i64 - 1)
 }
 
+/// The longest query segment as FA2 is told it: at least 2. With exactly 1 and GQA, ATen's varlen forward takes its
+/// decode path, which reshapes q as one row per segment and so fails on a table with empty segments (1-token
+/// completions beside an empty one). A larger bound is valid (it only sizes the grid: one block either way), and
+/// causal attention of a 1-row segment equals the non-causal one that path would run.
+fn fa2_max_q(seg: &Segments) -> i64 {
+    seg.max_q.max(2) as i64
+}
+
 impl Kernels for FlashKernels {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, seg: &Segments, causal: bool, scale: f64)
         -> Result<(Tensor, Tensor)> {
@@ -105,7 +113,7 @@ impl Kernels for FlashKernels {
                 v.as_ptr(),
                 seg.cu_q.as_ptr(),
                 seg.cu_k.as_ptr(),
-                seg.max_q as i64,
+                fa2_max_q(seg),
                 seg.max_k as i64,
                 causal,
                 scale,
@@ -138,7 +146,7 @@ impl Kernels for FlashKernels {
                 lse.as_ptr(),
                 seg.cu_q.as_ptr(),
                 seg.cu_k.as_ptr(),
-                seg.max_q as i64,
+                fa2_max_q(seg),
                 seg.max_k as i64,
                 causal,
                 scale,

@@ -21,7 +21,6 @@ pub trait Dense {
     fn token_major(&self) -> bool {
         false
     }
-
 }
 
 pub struct Runs<D: Dense>(pub D);
@@ -54,7 +53,8 @@ impl<D: Dense> Kernels for Runs<D> {
     }
 
     // One call per run either way: as one, the self calls' runs would only add concatenations (measured on CPU:
-    // 50 more ATen ops per layer, +10-30 % host time at tiny shapes, neutral at the bench's).
+    // 520 vs 476 ATen ops per attention forward+backward at 16x4x4x2, +10-30 % host time there, neutral at the
+    // bench's shapes).
     fn prefix_alone(&self, _prefix: &Segments) -> bool {
         true
     }
