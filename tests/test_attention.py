@@ -15,6 +15,19 @@ from helpers import causal_attention, padded, rel
 from shared_prefix import _core
 
 
+@pytest.fixture(autouse=True)
+def uninitialized_memory_is_nan():
+    """Every test here runs in torch's deterministic mode, whose fresh ``empty`` tensors are NaN-filled: an output or
+    gradient element the executor allocates but never writes (a run-coverage or merge-slice bug) then fails the
+    comparison instead of passing on whatever the allocator's memory held."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 @contextlib.contextmanager
 def self_calls(mode: str):
     """Run the prefixes' and completions' causal calls apart ("split", DESIGN's three calls), as one ("fused") or
