@@ -7,6 +7,20 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture
+def uninitialized_memory_is_nan():
+    """Run a test in torch's deterministic mode, whose fresh ``empty`` tensors are NaN-filled (Rust-side allocations
+    included): an output or gradient element the code allocates but never writes (a run-coverage, merge-slice or
+    head-slice bug) then fails the comparison instead of passing on whatever the allocator's memory held. CPU test
+    modules only: on CUDA the mode makes some kernels refuse to run."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def pytest_report_header(config):
     import transformers
 

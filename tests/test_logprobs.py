@@ -12,6 +12,10 @@ from shared_prefix._logprobs import head_logprobs, token_logprobs
 from shared_prefix._measure import peak_memory_bytes
 from test_hf import make_batch, param_grads, stock_logprobs, tiny_model
 
+# Fresh empty tensors are NaN-filled in every test here (conftest.py): the head's weight and bias gradients are
+# allocated empty and written slice by slice, so a slice left unwritten fails instead of passing by luck.
+pytestmark = pytest.mark.usefixtures("uninitialized_memory_is_nan")
+
 
 def leaves(n=23, hidden=16, vocab=97, bias=True, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
