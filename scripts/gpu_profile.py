@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import shared_prefix as sp
-from shared_prefix import _core
+from shared_prefix._attention import self_calls
 from shared_prefix._measure import synchronize
 from shared_prefix.bench import build_model, make_batch, packed_causal_logprobs, parse_config
 
@@ -40,11 +40,8 @@ def profile_config(model, config: str, out: Path) -> None:
     for name, fn in variants.items():
         def step():
             model.zero_grad(set_to_none=True)
-            before = _core.set_self_calls("split" if name == "shared_prefix_split" else "auto")
-            try:
+            with self_calls("split" if name == "shared_prefix_split" else "auto"):
                 fn().sum().backward()
-            finally:
-                _core.set_self_calls(before)
 
         for _ in range(2):
             step()

@@ -98,10 +98,10 @@ fn accum_kind(kind: Kind) -> Kind {
 }
 
 /// Combine two partial attentions over disjoint key sets into the attention over their union, written into `out`
-/// (the input dtype) and `lse` (fp32, or fp64), which may be `o3` and `l3` themselves (a merge in place: every
-/// element is read before it is written, at the same position). The fp16/bf16 partial outputs times the fp32
-/// weights promote to fp32 inside each op, so the merge is computed in fp32 without upcast copies and rounded
-/// once, on the write.
+/// (the input dtype) and `lse` (fp32, or fp64), which may be `o3` and `l3` themselves (a merge in place: the
+/// output is written element by element where it is read; the lse goes through a temporary). The fp16/bf16 partial
+/// outputs times the fp32 weights promote to fp32 inside each op, so the merge is computed in fp32 without upcast
+/// copies and rounded once, on the write.
 fn merge_into(o2: &Tensor, l2: &Tensor, o3: &Tensor, l3: &Tensor, out: &Tensor, lse: &Tensor) -> Result<()> {
     let acc = lse.kind();
     let (l2, l3) = (l2.f_to_kind(acc)?, l3.f_to_kind(acc)?);

@@ -90,21 +90,19 @@ impl<D: Dense> Kernels for Runs<D> {
             let batch = Saved { dout: &dout, q: &q, k: &k, v: &v, out: &out, lse: &lse };
             self.0.bwd(&batch, causal, seg.window, scale)
         };
-        if let [r] = seg.runs {
-            let (q_rows, k_rows) = (s.q.size()[0] as usize, s.k.size()[0] as usize);
-            if r.q_start == 0 && r.k_start == 0 && r.count * r.q_len == q_rows && r.count * r.k_len == k_rows {
-                // One run over every row and key (segments all of one length: one prompt, one group, or equal
-                // lengths): its gradients are the whole answer, with no zero-filled tensors to copy them into.
-                // Token-major like the zero-filled path's (a no-op for the kernels that return that layout).
-                let (g_q, g_k, g_v) = run_grads(r)?;
-                let packed = |g: &Tensor| unbatched(g)?.f_contiguous();
-                return Ok((packed(&g_q)?, packed(&g_k)?, packed(&g_v)?));
-            }
-        }
-        // Keys no query of this call sees (a prompt whose group has no completion tokens) get zero gradient. Runs
-        // are disjoint, so rows they cover in total are every row, and need no zero fill (self-attention calls).
+        // Runs are disjoint and in bounds, so runs whose lengths add up to every row (key) cover them all.
         let all_keys = seg.runs.iter().map(|r| r.count * r.k_len).sum::<usize>() == s.k.size()[0] as usize;
         let all_rows = seg.runs.iter().map(|r| r.count * r.q_len).sum::<usize>() == s.q.size()[0] as usize;
+        if let ([r], true, true) = (seg.runs, all_rows, all_keys) {
+            // One run over every row and key (segments all of one length: one prompt, one group, or equal
+            // lengths): its gradients are the whole answer, with no zero-filled tensors to copy them into.
+            // Token-major like the zero-filled path's (a no-op for the kernels that return that layout).
+            let (g_q, g_k, g_v) = run_grads(r)?;
+            let packed = |g: &Tensor| unbatched(g)?.f_contiguous();
+            return Ok((packed(&g_q)?, packed(&g_k)?, packed(&g_v)?));
+        }
+        // Keys no query of this call sees (a prompt whose group has no completion tokens) get zero gradient; fully
+        // covered ones (self-attention calls) need no zero fill.
         let fresh = |x: &Tensor, covered: bool| if covered { x.f_empty_like() } else { x.f_zeros_like() };
         let (dq, dk, dv) = (fresh(s.q, all_rows)?, fresh(s.k, all_keys)?, fresh(s.v, all_keys)?);
         for r in seg.runs {

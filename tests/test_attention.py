@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import random
 
 import pytest
@@ -13,21 +12,11 @@ from hypothesis import strategies as st
 import shared_prefix as sp
 from helpers import causal_attention, padded, rel
 from shared_prefix import _core
+from shared_prefix._attention import self_calls
 
 
 # Fresh empty tensors are NaN-filled in every test here (conftest.py), so unwritten elements cannot pass by luck.
 pytestmark = pytest.mark.usefixtures("uninitialized_memory_is_nan")
-
-
-@contextlib.contextmanager
-def self_calls(mode: str):
-    """Run the prefixes' and completions' causal calls apart ("split", DESIGN's three calls), as one ("fused") or
-    as the kernels prefer ("auto", the default: apart for the CPU kernels, one call for flash-attention 2)."""
-    before = _core.set_self_calls(mode)
-    try:
-        yield
-    finally:
-        _core.set_self_calls(before)
 
 
 def build_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle):

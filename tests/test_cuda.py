@@ -11,7 +11,8 @@ import torch
 
 import shared_prefix as sp
 from helpers import padded, rel
-from test_attention import build_case, leaves, reference, self_calls
+from shared_prefix._attention import self_calls
+from test_attention import build_case, leaves, reference
 from test_hf import make_batch, stock_logprobs, tiny_model
 
 pytestmark = pytest.mark.cuda

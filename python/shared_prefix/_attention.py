@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -118,6 +119,18 @@ def attention(
         q, k, v = (torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
         return _apply(q, k, v, plan, float(scale), kernels, window, sinks)[..., :dv]
     return _apply(q, k, v, plan, float(scale), kernels, window, sinks)
+
+
+@contextlib.contextmanager
+def self_calls(mode: str):
+    """Run the prefixes' and completions' causal calls apart (``"split"``, DESIGN's three calls), as one
+    (``"fused"``) or as the kernels prefer (``"auto"``, the default: one call on flash-attention 2, apart on the
+    per-run kernels) inside the block, then restore the previous mode (process-wide; for tests and benchmarks)."""
+    before = _core.set_self_calls(mode)
+    try:
+        yield
+    finally:
+        _core.set_self_calls(before)
 
 
 def _apply(q, k, v, plan: Plan, scale: float, kernels: Optional[str], window: Optional[int],

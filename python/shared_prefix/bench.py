@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 import shared_prefix as sp
-from shared_prefix import _core
+from shared_prefix._attention import self_calls
 from shared_prefix._logprobs import token_logprobs
 from shared_prefix._measure import UNTIMED_STEPS, measure_methods
 from shared_prefix.hf import enable_checkpointing
@@ -70,7 +70,7 @@ VARIANTS = ["baseline", "packed_causal", "shared_prefix", "shared_prefix_fa2", "
 # checkpoint recompute in backward uses the same kernels as the forward).
 KERNEL_VARIANTS = {"shared_prefix_fa2": "flash", "shared_prefix_cudnn": "cudnn",
                    "shared_prefix_cudnn_views": "cudnn_views"}
-# Variants that force how the prefixes' and completions' causal calls run (`_core.set_self_calls`), likewise.
+# Variants that force how the prefixes' and completions' causal calls run (`_attention.self_calls`), likewise.
 SELF_CALL_VARIANTS = {"shared_prefix_split": "split", "shared_prefix_fused": "fused"}
 
 
@@ -237,11 +237,10 @@ def run_config(model, cfg, args, device, bar):
         if name in KERNEL_VARIANTS:
             # For the whole step, so the checkpoint recompute in backward uses the forward's kernels.
             os.environ["SHARED_PREFIX_KERNELS"] = KERNEL_VARIANTS[name]
-        mode_before = _core.set_self_calls(SELF_CALL_VARIANTS.get(name, "auto"))
         try:
-            yield
+            with self_calls(SELF_CALL_VARIANTS.get(name, "auto")):
+                yield
         finally:
-            _core.set_self_calls(mode_before)
             if before is None:
                 os.environ.pop("SHARED_PREFIX_KERNELS", None)
             else:
