@@ -103,7 +103,7 @@ fn fa2_max_q(seg: &Segments) -> i64 {
 impl Kernels for FlashKernels {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, seg: &Segments, causal: bool, scale: f64)
         -> Result<(Tensor, Tensor)> {
-        let (q, k, v) = (q.contiguous(), k.contiguous(), v.contiguous());
+        let (q, k, v) = (q.f_contiguous()?, k.f_contiguous()?, v.f_contiguous()?);
         let mut out = std::ptr::null_mut();
         let mut lse = std::ptr::null_mut();
         check(unsafe {
@@ -133,8 +133,8 @@ impl Kernels for FlashKernels {
     }
 
     fn backward(&self, s: &Saved, seg: &Segments, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
-        let (dout, q, k, v, out) = (s.dout.contiguous(), s.q.contiguous(), s.k.contiguous(), s.v.contiguous(), s.out.contiguous());
-        let lse = s.lse.f_transpose(0, 1)?.contiguous();
+        let (dout, q, k, v) = (s.dout.f_contiguous()?, s.q.f_contiguous()?, s.k.f_contiguous()?, s.v.f_contiguous()?);
+        let (out, lse) = (s.out.f_contiguous()?, s.lse.f_transpose(0, 1)?.f_contiguous()?);
         let (mut dq, mut dk, mut dv) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
         check(unsafe {
             sp_flash_varlen_bwd(
@@ -177,7 +177,7 @@ pub struct CudnnDense {
 }
 
 impl CudnnDense {
-    fn operand(&self, x: &Tensor) -> Tensor {
+    fn operand(&self, x: &Tensor) -> Result<Tensor> {
         contiguous_if(self.contiguous, x)
     }
 }
@@ -191,7 +191,7 @@ impl Dense for CudnnDense {
     fn fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, window: Option<usize>, scale: f64)
         -> Result<(Tensor, Tensor)> {
         no_window("cudnn", window)?;
-        let (q, k, v) = (self.operand(q), self.operand(k), self.operand(v));
+        let (q, k, v) = (self.operand(q)?, self.operand(k)?, self.operand(v)?);
         let (mut out, mut lse) = (std::ptr::null_mut(), std::ptr::null_mut());
         check(unsafe { sp_cudnn_fwd(q.as_ptr(), k.as_ptr(), v.as_ptr(), causal, scale, &mut out, &mut lse) })?;
         // SAFETY: on success the shim hands over two new at::Tensor handles.
@@ -204,8 +204,8 @@ impl Dense for CudnnDense {
     fn bwd(&self, s: &Saved, causal: bool, window: Option<usize>, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
         no_window("cudnn", window)?;
         let lse = if CUDNN_LSE_RANK.load(Ordering::Relaxed) == 4 { s.lse.f_unsqueeze(-1)? } else { s.lse.shallow_clone() };
-        let (dout, out, lse) = (self.operand(s.dout), self.operand(s.out), lse.contiguous());
-        let (q, k, v) = (self.operand(s.q), self.operand(s.k), self.operand(s.v));
+        let (dout, out, lse) = (self.operand(s.dout)?, self.operand(s.out)?, lse.f_contiguous()?);
+        let (q, k, v) = (self.operand(s.q)?, self.operand(s.k)?, self.operand(s.v)?);
         let (mut dq, mut dk, mut dv) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
         check(unsafe {
             sp_cudnn_bwd(

@@ -76,15 +76,16 @@ fn self_calls_split(kern: &dyn Kernels, p: &DevicePlan) -> bool {
     }
 }
 
-/// A contiguous copy of `x` when `yes` (a no-op if it already is), else `x` itself.
-pub fn contiguous_if(yes: bool, x: &Tensor) -> Tensor {
-    if yes { x.contiguous() } else { x.shallow_clone() }
+/// A contiguous copy of `x` when `yes` (a no-op if it already is), else `x` itself. Fallible: the copy may run
+/// out of memory, which must reach Python as an exception (tch's `contiguous` would panic).
+pub fn contiguous_if(yes: bool, x: &Tensor) -> Result<Tensor> {
+    if yes { x.f_contiguous() } else { Ok(x.shallow_clone()) }
 }
 
 /// `x` itself, or a token-major contiguous copy when the kernels need one layout for every operand or when its
 /// last dimension is not unit-stride (a transposed or expanded view): the dense kernels read each head's D values
 /// as one contiguous row, and ATen's CPU flash kernel returned garbage for such views (found by fuzzing).
-fn laid_out(kern: &dyn Kernels, x: &Tensor) -> Tensor {
+fn laid_out(kern: &dyn Kernels, x: &Tensor) -> Result<Tensor> {
     contiguous_if(kern.token_major() || x.stride().last().is_some_and(|&s| s != 1), x)
 }
 
@@ -134,7 +135,7 @@ fn tables(p: &DevicePlan, window: usize) -> Result<&WindowTables> {
 pub fn forward(kern: &dyn Kernels, p: &DevicePlan, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64,
                window: Option<usize>) -> Result<(Tensor, Tensor)> {
     let np = p.host.prefix_tokens as i64;
-    let (q, k, v) = (laid_out(kern, q), laid_out(kern, k), laid_out(kern, v));
+    let (q, k, v) = (laid_out(kern, q)?, laid_out(kern, k)?, laid_out(kern, v)?);
     if let Some(w) = window {
         return forward_window(kern, p, &q, &k, &v, scale, tables(p, w)?);
     }
@@ -183,8 +184,8 @@ pub fn backward(
     window: Option<usize>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let np = p.host.prefix_tokens as i64;
-    let (q, k, v) = (laid_out(kern, q), laid_out(kern, k), laid_out(kern, v));
-    let (dout, out) = (laid_out(kern, dout), laid_out(kern, out));
+    let (q, k, v) = (laid_out(kern, q)?, laid_out(kern, k)?, laid_out(kern, v)?);
+    let (dout, out) = (laid_out(kern, dout)?, laid_out(kern, out)?);
     if let Some(w) = window {
         return backward_window(kern, p, &dout, &q, &k, &v, &out, lse, scale, tables(p, w)?);
     }

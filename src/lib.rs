@@ -289,6 +289,9 @@ fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, plan: &DevicePlan) -> PyResult<
     if qs[2] != ks[2] {
         return Err(PyValueError::new_err(format!("k: head dim {} differs from q's {}", ks[2], qs[2])));
     }
+    if qs[1] == 0 || qs[2] == 0 {
+        return Err(PyValueError::new_err(format!("q: expected at least one head and a head dim >= 1, got shape {qs:?}")));
+    }
     if ks[1] == 0 || qs[1] % ks[1] != 0 {
         return Err(PyValueError::new_err(format!(
             "k: {} key/value heads do not divide q's {} heads (GQA needs Hq % Hkv == 0)",

@@ -499,26 +499,38 @@ class TestBadInputs:
             sp.attention(q, q, q, self.plan, kernels="nope")
 
 
-def test_out_of_memory_is_an_exception_not_a_panic(tmp_path):
-    """A libtorch error inside the Rust kernels (here: the math kernel running out of memory, in a child process
-    with an address-space limit) reaches Python as a RuntimeError. tch's Scalar-taking ops turned it into a Rust
+# Each case runs in a child process under an address-space limit of what it holds plus `headroom` MiB.
+_OOM_CASES = {
+    # The math kernel's score tensors: [1, 4, 4096, 4096] fp64 is 512 MiB in one block; one fits, not two.
+    "math scores": ("q = torch.randn(plan.num_tokens, 4, 8, dtype=torch.float64)\n"
+                    "k = torch.randn(plan.num_tokens, 1, 8, dtype=torch.float64)\n"
+                    "sp._core.set_math_block_bytes(2**40)\n", "kernels='math'", 700),
+    # The executor's layout copy of a q whose head dim is not unit-stride: 256 MiB that cannot fit.
+    "layout copy": ("q = torch.randn(64, 128, plan.num_tokens, dtype=torch.float64).permute(2, 1, 0)\n"
+                    "k = torch.randn(plan.num_tokens, 1, 64, dtype=torch.float64)\n", "", 64),
+}
+
+
+@pytest.mark.parametrize("case", list(_OOM_CASES))
+def test_out_of_memory_is_an_exception_not_a_panic(tmp_path, case):
+    """A libtorch error inside Rust (running out of memory, in a child process with an address-space limit)
+    reaches Python as a RuntimeError. tch's unwrapping ops (Scalar-taking ones, `contiguous`) turned it into a Rust
     panic (pyo3's PanicException, not an Exception, so `except Exception` missed it)."""
     import subprocess
     import sys
 
+    setup, kwargs, headroom = _OOM_CASES[case]
     script = tmp_path / "oom.py"
     script.write_text(
         "import resource, torch\n"
         "import shared_prefix as sp\n"
         "pid = torch.randint(1, 50, (1, 4096)); cid = torch.randint(1, 50, (1, 4))\n"
         "plan = sp.plan(pid, torch.ones_like(pid), cid, torch.ones_like(cid))\n"
-        "q = torch.randn(plan.num_tokens, 4, 8, dtype=torch.float64)\n"
-        "k = torch.randn(plan.num_tokens, 1, 8, dtype=torch.float64)\n"
-        "sp._core.set_math_block_bytes(2**40)  # one block: each score tensor [1, 4, 4096, 4096] fp64 is 512 MiB\n"
+        + setup +
         "vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
-        "resource.setrlimit(resource.RLIMIT_AS, (vm + 700 * 2**20, resource.RLIM_INFINITY))  # one fits, not two\n"
+        f"resource.setrlimit(resource.RLIMIT_AS, (vm + {headroom} * 2**20, resource.RLIM_INFINITY))\n"
         "try:\n"
-        "    sp.attention(q, k, k, plan, kernels='math')\n"
+        f"    sp.attention(q, k, k, plan, {kwargs})\n"
         "    print('no error')\n"
         "except Exception as e:\n"
         "    print('exception', type(e).__name__, 'alloc' in str(e) or 'memory' in str(e))\n"
@@ -570,3 +582,22 @@ def test_bad_dtype_and_scale():
         sp.attention(q, q, q, plan, scale="0.3")
     with pytest.raises(ValueError, match="D >= 1"):
         sp.attention(q[..., :0], q[..., :0], q[..., :0], plan)
+    with pytest.raises(ValueError, match="q: expected at least one head and a head dim >= 1"):
+        sp.attention(q[..., :0], q[..., :0], q[..., :0], plan, scale=0.5)  # D = 0, scale given
+    with pytest.raises(ValueError, match="q: expected at least one head"):
+        sp.attention(q[:, :0], q[:, :1], q[:, :1], plan)  # Hq = 0
+
+
+def test_layouts_and_devices_other_than_dense_cpu_cuda_are_refused():
+    """Sparse or meta tensors get a ValueError naming the argument (sparse ones reached Rust, whose layout copy
+    and stride read panicked; a meta tensor was reported as being on "Mps")."""
+    pid = torch.tensor([[1, 2, 3]] * 2)
+    plan = sp.plan(pid, torch.ones_like(pid), torch.tensor([[4], [5]]), torch.ones(2, 1, dtype=torch.bool))
+    q = torch.randn(plan.num_tokens, 2, 8, dtype=torch.float64)
+    for name, bad in (("q", (q.to_sparse(), q, q)), ("k", (q, q.to_sparse(), q)), ("v", (q, q, q.to_sparse()))):
+        with pytest.raises(ValueError, match=f"{name}: expected a dense \\(strided\\) tensor"):
+            sp.attention(*bad, plan)
+    with pytest.raises(ValueError, match="q: expected a dense"):
+        sp.attention(q.reshape(-1, 8).to_sparse_csr(), q, q, plan)  # CSR has no strides at all
+    with pytest.raises(ValueError, match="q: expected a CPU or CUDA tensor, got one on meta"):
+        sp.attention(q.to("meta"), q, q, plan)

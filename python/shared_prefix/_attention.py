@@ -91,6 +91,10 @@ def attention(
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _FLOAT_KINDS:
             raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name}: expected a CPU or CUDA tensor, got one on {t.device}")
     if scale is None:
         if q.dim() != 3 or q.shape[-1] == 0:
             raise ValueError(f"q: expected a packed [T, H, D] tensor with D >= 1, got shape {tuple(q.shape)}")
