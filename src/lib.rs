@@ -75,6 +75,10 @@ impl PyPlan {
         // Longest per-row sequence (prompt + completion) the stock computation would see.
         self.inner.host.max_seqlen()
     }
+    #[getter]
+    fn min_seqlen(&self) -> usize {
+        self.inner.host.min_seqlen()
+    }
     /// Sliding windows (shorter than `max_seqlen`) this plan holds key tables for.
     #[getter]
     fn windows(&self) -> Vec<usize> {

@@ -76,3 +76,49 @@ def test_family_matches_stock(cls_name):
     # fp64 rounding of two summation orders; MoE routers and deep norms amplify it to ~1e-9 at most (a wrong mask
     # or position is off by 1e-2 or more).
     assert_matches_stock(model, logp_tol=1e-8)
+
+
+def _longrope(limit: int):
+    # Phi-3's long-context RoPE: short factors up to `limit` (original_max_position_embeddings) tokens per forward,
+    # long ones beyond; head_dim 8 has 4 frequencies.
+    rope = dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0, 1.5, 2.0, 2.5],
+                long_factor=[3.0, 4.0, 5.0, 6.0], original_max_position_embeddings=limit)
+    return build("Phi3Config", dict(rope_parameters=rope, original_max_position_embeddings=limit))
+
+
+@pytest.mark.parametrize("limit", [4, 32])
+def test_longrope_with_every_row_on_one_side(limit):
+    """test_hf's batch has rows of 6 to 23 tokens: all above 4 (long factors) or all within 32 (short factors),
+    as each row alone picks them."""
+    assert_matches_stock(_longrope(limit), logp_tol=1e-8)
+
+
+def test_longrope_refuses_rows_on_both_sides():
+    """With original_max_position_embeddings=16 the stock rows of 6-23 tokens pick different factors, one packed
+    forward only one set: refused, so TRL and verl fall back to their stock method. Against a stock forward of a
+    given length (TRL's padded width), only a length on the other side of the limit from the longest row is."""
+    from test_hf import make_batch
+
+    model = _longrope(16)
+    _, pid, pmask, cid, cmask = make_batch()
+    with pytest.raises(sp.hf.UnsupportedModelError, match="longrope .* 6-23 tokens .*=16"):
+        sp.completion_logprobs(model, pid, pmask, cid, cmask)
+    p = sp.plan(pid, pmask, cid, cmask)
+    assert (p.min_seqlen, p.max_seqlen) == (6, 23)
+    assert sp.hf.unsupported_for(model, p, stock_seq_len=30) is None  # long factors, as the longest row
+    assert "longrope" in sp.hf.unsupported_for(model, p, stock_seq_len=12)
+    assert "longrope" in sp.hf.unsupported_for(_longrope(24), p, stock_seq_len=30)  # rows short, stock long
+    assert sp.hf.unsupported_for(_longrope(24), p, stock_seq_len=23) is None
+
+
+def test_dynamic_rope_within_and_beyond_max_positions():
+    """Dynamic NTK scaling leaves the frequencies alone within max_position_embeddings (exact there) and rescales
+    them by the forward's length beyond it (refused)."""
+    from test_hf import make_batch
+
+    rope = dict(rope_type="dynamic", rope_theta=1e4, factor=2.0)
+    assert_matches_stock(build("Qwen2Config", dict(rope_parameters=rope)), logp_tol=1e-8)
+    model = build("Qwen2Config", dict(rope_parameters=rope, max_position_embeddings=20))
+    _, pid, pmask, cid, cmask = make_batch()
+    with pytest.raises(sp.hf.UnsupportedModelError, match="dynamic RoPE .*=20 \\(23 tokens"):
+        sp.completion_logprobs(model, pid, pmask, cid, cmask)

@@ -138,20 +138,44 @@ def test_activation_checkpointing_options(options):
     check_family("qwen2", lambda model: model.activation_checkpointing_enable(**options), num_hidden_layers=3)
 
 
-def test_eager_model_with_checkpointing(caplog):
-    """An eager model cannot take a plan during the checkpoint recompute; it is left on shared_prefix (= sdpa)."""
+def _torch_checkpoint_wrapper(model):
+    # As FSDP's and accelerate's activation checkpointing apply it: each decoder layer wrapped, transformers' own
+    # flag left off.
+    import functools
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+
+    apply_activation_checkpointing(
+        model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda m: m in set(model.model.layers))
+
+
+def _torch_composable_checkpoint(model):
+    from torch.distributed._composable import checkpoint
+
+    for layer in model.model.layers:
+        checkpoint(layer)
+
+
+@pytest.mark.parametrize("enable", [sp.hf.enable_checkpointing, _torch_checkpoint_wrapper, _torch_composable_checkpoint],
+                         ids=["transformers", "checkpoint_wrapper", "composable"])
+def test_eager_model_with_checkpointing(caplog, enable):
+    """An eager model cannot take a plan during the checkpoint recompute; it is left on shared_prefix (= sdpa),
+    whoever checkpoints its layers."""
     with caplog.at_level(logging.WARNING, logger="shared_prefix"):
         model = tiny_model("qwen2", attn="eager")
-        sp.hf.enable_checkpointing(model)
         model.train()
         rows, pid, pmask, cid, cmask = make_batch(seed=4)
-        # Reference through sdpa: eager's softmax runs in fp32, too coarse for an fp64 comparison.
+        # Reference through sdpa (eager's softmax runs in fp32, too coarse for an fp64 comparison), before
+        # checkpointing (the stock rows' forward keeps a KV cache, which torch's checkpointing would recompute into).
         model.set_attn_implementation("sdpa")
         ref_lp, _ = stock_logprobs(model, rows, cid.shape[1], 1.0)
         ref_grads = param_grads(model, ref_lp.sum())
         model.set_attn_implementation("eager")
+        enable(model)
         lp = sp.completion_logprobs(model, pid, pmask, cid, cmask)
-        grads = param_grads(model, lp.sum())
+        grads = {n.replace("._checkpoint_wrapped_module", ""): g for n, g in param_grads(model, lp.sum()).items()}
     assert "leaving the model on 'shared_prefix'" in caplog.text
     assert (lp - ref_lp).abs().max().item() <= 1e-9
     assert max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in grads) <= 1e-6
@@ -318,6 +342,12 @@ class TestUnsupported:
             sp.completion_logprobs(model, pid, pmask, oov, cmask)
         with pytest.raises(TypeError, match="model:"):
             sp.completion_logprobs(object(), pid, pmask, cid, cmask)
+        with pytest.raises(TypeError, match="prompt_ids: the model's embeddings take int64 or int32 token ids"):
+            sp.completion_logprobs(model, pid.to(torch.uint8), pmask, cid, cmask)
+        with pytest.raises(TypeError, match="completion_ids: .* got torch.int16"):
+            sp.completion_logprobs(model, pid, pmask, cid.to(torch.int16), cmask)
+        lp32 = sp.completion_logprobs(model, pid.int(), pmask, cid.int(), cmask)  # int32 ids work as int64 ones
+        assert torch.equal(lp32, sp.completion_logprobs(model, pid, pmask, cid, cmask))
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -340,6 +370,31 @@ def test_completion_logprobs_under_fsdp2(tie):
     grads = {n: g.full_tensor() for n, g in param_grads(model, lp.sum() + ent.sum()).items()}
     assert set(grads) == set(ref_grads)
     assert max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in grads) <= 1e-6
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_fsdp2_no_grad_call_leaves_the_head_sharded(tie):
+    """A no-grad call (a logged KL, old log-probs) between backward and the optimizer step: the head's unit is
+    resharded after it, so the next forward gathers the stepped weights instead of reading the stale ones."""
+    import copy
+
+    from helpers import fully_shard_causal_lm
+
+    ref_model = tiny_model("qwen2", tie_word_embeddings=tie)
+    model = copy.deepcopy(ref_model)
+    fully_shard_causal_lm(model, head_unit=not tie)
+    _, pid, pmask, cid, cmask = make_batch(seed=4)
+    for m in (ref_model, model):
+        opt = torch.optim.SGD(m.parameters(), lr=1.0)
+        sp.completion_logprobs(m, pid, pmask, cid, cmask).sum().backward()
+        with torch.no_grad():
+            sp.completion_logprobs(m, pid, pmask, cid, cmask)
+        assert type(m.get_output_embeddings().weight).__name__ == ("DTensor" if m is model else "Parameter")
+        opt.step()
+    with torch.no_grad():
+        after = sp.completion_logprobs(model, pid, pmask, cid, cmask)
+        expected = sp.completion_logprobs(ref_model, pid, pmask, cid, cmask)
+    assert (after - expected).abs().max().item() <= 1e-9
 
 
 @pytest.mark.parametrize("tie", [False, True])

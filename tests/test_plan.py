@@ -151,3 +151,11 @@ class TestBadInputs:
             p.pack(torch.zeros(4, 4, 2), torch.zeros(4, 3, 3))
         with pytest.raises(ValueError, match="hidden"):
             p.predictors(torch.zeros(1, 14, 2))
+
+    def test_pack_promotes_dtypes(self):
+        """Mixed dtypes promote as torch.cat does: an int prompt with fractional completion values keeps them."""
+        p = sp.plan(*batch())
+        packed = p.pack(torch.ones(4, 4, dtype=torch.int64), torch.full((4, 3), 0.75))
+        assert packed.dtype == torch.float32 and packed[0, p.prefix_tokens:].eq(0.75).all()
+        mixed = p.pack(torch.ones(4, 4, dtype=torch.bfloat16), torch.full((4, 3), 1.001, dtype=torch.float32))
+        assert mixed.dtype == torch.float32 and mixed[0, p.prefix_tokens:].eq(1.001).all()

@@ -304,6 +304,21 @@ def test_group_shuffle_keeps_groups_together(tmp_path):
     assert any(METRIC in h for h in t.state.log_history)
 
 
+def test_row_without_prompt_tokens_falls_back_to_stock(tmp_path, caplog):
+    """An empty prompt (a tokenizer that adds no BOS): the micro-batch has no prefix to share for that row, so the
+    stock method computes it (the planner refuses such rows) and training goes on."""
+    stock = trainer(trl.GRPOTrainer, tmp_path / "a")
+    ours = trainer(SharedPrefixGRPOTrainer, tmp_path / "b")
+    ids, mask, lc = batch()
+    mask[5, : ids.shape[1] - lc] = 0  # row 5 (a 1-token completion): no prompt token left
+    ids[5, : ids.shape[1] - lc] = 0
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="shared_prefix"):
+        lp_s = stock._get_per_token_logps_and_entropies(stock.model, ids, mask, lc)[0]
+        lp_o = ours._get_per_token_logps_and_entropies(ours.model, ids, mask, lc, batch_size=4)[0]
+    assert "a row without prompt tokens" in caplog.text
+    assert (lp_o - lp_s).abs().max().item() <= 1e-6
+
+
 def test_patch_trainer_and_fallback(tmp_path, caplog):
     t = patch_trainer(trainer(trl.GRPOTrainer, tmp_path))
     assert isinstance(t, trl.GRPOTrainer) and hasattr(t, "_shared_prefix_setup")

@@ -8,6 +8,7 @@ Not exercised: the engine's constructor, the worker/trainer around the engine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -128,6 +129,20 @@ def test_plugin_matches_stock_engine(engine, remove_padding):
     spv.enable(False)
 
 
+def test_temperature_zero_as_stock_engine(engine):
+    """rollout.temperature=0 (greedy decoding): the stock engine divides by the temperature clamped to 1e-8, and
+    so does ours (an unclamped 0 gave inf - inf = NaN)."""
+    td, rmask = micro_batch(True, temperature=0.0)
+    resp = rmask.sum(1)
+    stock, _ = run(engine, td, enabled=False, resp_lens=resp)
+    ours, _ = run(engine, td, enabled=True, resp_lens=resp)
+    pos = response_positions(stock["log_probs"].offsets(), resp)
+    a, b = ours["log_probs"].values()[pos], stock["log_probs"].values()[pos]
+    assert bool(a.isfinite().all()) and bool(b.isfinite().all())
+    assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+    spv.enable(False)
+
+
 def test_sliding_window_model_matches_stock_engine(engine):
     """A Qwen2 with a 4-token sliding window on every layer (shorter than every sample): ours runs, exactly."""
     cfg = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -192,7 +207,7 @@ def test_models_the_plan_cannot_split_run_stock(engine, caplog, monkeypatch, kin
         engine.module = Qwen2ForCausalLM(cfg)
         # Plans without the window's key tables, and the config-level check off: the layers find the window.
         monkeypatch.setattr(spv.hf, "model_windows", lambda model: [])
-        monkeypatch.setattr(spv.hf, "unsupported_for", lambda model, p: None)
+        monkeypatch.setattr(spv.hf, "unsupported_for", lambda model, p, stock_seq_len=None: None)
     spv._state["refused"].clear()
     spv._state["said"].clear()  # reasons are logged once per process
     td, rmask = micro_batch(True)
@@ -292,11 +307,12 @@ def fsdp2_comparison(tie_word_embeddings, seed=1):
     seen = {}
     real = spv.hf.unsharded_lm_head
 
+    @contextlib.contextmanager
     def spy(root, head=None):
         seen["before"] = type(root.get_output_embeddings().weight)
-        weight, bias = real(root, head)
-        seen["used"] = type(weight)
-        return weight, bias
+        with real(root, head) as (weight, bias):
+            seen["used"] = type(weight)
+            yield weight, bias
 
     spv.hf.unsharded_lm_head = spy
     try:

@@ -28,6 +28,8 @@ class CorePlan:
     @property
     def max_seqlen(self) -> int: ...
     @property
+    def min_seqlen(self) -> int: ...
+    @property
     def windows(self) -> list[int]:
         """Sliding windows (shorter than max_seqlen) with key tables on the device."""
     @property

@@ -102,6 +102,11 @@ class Plan:
         return self._core.max_seqlen
 
     @property
+    def min_seqlen(self) -> int:
+        """Shortest per-row sequence (prompt + completion) of the stock computation."""
+        return self._core.min_seqlen
+
+    @property
     def windows(self) -> list:
         """Sliding windows (shorter than :attr:`max_seqlen`) this plan holds key tables for."""
         return self._windows
@@ -136,7 +141,7 @@ class Plan:
         rest = prompt_x.shape[2:]
         prefix = prompt_x.reshape(b * lp, *rest).index_select(0, self._src_prompt)
         completions = completion_x.reshape(b * lc, *rest).index_select(0, self._src_completion)
-        return torch.cat([prefix, completions.to(prefix.dtype)]).unsqueeze(0)
+        return torch.cat([prefix, completions]).unsqueeze(0)  # promoted as torch.cat promotes, nothing rounded
 
     def predictor_rows(self, hidden: torch.Tensor) -> torch.Tensor:
         """For each completion token in packed order, the row of ``hidden`` that predicts it: ``[Nc, ...]``."""

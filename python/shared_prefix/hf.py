@@ -153,22 +153,26 @@ def shared_prefix_attention_forward(
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
+@contextlib.contextmanager
 def unsharded_lm_head(root: torch.nn.Module, head: Optional[torch.nn.Module] = None):
     """The LM head's ``(weight, bias)`` as FSDP2 hands them to the head's own forward, for code that runs the head
-    outside it (after ``packed_model_inputs``'s forward, which ran it on one row).
+    outside it (after ``packed_model_inputs``'s forward, which ran it on one row). A context manager: compute with
+    them inside the block.
 
     With ``reshard_after_forward`` the head is sharded again after the root's forward, in the root's unit or in its
     own. Unsharding the nearest FSDP2 unit that holds it, as that unit's forward would, gives the unsharded
     parameters; FSDP's post-backward then reduce-scatters their gradients across ranks and reshards, as for any
     parameter. Gathering the DTensor directly (``full_tensor()``) would not: its gradient would stay rank-local.
-    Without FSDP2 this is just the head's parameters.
+    Where no backward will run through them (no grad mode, a frozen head), the unit is resharded on leaving the
+    block, as FSDP2 reshards after a no-grad forward: left unsharded, the next forward would skip its all-gather
+    and read the weights from before the optimizer's step. Without FSDP2 this is just the head's parameters.
     """
     head = root.get_output_embeddings() if head is None else head
+    owner = None
     if _is_dtensor(head.weight):
         from torch.distributed.fsdp import FSDPModule
 
         path = next((name for name, m in root.named_modules() if m is head), None)
-        owner = None
         if path is not None:
             parts = path.split(".") if path else []
             for depth in range(len(parts) + 1):  # root first, the head itself last: keep the deepest unit
@@ -181,7 +185,14 @@ def unsharded_lm_head(root: torch.nn.Module, head: Optional[torch.nn.Module] = N
         owner.unshard()
         if _is_dtensor(head.weight):
             raise RuntimeError("the LM head stayed sharded after unsharding its FSDP2 unit")
-    return head.weight, head.bias
+    weight, bias = head.weight, head.bias
+    backward_follows = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (weight, bias))
+    try:
+        yield weight, bias
+    finally:
+        if owner is not None and not backward_follows:
+            owner.reshard()
 
 
 def _is_fsdp2(model: torch.nn.Module) -> bool:
@@ -316,16 +327,21 @@ def _config_windows(cfg) -> list:
     return [window] if windowed else []
 
 
-def unsupported_for(model: torch.nn.Module, p: Plan) -> Optional[str]:
+def unsupported_for(model: torch.nn.Module, p: Plan, stock_seq_len: Optional[int] = None) -> Optional[str]:
     """Why this micro-batch cannot run exactly on this model (whose config :func:`unsupported_config` has passed),
     judged from the config before any forward: windows shorter than its longest sequence that the plan has no key
-    tables for (plans made with :func:`model_windows` have them), Llama 4's chunked
-    attention or position-dependent attention temperature beyond their first block. The attention layers check
+    tables for (plans made with :func:`model_windows` have them), Llama 4's chunked attention or
+    position-dependent attention temperature beyond their first block, RoPE whose frequencies depend on the
+    forward's length unlike the stock computation's (see :func:`_rope_refusal`; ``stock_seq_len``: the sequence
+    length the stock forward's RoPE sees, None when each row is its own forward). The attention layers check
     again on the forward, with the window and the dropout they actually use (a config's dropout rate may be
     switched off in the modules, as TRL's disable_dropout does)."""
     cfg = _text_config(model)
     if cfg is None:
         return None
+    why = _rope_refusal(cfg, p, stock_seq_len)
+    if why is not None:
+        return why
     for window in _config_windows(cfg):
         if window < p.max_seqlen and window not in p.windows:
             return _window_refusal(window, p)
@@ -336,6 +352,47 @@ def unsupported_for(model: torch.nn.Module, p: Plan) -> Optional[str]:
     if getattr(cfg, "attn_temperature_tuning", False) and isinstance(floor, int) and p.num_tokens >= floor:
         # Llama 4 scales queries by their cache position, which in the packed stream is not the row's position.
         return f"attention temperature tuning over a packed stream of {p.num_tokens} >= floor_scale={floor} tokens"
+    return None
+
+
+def _rope_parameters(cfg) -> list:
+    """The config's RoPE parameter dicts (one, or one per layer type as Gemma 3 has them)."""
+    params = getattr(cfg, "rope_parameters", None)
+    if params is None:
+        params = getattr(cfg, "rope_scaling", None)  # transformers before 5
+    if not isinstance(params, dict):
+        return []
+    if "rope_type" in params or "type" in params:
+        return [params]
+    return [v for v in params.values() if isinstance(v, dict)]
+
+
+def _rope_refusal(cfg, p: Plan, stock_seq_len: Optional[int]) -> Optional[str]:
+    """Longrope and dynamic RoPE pick their frequencies per forward from its largest position (transformers'
+    ``dynamic_rope_update``): the packed stream's is its longest row, the stock forward's is ``stock_seq_len``
+    (TRL's padded width; verl's longest row) or, per row alone, each row's length. Refuse where the two would
+    pick differently: longrope on opposite sides of ``original_max_position_embeddings``; dynamic NTK scaling at
+    all (its frequencies also depend on the longest forward seen before)."""
+    for params in _rope_parameters(cfg):
+        kind = str(params.get("rope_type", params.get("type", "default")))
+        if kind == "longrope":
+            limit = params.get("original_max_position_embeddings") or getattr(
+                cfg, "original_max_position_embeddings", None)
+            if not isinstance(limit, int):
+                continue
+            ours = p.max_seqlen > limit
+            stock = (p.min_seqlen > limit, ours) if stock_seq_len is None else (stock_seq_len > limit,)
+            if any(s != ours for s in stock):
+                seen = (f"rows of {p.min_seqlen}-{p.max_seqlen} tokens" if stock_seq_len is None else
+                        f"a stock forward of {stock_seq_len} tokens and a packed one of {p.max_seqlen}")
+                return (f"longrope picks its frequencies by the forward's length, and {seen} lie on both sides of "
+                        f"original_max_position_embeddings={limit}")
+        elif "dynamic" in kind:
+            limit = getattr(cfg, "max_position_embeddings", None)
+            longest = max(p.max_seqlen, stock_seq_len or 0)
+            if isinstance(limit, int) and longest >= limit:
+                return (f"dynamic RoPE scaling rescales its frequencies by the forward's length beyond "
+                        f"max_position_embeddings={limit} ({longest} tokens here)")
     return None
 
 
@@ -366,10 +423,23 @@ def _check_model(model: torch.nn.Module) -> None:
 
 
 def checkpointing_on(model: torch.nn.Module) -> bool:
-    """Whether activation (gradient) checkpointing is on, by transformers' current name: the older
-    ``is_gradient_checkpointing`` warns from 5.2x on and goes in v6."""
+    """Whether activation (gradient) checkpointing is on: transformers' (by its current name: the older
+    ``is_gradient_checkpointing`` warns from 5.2x on and goes in v6) or torch's on some submodule
+    (``checkpoint_wrapper``, as FSDP's and accelerate's activation checkpointing apply it, or the composable
+    ``checkpoint``)."""
     on = getattr(model, "is_activation_checkpointing", None)
-    return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
+    if getattr(model, "is_gradient_checkpointing", False) if on is None else on:
+        return True
+    return any(_torch_checkpointed(m) for m in model.modules())
+
+
+def _torch_checkpointed(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed._composable.contract import _get_registry
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(module, CheckpointWrapper) or "checkpoint" in (_get_registry(module) or {})
 
 
 def enable_checkpointing(model: torch.nn.Module, **checkpoint_kwargs: Any) -> None:
@@ -451,6 +521,9 @@ def completion_logprobs(
     register()
     p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, group_sizes=group_sizes,
                   group_ids=group_ids, windows=model_windows(model))
+    for name, ids in (("prompt_ids", prompt_ids), ("completion_ids", completion_ids)):
+        if ids.dtype not in (torch.int64, torch.int32):  # the planner takes narrower ids; embeddings do not
+            raise TypeError(f"{name}: the model's embeddings take int64 or int32 token ids, got {ids.dtype}")
     embeddings = model.get_input_embeddings()
     if isinstance(embeddings, torch.nn.Embedding):  # the valid tokens only: ids at padding are never read
         check_token_ids(p.input_ids, embeddings.num_embeddings, "prompt_ids, completion_ids")
@@ -475,10 +548,9 @@ def completion_logprobs(
                 **{PLAN_KWARG: p},
             ).last_hidden_state
     check_planned_forward(model, p, calls)
-    weight, bias = unsharded_lm_head(model, head)  # the head's own parameters unless FSDP2 resharded them
-    picked, entropy = linear_logprobs(
-        p.predictor_rows(hidden), weight, bias, p.completion_targets(), float(temperature), return_entropy, chunk_size
-    )
+    with unsharded_lm_head(model, head) as (weight, bias):  # the head's own parameters unless FSDP2 resharded them
+        picked, entropy = linear_logprobs(p.predictor_rows(hidden), weight, bias, p.completion_targets(),
+                                          float(temperature), return_entropy, chunk_size)
     logprobs = p.unpack_completions(picked)
     if return_entropy:
         return logprobs, p.unpack_completions(entropy)

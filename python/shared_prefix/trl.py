@@ -123,9 +123,10 @@ class SharedPrefixMixin:
             return "FSDP1 (flat parameters): the LM head is not reachable outside its forward"
         return None
 
-    def _shared_prefix_forward(self, model, base, p):
-        """The model's output on the packed stream, or why it cannot be used (then nothing of it is kept)."""
-        why = hf.unsupported_for(base, p)
+    def _shared_prefix_forward(self, model, base, p, stock_width):
+        """The model's output on the packed stream, or why it cannot be used (then nothing of it is kept).
+        ``stock_width``: the padded rows' width, the sequence length the stock forward's RoPE sees."""
+        why = hf.unsupported_for(base, p, stock_seq_len=stock_width)
         if why is not None:
             return why
         calls = p.attention_calls
@@ -174,8 +175,13 @@ class SharedPrefixMixin:
             mask = attention_mask[start : start + batch_size]
             prompt_ids, completion_ids = ids[:, :-logits_to_keep], ids[:, -logits_to_keep:]
             prompt_mask, completion_mask = mask[:, :-logits_to_keep], mask[:, -logits_to_keep:]
-            p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, windows=hf.model_windows(base))
-            out = self._shared_prefix_forward(model, base, p)
+            if not bool(prompt_mask.any(1).all()):
+                # A row without prompt tokens (an empty prompt, no BOS) has no prefix to share: the stock method.
+                p, out = None, "a row without prompt tokens"
+            else:
+                p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask,
+                              windows=hf.model_windows(base))
+                out = self._shared_prefix_forward(model, base, p, ids.shape[1])
             stock += ids.numel()  # TRL forwards the padded rows
             if isinstance(out, str):  # this micro-batch (or the model) cannot take the plan: the stock method
                 self._shared_prefix_fallback(out)
@@ -188,12 +194,11 @@ class SharedPrefixMixin:
                 continue
             forwarded += p.num_tokens
             hidden = p.predictor_rows(out.hidden_states[-1])
-            weight, bias = hf.unsharded_lm_head(root, base.get_output_embeddings())
             # As TRL's fused head: optionally in fp32 outside autocast, else under the trainer's autocast.
             if cast_fp32:
                 hidden = hidden.float()
             head_ctx = torch.autocast(hidden.device.type, enabled=False) if cast_fp32 else self.accelerator.autocast()
-            with head_ctx:
+            with hf.unsharded_lm_head(root, base.get_output_embeddings()) as (weight, bias), head_ctx:
                 per_token = ChunkedLogProbFunction.apply(
                     hidden, weight, bias, p.completion_targets(), self.temperature, 32768, None, 1.0,
                     outputs,

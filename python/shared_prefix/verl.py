@@ -121,7 +121,8 @@ def _prepare_model_inputs(self, micro_batch, _orig, ti, tu):
         p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, group_ids=uid, windows=windows)
     except ValueError:  # a uid group whose prompts differ (verl's padding samples): group by identical prompts
         p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, windows=windows)
-    why = hf.unsupported_for(self.module, p)
+    # verl's position ids count each row's valid tokens: its RoPE sees the longest row, as the packed stream does.
+    why = hf.unsupported_for(self.module, p, stock_seq_len=p.max_seqlen)
     if why is not None:
         _say_once(why)
         return _orig(self, micro_batch)
@@ -131,6 +132,7 @@ def _prepare_model_inputs(self, micro_batch, _orig, ti, tu):
     model_inputs = hf.packed_model_inputs(p)  # the engine's forward_step adds use_cache=False
     temperature = micro_batch["temperature"]
     temperature = float(temperature.reshape(-1)[0]) if isinstance(temperature, torch.Tensor) else float(temperature)
+    temperature = max(temperature, 1e-8)  # as the stock engine clamps it (rollout.temperature=0 is greedy decoding)
     state = {"plan": p, "offsets": offsets, "prompt_len": prompt_len, "mask": completion_mask,
              "temperature": temperature, "calls": p.attention_calls}
     return model_inputs, {_KEY: state}
@@ -153,8 +155,9 @@ def _prepare_model_outputs(self, output, output_args, micro_batch, logits_proces
         return _orig(self, stock, args, micro_batch, logits_processor_func)
     entropy_wanted = tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False)
     hidden = p.predictor_rows(output.hidden_states[-1])
-    weight, bias = hf.unsharded_lm_head(self.module)
-    logp, ent = linear_logprobs(hidden, weight, bias, p.completion_targets(), state["temperature"], entropy_wanted)
+    with hf.unsharded_lm_head(self.module) as (weight, bias):
+        logp, ent = linear_logprobs(hidden, weight, bias, p.completion_targets(), state["temperature"],
+                                    entropy_wanted)
     # Back to the engine's layout: nested over prompt+response, position t predicts token t+1.
     offsets, mask = state["offsets"], state["mask"]
     cols = torch.arange(mask.shape[1], device=offsets.device)

@@ -108,18 +108,25 @@ impl Plan {
         self.prefix_tokens + self.completion_tokens
     }
 
+    /// Each row's sequence (prompt + completion) as the stock computation would see it, in plan order.
+    pub fn seqlens(&self) -> impl Iterator<Item = usize> + '_ {
+        self.group_sizes.iter().enumerate().scan(0, move |c, (g, &size)| {
+            let first = *c;
+            *c += size;
+            let p = (self.cu_prefix[g + 1] - self.cu_prefix[g]) as usize;
+            Some((first..first + size).map(move |i| p + (self.cu_completions[i + 1] - self.cu_completions[i]) as usize))
+        })
+        .flatten()
+    }
+
     /// Longest per-row sequence (prompt + completion) the stock computation would see.
     pub fn max_seqlen(&self) -> usize {
-        let mut best = 0;
-        let mut c = 0;
-        for (g, &size) in self.group_sizes.iter().enumerate() {
-            let p = (self.cu_prefix[g + 1] - self.cu_prefix[g]) as usize;
-            for i in c..c + size {
-                best = best.max(p + (self.cu_completions[i + 1] - self.cu_completions[i]) as usize);
-            }
-            c += size;
-        }
-        best
+        self.seqlens().max().unwrap_or(0)
+    }
+
+    /// Shortest per-row sequence (prompt + completion) the stock computation would see.
+    pub fn min_seqlen(&self) -> usize {
+        self.seqlens().min().unwrap_or(0)
     }
 
     /// One segment table over the whole packed stream for the two causal self-attention calls (each prefix

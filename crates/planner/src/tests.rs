@@ -136,6 +136,13 @@ fn check_plan(rows: &Rows, p: &Plan) {
         assert_eq!(cu_self[s + 1] - cu_self[s], w[1] - w[0]);
     }
     assert_eq!(seg_max(&cu_self), p.max_prefix.max(p.max_completion));
+
+    // Each row's stock sequence: its valid prompt and completion tokens, counted from the masks.
+    let stock_len = |r: usize| valid_prompt(rows, r).len() + (0..lc).filter(|&j| rows.cmask[r * lc + j]).count();
+    let want: Vec<usize> = p.rows_in_order.iter().map(|&r| stock_len(r)).collect();
+    assert_eq!(p.seqlens().collect::<Vec<_>>(), want);
+    assert_eq!(p.max_seqlen(), *want.iter().max().unwrap());
+    assert_eq!(p.min_seqlen(), *want.iter().min().unwrap());
 }
 
 /// Runs cover exactly the non-empty segments, in order, each as consecutive equal-length slices.
