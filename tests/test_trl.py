@@ -398,6 +398,18 @@ def test_logps_and_grads_equal_stock_under_fsdp2(tmp_path, head_unit):
         assert ((g_o[n] - g_s[n]).norm() / g_s[n].norm().clamp_min(1e-12)).item() <= 1e-5, n
 
 
+def test_deepspeed_zero3_is_refused(tmp_path, monkeypatch):
+    """Under ZeRO-3 the head is partitioned outside its forward and its gradient is reduced through forward hooks
+    (TRL runs its loss inside the model's forward for that): ours refuses, so TRL's stock method runs. DeepSpeed is
+    not installed here; transformers' ZeRO-3 switch is what both TRL and ours consult."""
+    import transformers.integrations.deepspeed as ds
+
+    t = trainer(SharedPrefixGRPOTrainer, tmp_path)
+    assert t._shared_prefix_unsupported(t.model, False, {}) is None
+    monkeypatch.setattr(ds, "is_deepspeed_zero3_enabled", lambda: True)
+    assert "ZeRO-3" in t._shared_prefix_unsupported(t.model, False, {})
+
+
 def test_fsdp1_falls_back_to_stock(tmp_path, caplog):
     """FSDP1 (flat parameters; one CPU rank): the head is not reachable outside the wrapped forward, so ours logs
     the reason once and runs TRL's stock method; values and gradients equal the stock trainer's."""

@@ -121,6 +121,12 @@ class SharedPrefixMixin:
 
         if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
             return "FSDP1 (flat parameters): the LM head is not reachable outside its forward"
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            # ZeRO-3 partitions the head's weight outside its module's forward, and reduces its gradient only through
+            # hooks armed by a forward around the loss (TRL's _ForwardRedirection), which this path does not run.
+            return "DeepSpeed ZeRO-3 (the LM head is partitioned outside its forward)"
         return None
 
     def _shared_prefix_forward(self, model, base, p, stock_width):
