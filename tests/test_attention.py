@@ -575,7 +575,7 @@ def test_bad_dtype_and_scale():
     for dtype in (torch.uint16, torch.int32, torch.complex64):
         with pytest.raises(TypeError, match="q: expected float16, bfloat16, float32 or float64"):
             sp.attention(q.to(dtype), q, q, plan)
-    for scale in (0.0, -0.5, float("nan"), float("inf")):
+    for scale in (0.0, -0.5, float("nan"), float("inf"), 10**400):
         with pytest.raises(ValueError, match="scale: must be a finite positive number"):
             sp.attention(q, q, q, plan, scale=scale)
     with pytest.raises(TypeError, match="scale"):

@@ -101,7 +101,11 @@ def attention(
         scale = q.shape[-1] ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale: expected a real number, got {type(scale).__name__}")
-    if not math.isfinite(scale) or scale <= 0:
+    try:
+        finite = math.isfinite(scale)
+    except OverflowError:  # an int beyond a float's range
+        finite = False
+    if not finite or scale <= 0:
         # ATen's CPU flash kernel returns NaN for scale <= 0; no attention layer uses one.
         raise ValueError(f"scale: must be a finite positive number, got {scale!r}")
     if sinks is not None and (not isinstance(sinks, torch.Tensor) or q.dim() != 3 or sinks.shape != q.shape[1:2]
