@@ -165,6 +165,53 @@ def test_forward_with_attention_sinks(seed):
     grads_equal(got, want, [q, k, v, sinks], [q, k, v, sinks], seed)
 
 
+def test_forward_refuses_keywords_that_change_attention():
+    """The original hands every keyword to its attn_func (verl's monkey patch passes the layer's: sliding_window,
+    softcap, dropout, s_aux); ours computes the attention itself, so a keyword asking for other attention is refused
+    (a sliding_window of 3 was ignored: 0.11 max |Δ logp| on a Mistral through verl's patch), and ``s_aux`` is read
+    as the sinks. Harmless ones (a window as long as every row, causal=True, dropout 0) pass."""
+    ours, *_ = both(3)
+    b, seq = ours.padding_mask.shape
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(b, h, seq, 8, generator=g, dtype=torch.float64) for h in (4, 2))
+    plain = ours.forward(None, q, k, k)
+    longest = ours._plan.max_seqlen
+    for bad, match in ((dict(sliding_window=2), "sliding_window=2"), (dict(softcap=0.5), "softcapping"),
+                       (dict(dropout=0.5), "dropout"), (dict(causal=False), "non-causal"),
+                       (dict(is_causal=False), "non-causal"), (dict(window_size=(1, 0)), "window_size"),
+                       (dict(alibi_slopes=torch.ones(4)), "ALiBi")):
+        with pytest.raises(NotImplementedError, match=match):
+            ours.forward(None, q, k, k, **bad)
+    for fine in (dict(sliding_window=longest), dict(causal=True, dropout=0.0, softcap=None),
+                 dict(window_size=(-1, -1)), dict(window_size=(longest - 1, 0))):
+        assert torch.equal(ours.forward(None, q, k, k, **fine), plain)
+    sinks = torch.randn(4, generator=g, dtype=torch.float64)
+    assert torch.equal(ours.forward(None, q, k, k, s_aux=sinks), ours.forward(None, q, k, k, sinks=sinks))
+
+
+def test_lengths_and_masks_as_the_original_takes_them():
+    """group_info of NumPy ints, 0-d tensors or another grouper's Info objects, and float attention masks, give
+    the same grouper as plain ints and bool masks; a group without prefix tokens is refused by name (the
+    executor needs every completion to see a prompt)."""
+    import numpy as np
+
+    info = [[3, 2, 1], [2, 4]]
+    ref = PrefixGrouper(info)
+    for same in ([[np.int64(n) for n in g] for g in info], [[torch.tensor(n) for n in g] for g in info],
+                 ref.group_info):
+        pg = PrefixGrouper(same)
+        assert [[i.prefix_len, *i.suffix_lens] for i in pg.group_info] == info
+        assert torch.equal(pg.padding_mask, ref.padding_mask)
+    pm, sm = masks([3, 2], 4, True), masks([2, 1, 4], 4, False)
+    as_bool = PrefixGrouper.from_ungrouped_masks(pm, sm, [2, 1])
+    as_float = PrefixGrouper.from_ungrouped_masks(pm.double(), sm.float(), [2, 1])
+    assert torch.equal(as_float.padding_mask, as_bool.padding_mask)
+    with pytest.raises(ValueError, match="prefix_mask: row 1 has no valid token"):
+        PrefixGrouper.from_ungrouped_masks(masks([3, 0], 4, True), sm, [2, 1])
+    with pytest.raises(ValueError, match="group_info: lengths must be non-negative ints"):
+        PrefixGrouper([[3, torch.tensor(1.5)]])
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="group_info"):
         PrefixGrouper([[3]])

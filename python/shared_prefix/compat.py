@@ -10,6 +10,7 @@ shared-prefix attention (it ignores ``attn_func``).
 
 from __future__ import annotations
 
+import operator
 from typing import Any, List, Optional, Union
 
 import torch
@@ -49,6 +50,40 @@ class Info:
         return f"Info(prefix_len={self.prefix_len}, suffix_lens={self.suffix_lens})"
 
 
+def _length(n: Any, group_info: Any) -> int:
+    """A length as the original takes it: any integer (Python, NumPy or a 0-d integer tensor), not a bool."""
+    try:
+        value = operator.index(n) if not isinstance(n, bool) else -1
+    except TypeError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"group_info: lengths must be non-negative ints, got {group_info!r}")
+    return value
+
+
+# Keywords of attention functions (transformers' and flash-attn's) that would change the attention computed. The
+# original hands every keyword to its attn_func; ours computes exact causal softmax attention itself, so a keyword
+# asking for something else is refused rather than ignored.
+def _forward_refusal(plan: Plan, kwargs: dict) -> Optional[str]:
+    from .hf import _cuts, _unsupported
+
+    window = kwargs.get("sliding_window")
+    if _cuts(window, plan):
+        return (f"sliding_window={window} is shorter than the longest sequence ({plan.max_seqlen} tokens); the compat "
+                "layer's plans hold no window tables (shared_prefix.completion_logprobs, TRL and verl take windows)")
+    why, _ = _unsupported(None, plan, kwargs.get("dropout", kwargs.get("dropout_p", 0.0)), kwargs)
+    if why is not None:
+        return why  # a sliding window shorter than a sequence, softcapping, dropout > 0
+    if any(kwargs.get(name) is False for name in ("causal", "is_causal")):
+        return "non-causal attention (causal=False) is not supported"
+    left = (kwargs.get("window_size") or (-1, -1))[0]  # flash-attn's (left, right); right is moot when causal
+    if left >= 0 and left + 1 < plan.max_seqlen:
+        return f"window_size={kwargs['window_size']} is not supported"
+    if kwargs.get("alibi_slopes") is not None:
+        return "ALiBi slopes are not supported"
+    return None
+
+
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     return _core.mask_positions(mask)
 
@@ -69,10 +104,11 @@ class PrefixGrouper:
     def init(self, group_info: List[List[int]], device=None, padding_mode: PaddingMode = "right") -> None:
         if not isinstance(group_info, (list, tuple)) or not group_info:
             raise ValueError("group_info: expected a non-empty list of [prefix_len, *suffix_lens]")
+        # As the original: lists or tuples of lengths, or Info objects (another grouper's group_info).
+        group_info = [[g.prefix_len, *g.suffix_lens] if isinstance(g, Info) else g for g in group_info]
         if any(not isinstance(g, (list, tuple)) or len(g) < 2 for g in group_info):
             raise ValueError("group_info: every group needs a prefix length and at least one suffix length")
-        if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for g in group_info for n in g):
-            raise ValueError(f"group_info: lengths must be non-negative ints, got {group_info!r}")
+        group_info = [[_length(n, group_info) for n in g] for g in group_info]
         # The grouped layout's segment tables are int32: a group's sequence and the whole stream must fit.
         if sum(sum(g) for g in group_info) > _MAX_TOKENS:
             raise ValueError(f"group_info: more than {_MAX_TOKENS} tokens in all (the segment tables are int32)")
@@ -131,8 +167,12 @@ class PrefixGrouper:
                 )
         else:
             raise ValueError(f"group_sizes: expected an int or a list of ints, got {type(group_sizes).__name__}")
-        prefix_lens = prefix_mask.sum(1).tolist()
-        suffix_lens = suffix_mask.sum(1).tolist()
+        # Token counts of any mask dtype (float 1/0 attention masks too).
+        prefix_lens = (prefix_mask != 0).sum(1).tolist()
+        suffix_lens = (suffix_mask != 0).sum(1).tolist()
+        if 0 in prefix_lens:
+            raise ValueError(f"prefix_mask: row {prefix_lens.index(0)} has no valid token (every group needs a prefix "
+                             "of at least one token)")
         info, at = [], 0
         for p, g in zip(prefix_lens, group_sizes):
             info.append([p, *suffix_lens[at : at + g]])
@@ -256,9 +296,15 @@ class PrefixGrouper:
         """Shared-prefix attention on the grouped layout: q/k/v ``[groups, heads, seq, dim]`` → ``[groups, seq,
         heads, dim]`` (0 at padding). Runs our exact attention; ``attn_func`` and positional extras are ignored
         (a ``scale``, ``softmax_scale`` or ``scaling`` keyword sets the softmax scale, default ``dim ** -0.5``;
-        ``sinks``, a ``[heads]`` tensor, adds GPT-OSS's attention-sink logits)."""
+        ``sinks`` or ``s_aux``, a ``[heads]`` tensor, adds GPT-OSS's attention-sink logits). Keywords asking for
+        other attention (a sliding window shorter than a sequence, softcapping, dropout > 0, ``causal=False``,
+        ALiBi) raise ``NotImplementedError``: the original would pass them to ``attn_func``."""
         scale = next((kwargs[n] for n in ("scale", "softmax_scale", "scaling") if kwargs.get(n) is not None), None)
+        sinks = kwargs.get("sinks", kwargs.get("s_aux"))
         self._use(q.device)
+        why = _forward_refusal(self._plan, kwargs)
+        if why is not None:
+            raise NotImplementedError(f"shared_prefix.compat: {why}")
         for name, x in (("q", q), ("k", k), ("v", v)):
             if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[::2]) != tuple(self.x_shape):
                 got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -269,7 +315,7 @@ class PrefixGrouper:
         def packed(x):
             return x.transpose(1, 2).reshape(b * seq, x.shape[1], x.shape[3]).index_select(0, self._packed)
 
-        out = attention(packed(q), packed(k), packed(v), self._plan, scale=scale, sinks=kwargs.get("sinks"))
+        out = attention(packed(q), packed(k), packed(v), self._plan, scale=scale, sinks=sinks)
         return _scatter_rows(out, self._packed, b, seq)
 
 
