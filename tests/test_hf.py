@@ -373,6 +373,28 @@ def test_completion_logprobs_under_fsdp2(tie):
 
 
 @pytest.mark.parametrize("tie", [False, True])
+def test_fsdp2_frozen_head(tie):
+    """A frozen head under FSDP2 (LoRA trains adapters only): the backward to the hidden states still reads its
+    weight, so the unit stays unsharded until FSDP's post-backward (resharding it early freed the weight's storage:
+    a RuntimeError in backward)."""
+    import copy
+
+    from helpers import fully_shard_causal_lm
+
+    ref_model = tiny_model("qwen2", tie_word_embeddings=tie)
+    ref_model.get_output_embeddings().weight.requires_grad_(False)
+    model = copy.deepcopy(ref_model)
+    fully_shard_causal_lm(model, head_unit=not tie)
+    _, pid, pmask, cid, cmask = make_batch(seed=3)
+    ref = sp.completion_logprobs(ref_model, pid, pmask, cid, cmask)
+    ref_grads = param_grads(ref_model, ref.sum())
+    lp = sp.completion_logprobs(model, pid, pmask, cid, cmask)
+    grads = {n: g.full_tensor() for n, g in param_grads(model, lp.sum()).items()}
+    assert (lp - ref).abs().max().item() <= 1e-9 and set(grads) == set(ref_grads)
+    assert max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in grads) <= 1e-6
+
+
+@pytest.mark.parametrize("tie", [False, True])
 def test_fsdp2_no_grad_call_leaves_the_head_sharded(tie):
     """A no-grad call (a logged KL, old log-probs) between backward and the optimizer step: the head's unit is
     resharded after it, so the next forward gathers the stepped weights instead of reading the stale ones."""

@@ -163,9 +163,11 @@ def unsharded_lm_head(root: torch.nn.Module, head: Optional[torch.nn.Module] = N
     own. Unsharding the nearest FSDP2 unit that holds it, as that unit's forward would, gives the unsharded
     parameters; FSDP's post-backward then reduce-scatters their gradients across ranks and reshards, as for any
     parameter. Gathering the DTensor directly (``full_tensor()``) would not: its gradient would stay rank-local.
-    Where no backward will run through them (no grad mode, a frozen head), the unit is resharded on leaving the
-    block, as FSDP2 reshards after a no-grad forward: left unsharded, the next forward would skip its all-gather
-    and read the weights from before the optimizer's step. Without FSDP2 this is just the head's parameters.
+    Under no-grad (no backward will run through them) the unit is resharded on leaving the block, as FSDP2
+    reshards after a no-grad forward: left unsharded, the next forward would skip its all-gather and read the
+    weights from before the optimizer's step. With grad enabled it stays unsharded even for a frozen head (LoRA):
+    the backward to the hidden states reads the weight, and resharding frees its storage.
+    Without FSDP2 this is just the head's parameters.
     """
     head = root.get_output_embeddings() if head is None else head
     owner = None
@@ -185,13 +187,11 @@ def unsharded_lm_head(root: torch.nn.Module, head: Optional[torch.nn.Module] = N
         owner.unshard()
         if _is_dtensor(head.weight):
             raise RuntimeError("the LM head stayed sharded after unsharding its FSDP2 unit")
-    weight, bias = head.weight, head.bias
-    backward_follows = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (weight, bias))
+    grad_mode = torch.is_grad_enabled()
     try:
-        yield weight, bias
+        yield head.weight, head.bias
     finally:
-        if owner is not None and not backward_follows:
+        if owner is not None and not grad_mode:
             owner.reshard()
 
 
