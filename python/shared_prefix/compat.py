@@ -73,7 +73,7 @@ def _forward_refusal(plan: Plan, kwargs: dict) -> Optional[str]:
                 "layer's plans hold no window tables (shared_prefix.completion_logprobs, TRL and verl take windows)")
     why, _ = _unsupported(None, plan, kwargs.get("dropout", kwargs.get("dropout_p", 0.0)), kwargs)
     if why is not None:
-        return why  # a sliding window shorter than a sequence, softcapping, dropout > 0
+        return why  # softcapping, dropout > 0
     if any(kwargs.get(name) is False for name in ("causal", "is_causal")):
         return "non-causal attention (causal=False) is not supported"
     left = (kwargs.get("window_size") or (-1, -1))[0]  # flash-attn's (left, right); right is moot when causal

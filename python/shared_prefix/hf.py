@@ -380,9 +380,9 @@ def _rope_refusal(cfg, p: Plan, stock_seq_len: Optional[int]) -> Optional[str]:
                 cfg, "original_max_position_embeddings", None)
             if not isinstance(limit, int):
                 continue
-            ours = p.max_seqlen > limit
-            stock = (p.min_seqlen > limit, ours) if stock_seq_len is None else (stock_seq_len > limit,)
-            if any(s != ours for s in stock):
+            # Each row alone picks by its own length: all agree with the packed forward iff the shortest does.
+            stock = (p.min_seqlen if stock_seq_len is None else stock_seq_len) > limit
+            if stock != (p.max_seqlen > limit):
                 seen = (f"rows of {p.min_seqlen}-{p.max_seqlen} tokens" if stock_seq_len is None else
                         f"a stock forward of {stock_seq_len} tokens and a packed one of {p.max_seqlen}")
                 return (f"longrope picks its frequencies by the forward's length, and {seen} lie on both sides of "
@@ -430,16 +430,12 @@ def checkpointing_on(model: torch.nn.Module) -> bool:
     on = getattr(model, "is_activation_checkpointing", None)
     if getattr(model, "is_gradient_checkpointing", False) if on is None else on:
         return True
-    return any(_torch_checkpointed(m) for m in model.modules())
-
-
-def _torch_checkpointed(module: torch.nn.Module) -> bool:
     try:
         from torch.distributed._composable.contract import _get_registry
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
     except ImportError:  # a torch built without distributed support
         return False
-    return isinstance(module, CheckpointWrapper) or "checkpoint" in (_get_registry(module) or {})
+    return any(isinstance(m, CheckpointWrapper) or "checkpoint" in (_get_registry(m) or {}) for m in model.modules())
 
 
 def enable_checkpointing(model: torch.nn.Module, **checkpoint_kwargs: Any) -> None:
