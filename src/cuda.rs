@@ -228,13 +228,22 @@ impl Dense for CudnnDense {
 }
 
 /// The CUDA fp16/bf16 default, chosen per attention call by measurement (H200, BENCHMARKS.md): cuDNN, copy-free
-/// (`CUDNN_VIEWS`), when the call is one dense batch (one run) with keys of at least `CUDNN_MIN_KEYS` tokens,
-/// flash-attention 2 varlen otherwise. In GPU kernel time cuDNN's attention is 35-40 % below FA2's at 4k-16k keys,
-/// but each cuDNN call costs more host time, which a small model's host-bound step feels at 4k (run 7: all-cuDNN
-/// 0.134 s of kernels vs 0.152 s, yet 0.242 s vs 0.209 s of wall time); at 8k and 16k the rule is the best or tied
-/// in both. Varlen also takes ragged batches in one call (cuDNN would need one call, and one cuDNN graph, per
-/// run). Copy-free beat copying operands at 8k and 16k (0.206 vs 0.212 s and 0.515 vs 0.526 s of kernels). Forward
-/// and backward of a call make the same choice, since it depends only on the plan's host integers.
+/// (`CUDNN_VIEWS`), when the call is one dense batch (one run) with keys of at least `CUDNN_MIN_KEYS` tokens whose
+/// shape recurred in `device_plan::CUDNN_AFTER` (8) earlier plans; flash-attention 2 varlen otherwise.
+/// - In GPU kernel time cuDNN's attention is 35-40 % below FA2's at 4k-16k keys, but each cuDNN call costs more
+///   host time, which a small model's host-bound step feels at 4k (run 7: all-cuDNN 0.134 s of kernels vs 0.152 s,
+///   yet 0.242 s vs 0.209 s of wall time); at 8k and 16k the rule is the best or tied in both once its graphs
+///   exist (16k: 0.533 s a step vs FA2's 0.675 s).
+/// - cuDNN builds a graph for every new shape: the first step of a shape took 0.10-0.67 s longer under the rule
+///   than its later steps (H200 runs 4, 6-8; 0.839 vs 0.246 s at 8192x256x16x1 in run 4), while FA2's first step
+///   is its median; the rule's gain once built is at most 0.14 s a step (16k). GRPO batches rarely repeat a prompt
+///   length, and TRL/verl put each micro-batch through 2-4 plans (reference, old and policy log-probs, PPO
+///   epochs), hence cuDNN only for shapes that keep recurring.
+/// - Varlen also takes ragged batches in one call (cuDNN would need one call, and one cuDNN graph, per run).
+///   Copy-free beat copying operands at 8k and 16k (0.206 vs 0.212 s and 0.515 vs 0.526 s of kernels).
+///
+/// Forward and backward of a call make the same choice: it depends only on the plan (its host integers, and
+/// whether its shapes recurred, fixed when it was made).
 pub struct AutoKernels;
 
 pub const CUDNN_MIN_KEYS: usize = 8192;
@@ -245,9 +254,9 @@ pub static CUDNN_VIEWS: crate::runs::Runs<CudnnDense> = crate::runs::Runs(CudnnD
 pub static AUTO: AutoKernels = AutoKernels;
 
 impl AutoKernels {
-    fn cudnn(seg: &Segments) -> bool {
+    pub fn cudnn(seg: &Segments) -> bool {
         // Sliding windows: FA2 takes them, cuDNN dense attention (as ATen exposes it) does not.
-        seg.window.is_none() && seg.runs.len() <= 1 && seg.max_k >= CUDNN_MIN_KEYS
+        seg.window.is_none() && seg.runs.len() <= 1 && seg.max_k >= CUDNN_MIN_KEYS && seg.recurring
     }
 
     fn pick(seg: &Segments) -> &'static dyn Kernels {

@@ -2,9 +2,53 @@
 //! by every layer, forward and backward. Host integers (max lengths, runs) stay on the host, so no layer ever
 //! reads a device value back.
 
+use crate::cuda::CUDNN_MIN_KEYS;
 use crate::executor::{Result, Segments};
 use planner::{runs_from_lengths, Plan, Run, WindowKeys};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
+
+/// The attention calls of a plan whose shape can recur (the sliding-window calls never go to cuDNN).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Call {
+    Prefix,
+    Group,
+    Completion,
+    SelfCalls,
+}
+
+/// How many earlier plans of the same dense shape a call needs before "auto" gives it to cuDNN (default 8; see
+/// `AutoKernels` for the measurement behind it). 0: at once, as every eligible call did before 2026-11-27.
+pub static CUDNN_AFTER: AtomicU32 = AtomicU32::new(8);
+
+/// Per device, call and dense shape (segments, query length, key length) of a one-run call with enough keys for
+/// cuDNN: how many plans made so far in this process had it. Only such calls are counted, one entry per distinct
+/// long shape; emptied when it grows past `SEEN_MAX` (shapes that keep recurring count up again).
+type ShapeKey = (Device, Call, usize, usize, usize);
+static SEEN: Mutex<Option<HashMap<ShapeKey, u32>>> = Mutex::new(None);
+const SEEN_MAX: usize = 1 << 16;
+
+/// Whether this plan's `call` recurs often enough for cuDNN: it is one dense batch (`runs`) with at least
+/// `CUDNN_MIN_KEYS` keys, and at least `CUDNN_AFTER` earlier plans had the same one. Counts this plan.
+fn recurring(device: Device, call: Call, runs: &[Run]) -> bool {
+    let [r] = runs else { return false };
+    if r.k_len < CUDNN_MIN_KEYS {
+        return false;
+    }
+    let after = CUDNN_AFTER.load(Ordering::Relaxed);
+    // A poisoned lock only means another thread panicked while counting: the counts are still usable.
+    let mut guard = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    let seen = guard.get_or_insert_with(HashMap::new);
+    if seen.len() >= SEEN_MAX {
+        seen.clear();
+    }
+    let count = seen.entry((device, call, r.count, r.q_len, r.k_len)).or_insert(0);
+    let before = *count;
+    *count = count.saturating_add(1);
+    before >= after
+}
 
 pub struct DevicePlan {
     pub host: Plan,
@@ -23,6 +67,9 @@ pub struct DevicePlan {
     runs_group: Vec<Run>,
     runs_completion: Vec<Run>,
     runs_self: Vec<Run>,
+    /// Per `Call`: whether its dense shape recurred enough for cuDNN when this plan was made (see `recurring`).
+    /// Fixed for the plan's lifetime, so its forward and backward choose alike.
+    recurring: [bool; 4],
     windows: Vec<WindowTables>,
 }
 
@@ -96,12 +143,23 @@ impl DevicePlan {
                 runs: runs_from_lengths(&host.cu_completions, &w.cu_k),
             });
         }
+        let runs_prefix = runs_from_lengths(&host.cu_prefix, &host.cu_prefix);
+        let runs_group = runs_from_lengths(&host.cu_group_completions, &host.cu_prefix);
+        let runs_completion = runs_from_lengths(&host.cu_completions, &host.cu_completions);
+        let runs_self = runs_from_lengths(&cu_self, &cu_self);
+        let recurring = [
+            recurring(device, Call::Prefix, &runs_prefix),
+            recurring(device, Call::Group, &runs_group),
+            recurring(device, Call::Completion, &runs_completion),
+            recurring(device, Call::SelfCalls, &runs_self),
+        ];
         Ok(DevicePlan {
             windows: window_tables,
-            runs_prefix: runs_from_lengths(&host.cu_prefix, &host.cu_prefix),
-            runs_group: runs_from_lengths(&host.cu_group_completions, &host.cu_prefix),
-            runs_completion: runs_from_lengths(&host.cu_completions, &host.cu_completions),
-            runs_self: runs_from_lengths(&cu_self, &cu_self),
+            runs_prefix,
+            runs_group,
+            runs_completion,
+            runs_self,
+            recurring,
             host,
             device,
             src_index,
@@ -125,6 +183,7 @@ impl DevicePlan {
             max_k: self.host.max_prefix,
             runs: &self.runs_prefix,
             window: None,
+            recurring: self.recurring[Call::Prefix as usize],
         }
     }
 
@@ -137,6 +196,7 @@ impl DevicePlan {
             max_k: self.host.max_prefix,
             runs: &self.runs_group,
             window: None,
+            recurring: self.recurring[Call::Group as usize],
         }
     }
 
@@ -149,6 +209,7 @@ impl DevicePlan {
             max_k: self.host.max_completion,
             runs: &self.runs_completion,
             window: None,
+            recurring: self.recurring[Call::Completion as usize],
         }
     }
 
@@ -156,7 +217,15 @@ impl DevicePlan {
     /// `Plan::cu_self`), on the full packed q/k/v.
     pub fn seg_self(&self) -> Segments<'_> {
         let max = self.host.max_prefix.max(self.host.max_completion);
-        Segments { cu_q: &self.cu_self, cu_k: &self.cu_self, max_q: max, max_k: max, runs: &self.runs_self, window: None }
+        Segments {
+            cu_q: &self.cu_self,
+            cu_k: &self.cu_self,
+            max_q: max,
+            max_k: max,
+            runs: &self.runs_self,
+            window: None,
+            recurring: self.recurring[Call::SelfCalls as usize],
+        }
     }
 
     /// The windows this plan holds key tables for.
@@ -170,7 +239,7 @@ impl DevicePlan {
 
     /// Sliding-window layer, call 1: each prefix attends causally to itself within the window.
     pub fn seg_prefix_window(&self, window: usize) -> Segments<'_> {
-        Segments { window: Some(window), ..self.seg_prefix() }
+        Segments { window: Some(window), recurring: false, ..self.seg_prefix() }
     }
 
     /// Sliding-window layer, call 2 (the only other): each completion attends causally, within the window, to its
@@ -183,6 +252,7 @@ impl DevicePlan {
             max_k: w.max_k,
             runs: &w.runs,
             window: Some(w.window),
+            recurring: false,
         }
     }
 }

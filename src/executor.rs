@@ -20,6 +20,9 @@ pub struct Segments<'a> {
     /// A sliding window (causal calls only): each query sees itself and the `w - 1` keys before it, with queries
     /// aligned to the last keys of their segment (bottom-right, as flash kernels align causal attention).
     pub window: Option<usize>,
+    /// Whether this call's dense shape (one run) recurred in enough earlier plans to be worth a cuDNN graph
+    /// (`device_plan::CUDNN_AFTER`); decided when the plan was made.
+    pub recurring: bool,
 }
 
 /// What one attention call's backward takes: the incoming gradient, the call's inputs, and the *final* (merged)
@@ -68,7 +71,7 @@ pub const SELF_CALLS_AUTO: u8 = 0;
 pub const SELF_CALLS_SPLIT: u8 = 1;
 pub const SELF_CALLS_FUSED: u8 = 2;
 
-fn self_calls_split(kern: &dyn Kernels, p: &DevicePlan) -> bool {
+pub fn self_calls_split(kern: &dyn Kernels, p: &DevicePlan) -> bool {
     match SELF_CALLS.load(Ordering::Relaxed) {
         SELF_CALLS_SPLIT => true,
         SELF_CALLS_FUSED => false,

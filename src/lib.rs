@@ -108,6 +108,28 @@ impl PyPlan {
     fn completion_slot(&self) -> PyTensor {
         PyTensor(self.inner.completion_slot.shallow_clone())
     }
+    /// The kernel each attention call of this plan runs on by default on CUDA in fp16/bf16 ("auto"), in the
+    /// executor's order: "cudnn" or "flash" per call, under the current self-call mode.
+    #[getter]
+    fn auto_kernels(&self) -> Vec<(&'static str, &'static str)> {
+        let p = &self.inner;
+        let kernel = |s: &executor::Segments| if cuda::AutoKernels::cudnn(s) { "cudnn" } else { "flash" };
+        let completions = p.host.completion_tokens > 0;
+        let mut calls = Vec::with_capacity(3);
+        if executor::self_calls_split(&cuda::AUTO, p) {
+            calls.push(("prefix", kernel(&p.seg_prefix())));
+            if completions {
+                calls.push(("completions_x_prefix", kernel(&p.seg_group())));
+                calls.push(("completions", kernel(&p.seg_completion())));
+            }
+        } else {
+            calls.push(("prefix+completions", kernel(&p.seg_self())));
+            if completions {
+                calls.push(("completions_x_prefix", kernel(&p.seg_group())));
+            }
+        }
+        calls
+    }
     #[getter]
     fn cu_seqlens(&self) -> (PyTensor, PyTensor, PyTensor) {
         let p = &self.inner;
@@ -491,6 +513,13 @@ fn set_self_calls(mode: &str) -> PyResult<String> {
     .to_string())
 }
 
+/// How many earlier plans must have had a call's dense shape before "auto" runs it on cuDNN (whose first call of a
+/// shape builds a graph); plans made afterwards use it. Returns the previous value. 0: at once.
+#[pyfunction]
+fn set_cudnn_after(plans: u32) -> u32 {
+    device_plan::CUDNN_AFTER.swap(plans, std::sync::atomic::Ordering::Relaxed)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(make_compat_plan, m)?)?;
@@ -501,5 +530,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(attention_backward, m)?)?;
     m.add_function(wrap_pyfunction!(set_math_block_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(set_self_calls, m)?)?;
+    m.add_function(wrap_pyfunction!(set_cudnn_after, m)?)?;
     Ok(())
 }

@@ -53,9 +53,39 @@ def test_bench_with_a_sliding_window(tmp_path):
     assert "sliding window 8" in (out / "results.md").read_text()
 
 
+def test_bench_with_varying_shapes(tmp_path, monkeypatch):
+    """--vary: each step of every variant takes the next prompt length (P, P - 8, …), the same sequence for all
+    (so the first steps, compared with the baseline, share one batch); ours still equals the baseline."""
+    made = []
+    make_batch = bench.make_batch
+    monkeypatch.setattr(bench, "make_batch", lambda p, *a, **k: made.append(p) or make_batch(p, *a, **k))
+    lengths = []
+    call = bench.Varying.__call__
+
+    def recording(self):
+        lengths.append(self.batches[self.calls % len(self.batches)][0].shape[1])
+        return call(self)
+
+    monkeypatch.setattr(bench.Varying, "__call__", recording)
+    out = tmp_path / "bench"
+    variants = "baseline,packed_causal,shared_prefix,shared_prefix_eager_cudnn,prefix_grouper"
+    assert bench.main(["--config", "48x6x3x2", "--vary", "--steps", "3", "--variants", variants,
+                       "--out", str(out), "--threads", "1"]) == 0
+    rows = {r["variant"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert set(rows) == set(variants.split(","))
+    for name in ("shared_prefix", "shared_prefix_eager_cudnn", "prefix_grouper"):
+        assert rows[name]["grad_rel_l2"] < 1e-4 and rows[name]["max_abs_logp_diff"] < 1e-4, rows[name]
+    assert all(r["vary"] for r in rows.values())
+    assert made == [48, 40, 32, 24, 16, 8]  # the first batch, then one per later step (CUDA profiles one more)
+    # 5 variants x (2 untimed + 3 timed) steps: each variant's k-th step on the k-th batch.
+    assert sorted(lengths) == sorted([48, 40, 32, 24, 16] * 5)
+    assert lengths[:10] == [48, 40] * 5  # first steps: the agreement step, then the peak-memory step
+    assert "a new prompt length every step" in (out / "results.md").read_text()
+
+
 def test_bench_rejects_bad_arguments(tmp_path):
     for argv in (["--config", "12x3x2"], ["--config", "0x3x2x1"], ["--variants", "nope"], ["--steps", "2"],
-                 ["--window", "0"]):
+                 ["--window", "0"], ["--vary", "--config", "56x3x2x1"]):
         with pytest.raises(SystemExit):
             bench.main(argv + ["--out", str(tmp_path)])
 

@@ -304,18 +304,25 @@ def test_sliced_head_peak_memory_and_syncs():
     assert sliced < 0.3 * whole, (sliced, whole)
 
 
-@pytest.mark.parametrize("kernels", ["cudnn", "cudnn_views", "flash", None])
+@pytest.mark.parametrize("kernels", ["cudnn", "cudnn_views", "flash", "auto_fresh", "auto_eager"])
 @pytest.mark.parametrize("head_major_qk", [False, True])
 def test_kernels_at_the_bench_shape_that_broke_cudnn(kernels, head_major_qk):
     """8192x256x16x1 (Qwen2.5-0.5B heads): the shape where strided q/k/v with contiguous dO/O gave cuDNN gradients
-    off by 0.46. Each kernel (None: the default rule, which takes cuDNN for the 8192-key calls) against fp32
-    explicit-math attention on the same bf16 inputs: bf16-level errors. Head-major q/k beside a token-major v and
-    dO is what partial-rotary models (GLM, Phi, GPT-NeoX) hand over: every operand must still reach copy-free cuDNN
-    in one layout."""
+    off by 0.46. Each kernel against fp32 explicit-math attention on the same bf16 inputs: bf16-level errors. The
+    default rule on a shape it has not seen (``auto_fresh``: flash-attention 2, prefixes and completions in one
+    call) and on one it gives to cuDNN at once (``auto_eager``: copy-free cuDNN for the 8192-key calls). Head-major
+    q/k beside a token-major v and dO is what partial-rotary models (GLM, Phi, GPT-NeoX) hand over: every operand
+    must still reach copy-free cuDNN in one layout."""
     from shared_prefix.bench import make_batch
 
     pid, pmask, cid, cmask = make_batch(8192, 256, 16, 1, 1000, DEV)
-    plan = sp.plan(pid, pmask, cid, cmask, group_sizes=16)
+    with sp.cudnn_after({"auto_fresh": 2**32 - 1, "auto_eager": 0}.get(kernels, 8)):
+        plan = sp.plan(pid, pmask, cid, cmask, group_sizes=16)
+    if kernels == "auto_fresh":
+        assert plan.auto_kernels == {"prefix+completions": "flash", "completions_x_prefix": "flash"}
+    if kernels == "auto_eager":
+        assert plan.auto_kernels == {"prefix": "cudnn", "completions_x_prefix": "cudnn", "completions": "flash"}
+    kernels = None if kernels.startswith("auto") else kernels
     g = torch.Generator(device=DEV).manual_seed(0)
     t = plan.num_tokens
     q, k, v, do = (torch.randn(t, h, 64, device=DEV, dtype=torch.bfloat16, generator=g) for h in (14, 2, 2, 14))

@@ -159,3 +159,66 @@ class TestBadInputs:
         assert packed.dtype == torch.float32 and packed[0, p.prefix_tokens:].eq(0.75).all()
         mixed = p.pack(torch.ones(4, 4, dtype=torch.bfloat16), torch.full((4, 3), 1.001, dtype=torch.float32))
         assert mixed.dtype == torch.float32 and mixed[0, p.prefix_tokens:].eq(1.001).all()
+
+
+def long_plan(prompt_lens, completion_len=64, group=4):
+    """One group of ``group`` equal completions per prompt (prompt lengths may differ; padded on the left)."""
+    width = max(prompt_lens)
+    pid = torch.randint(1, 100, (len(prompt_lens) * group, width))
+    pmask = torch.zeros_like(pid, dtype=torch.bool)
+    for i, n in enumerate(prompt_lens):
+        pid[i * group : (i + 1) * group] = pid[i * group]
+        pmask[i * group : (i + 1) * group, width - n :] = True
+    cid = torch.randint(1, 100, (len(prompt_lens) * group, completion_len))
+    return sp.plan(pid, pmask, cid, torch.ones_like(cid, dtype=torch.bool), group_sizes=group)
+
+
+FUSED_FLASH = {"prefix+completions": "flash", "completions_x_prefix": "flash"}
+
+
+def test_auto_kernels_wait_for_a_recurring_shape():
+    """cuDNN (which builds a graph per new shape) takes a long one-batch call only once its shape recurred in
+    ``cudnn_after`` earlier plans; until then flash-attention 2 runs the prefixes and completions as one call.
+    Prompt lengths no other test uses: the counts are process-wide."""
+    with sp.cudnn_after(3):
+        for _ in range(3):
+            assert long_plan([9011]).auto_kernels == FUSED_FLASH
+        recurred = long_plan([9011])
+        assert recurred.auto_kernels == {"prefix": "cudnn", "completions_x_prefix": "cudnn", "completions": "flash"}
+        assert long_plan([9013]).auto_kernels == FUSED_FLASH  # another length: a new shape
+        # The completions' keys are the prefix's, the key of the count: another completion length is a new shape for
+        # the cross call, but the prefix's own shape recurred.
+        assert long_plan([9011], completion_len=32).auto_kernels == {
+            "prefix": "cudnn", "completions_x_prefix": "flash", "completions": "flash"}
+    # Fixed when the plan is made: leaving the block does not change what an existing plan runs.
+    assert recurred.auto_kernels["prefix"] == "cudnn"
+    assert long_plan([9017]).auto_kernels == FUSED_FLASH  # the default waits for 8 earlier plans
+
+
+def test_auto_kernels_at_once_and_never():
+    with sp.cudnn_after(0):
+        assert long_plan([9019]).auto_kernels["prefix"] == "cudnn"
+        # Several runs (prompts of two lengths) or fewer than 8192 keys: never cuDNN.
+        assert long_plan([9021, 9023]).auto_kernels == FUSED_FLASH
+        assert long_plan([8191]).auto_kernels == FUSED_FLASH
+        with sp._attention.self_calls("split"):
+            assert long_plan([100]).auto_kernels == {"prefix": "flash", "completions_x_prefix": "flash",
+                                                     "completions": "flash"}
+        no_completions = sp.plan(torch.ones(1, 9029, dtype=torch.long), torch.ones(1, 9029, dtype=torch.bool),
+                                 torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.bool))
+        assert no_completions.auto_kernels == {"prefix": "cudnn"}
+
+
+def test_cudnn_after_rejects_bad_values_and_restores():
+    before = sp._core.set_cudnn_after(8)
+    try:
+        for bad in (-1, 1.5, True, "3", 2**32):
+            with pytest.raises(ValueError, match="plans"):
+                with sp.cudnn_after(bad):
+                    pass
+        with pytest.raises(RuntimeError):
+            with sp.cudnn_after(0):
+                raise RuntimeError("inside")
+        assert sp._core.set_cudnn_after(8) == 8
+    finally:
+        sp._core.set_cudnn_after(before)

@@ -141,6 +141,26 @@ def self_calls(mode: str):
         _core.set_self_calls(before)
 
 
+@contextlib.contextmanager
+def cudnn_after(plans: int):
+    """Inside the block, plans made on CUDA give an fp16/bf16 attention call to cuDNN (under the default
+    ``kernels="auto"``) once ``plans`` earlier plans had its shape (by default 8), then restore the previous
+    setting (process-wide).
+
+    Only calls that are one dense batch of at least 8192 keys qualify. cuDNN's first call of a shape builds a graph
+    (0.1-0.7 s a shape on an H200, more than its steady-state gain over flash-attention 2 for several steps), so
+    the default waits for a shape to recur; ``cudnn_after(0)`` suits fixed-shape runs (padded batches, benchmarks).
+    ``Plan.auto_kernels`` tells what a plan will use.
+    """
+    if isinstance(plans, bool) or not isinstance(plans, numbers.Integral) or not 0 <= plans < 2**32:
+        raise ValueError(f"plans: expected an int >= 0 (earlier plans of a shape before cuDNN), got {plans!r}")
+    before = _core.set_cudnn_after(int(plans))
+    try:
+        yield
+    finally:
+        _core.set_cudnn_after(before)
+
+
 def _apply(q, k, v, plan: Plan, scale: float, kernels: Optional[str], window: Optional[int],
            sinks: Optional[torch.Tensor]) -> torch.Tensor:
     device = q.device.type

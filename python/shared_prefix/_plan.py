@@ -107,6 +107,14 @@ class Plan:
         return self._core.min_seqlen
 
     @property
+    def auto_kernels(self) -> dict:
+        """The kernel of each attention call of this plan under the CUDA fp16/bf16 default (``kernels="auto"``):
+        ``"cudnn"`` or ``"flash"`` (flash-attention 2) per call, in the executor's order. cuDNN takes a call that is
+        one dense batch of at least 8192 keys whose shape recurred in enough earlier plans (:func:`cudnn_after`),
+        as decided when this plan was made."""
+        return dict(self._core.auto_kernels)
+
+    @property
     def windows(self) -> list:
         """Sliding windows (shorter than :attr:`max_seqlen`) this plan holds key tables for."""
         return self._windows

@@ -13,6 +13,14 @@ with G completions of S tokens (config ``PxSxGxB``). Variants, measured side by 
 - ``prefix_grouper``: the original ``prefix-grouper`` package through its API, where it is installed;
 - ``flex``: FlexAttention with a shared-prefix block mask (CUDA only; compile time reported separately).
 
+Shapes: by default every step of a config has the same shapes, and the numbers are the steady state of a run that
+repeats them (ours with ``cudnn_after(0)``: the cuDNN graphs of the long calls are built in the untimed steps, as
+after the first 8 plans of a shape by default). ``--vary`` gives every step a new prompt length (P, P - 8, P - 16,
+…; the same sequence for every variant), as GRPO batches have: whatever a kernel builds per shape (cuDNN graphs,
+FlexAttention's block masks and recompiles) is then paid in the timed steps, and ours runs with its defaults.
+``shared_prefix_eager_cudnn`` is ours giving every long one-batch call to cuDNN at once (the default before
+2026-11-27); with fixed shapes it equals ``shared_prefix``.
+
 ``--window W`` gives every layer a sliding window of W tokens (Qwen2's ``use_sliding_window``, as Mistral and
 Gemma 3's sliding layers apply it); ``flex`` and ``prefix_grouper`` implement full causal attention only and are
 left out then.
@@ -41,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 import shared_prefix as sp
-from shared_prefix._attention import self_calls
+from shared_prefix._attention import cudnn_after, self_calls
 from shared_prefix._logprobs import token_logprobs
 from shared_prefix._measure import UNTIMED_STEPS, measure_methods
 from shared_prefix.hf import enable_checkpointing
@@ -64,14 +72,16 @@ PRESETS = {
 }
 # Order of measurement: the reference first; the original package last (it may not fit long configs).
 VARIANTS = ["baseline", "packed_causal", "shared_prefix", "shared_prefix_fa2", "shared_prefix_cudnn",
-            "shared_prefix_cudnn_views", "shared_prefix_full_head", "shared_prefix_split", "shared_prefix_fused", "flex",
-            "prefix_grouper"]
+            "shared_prefix_cudnn_views", "shared_prefix_full_head", "shared_prefix_split", "shared_prefix_fused",
+            "shared_prefix_eager_cudnn", "flex", "prefix_grouper"]
 # Variants that run ours with a forced kernel choice (SHARED_PREFIX_KERNELS for the whole measurement, so the
 # checkpoint recompute in backward uses the same kernels as the forward).
 KERNEL_VARIANTS = {"shared_prefix_fa2": "flash", "shared_prefix_cudnn": "cudnn",
                    "shared_prefix_cudnn_views": "cudnn_views"}
 # Variants that force how the prefixes' and completions' causal calls run (`_attention.self_calls`), likewise.
 SELF_CALL_VARIANTS = {"shared_prefix_split": "split", "shared_prefix_fused": "fused"}
+# --vary: step k of every variant has prompts of P - VARY_STEP·k tokens.
+VARY_STEP = 8
 
 
 def parse_config(text: str) -> tuple[int, int, int, int]:
@@ -183,7 +193,8 @@ def variant_fns(model, batch, g: int, device: torch.device, wanted: list[str]) -
             fns[name] = lambda: stock_logprobs(model, pid, pmask, cid, cmask)
         elif name == "packed_causal":
             fns[name] = lambda: packed_causal_logprobs(model, pid, cid, g)
-        elif name == "shared_prefix" or name in SELF_CALL_VARIANTS or (name in KERNEL_VARIANTS and device.type == "cuda"):
+        elif (name in ("shared_prefix", "shared_prefix_eager_cudnn") or name in SELF_CALL_VARIANTS
+              or (name in KERNEL_VARIANTS and device.type == "cuda")):
             fns[name] = lambda: sp.completion_logprobs(model, pid, pmask, cid, cmask, group_sizes=g)
         elif name == "shared_prefix_full_head":
             # Ours with the LM head in one piece (no vocabulary slices): what the memory-lean head costs and saves.
@@ -203,6 +214,20 @@ def variant_fns(model, batch, g: int, device: torch.device, wanted: list[str]) -
         elif name == "flex" and device.type == "cuda":
             fns[name] = FlexVariant(model, pid, cid, g)
     return fns
+
+
+class Varying:
+    """A variant that runs on the next batch of ``batches`` at every call (``--vary``): every variant sees the same
+    sequence, so first steps (the agreement check) share a batch; building the variant for a batch is timed with
+    it, as a training step would pay it."""
+
+    def __init__(self, make: Callable, batches: list):
+        self.make, self.batches, self.calls = make, batches, 0
+
+    def __call__(self):
+        batch = self.batches[self.calls % len(self.batches)]
+        self.calls += 1
+        return self.make(batch)()
 
 
 def git_commit() -> str:
@@ -226,9 +251,12 @@ def device_name(device: torch.device) -> str:
 def run_config(model, cfg, args, device, bar):
     """One result row per variant, the variants measured side by side (interleaved timed rounds)."""
     p, s, g, b = cfg
-    batch = make_batch(p, s, g, b, model.config.vocab_size, device)
+    vocab = model.config.vocab_size
+    batch = make_batch(p, s, g, b, vocab, device)
     cmask = batch[3]
     adv = torch.randn(b * g, generator=torch.Generator().manual_seed(1)).to(device)
+    # Fixed shapes: the steady state of a run repeating them, cuDNN's graphs built in the untimed steps.
+    cudnn_plans = None if args.vary else 0
 
     @contextlib.contextmanager
     def setup(name):
@@ -237,8 +265,10 @@ def run_config(model, cfg, args, device, bar):
         if name in KERNEL_VARIANTS:
             # For the whole step, so the checkpoint recompute in backward uses the forward's kernels.
             os.environ["SHARED_PREFIX_KERNELS"] = KERNEL_VARIANTS[name]
+        plans = 0 if name == "shared_prefix_eager_cudnn" else cudnn_plans
         try:
-            with self_calls(SELF_CALL_VARIANTS.get(name, "auto")):
+            with self_calls(SELF_CALL_VARIANTS.get(name, "auto")), \
+                    (cudnn_after(plans) if plans is not None else contextlib.nullcontext()):
                 yield
         finally:
             if before is None:
@@ -247,6 +277,12 @@ def run_config(model, cfg, args, device, bar):
                 os.environ["SHARED_PREFIX_KERNELS"] = before
 
     fns = variant_fns(model, batch, g, device, args.variants)
+    if args.vary:
+        # One batch per step each variant takes: the untimed ones, the profiled one on CUDA, the timed rounds.
+        batches = [batch] + [make_batch(p - VARY_STEP * k, s, g, b, vocab, device, seed=k)
+                             for k in range(1, UNTIMED_STEPS + 1 + args.steps)]
+        fns = {name: Varying(lambda bt, name=name: variant_fns(model, bt, g, device, [name])[name], batches)
+               for name in fns}
     results = measure_methods(model, fns, adv, cmask, device, args.steps, bar, setup)
     model.set_attn_implementation("sdpa")
     rows = []
@@ -264,13 +300,16 @@ def run_config(model, cfg, args, device, bar):
 
 def markdown(rows: list[dict], meta: dict) -> str:
     window = "" if meta.get("window") is None else f", sliding window {meta['window']} on every layer"
+    shapes = (f"a new prompt length every step (P, P - {VARY_STEP}, …)" if meta.get("vary")
+              else "the same shapes every step (steady state)")
     # CUDA runs add the GPU busy time of one profiled step (kernels only: what the step costs the GPU, apart from
     # the host's time to issue it) and its attention part, with its ratio to packed_causal's.
     busy = any("gpu_busy_s" in r for r in rows)
     lines = [
         f"Device: {meta['device_name']}; model {meta['model']} (random weights{window}), {meta['dtype']}, "
         f"grad checkpointing {'on' if meta['grad_ckpt'] else 'off'}; torch {meta['torch']}; commit {meta['commit']}; "
-        f"{meta['date']}. Median of {meta['steps']} interleaved rounds (forward+backward of completion log-probs).",
+        f"{meta['date']}. Median of {meta['steps']} interleaved rounds (forward+backward of completion log-probs), "
+        f"{shapes}.",
         "",
         "| config PxSxGxB | variant | median s | vs baseline | vs packed_causal | peak mem GiB | max abs Δlogp "
         "| grad rel L2 | grad cos |" + (" GPU busy s (attention) | busy vs packed_causal |" if busy else "")
@@ -353,6 +392,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=None,
                     help="timed rounds (one step of each variant per round; median reported; ≥ 3; preset: 5)")
     ap.add_argument("--window", type=int, default=None, help="a sliding window of this many tokens on every layer")
+    ap.add_argument("--vary", action="store_true",
+                    help=f"a new prompt length every step (P, P - {VARY_STEP}, …), as in training; default: fixed shapes")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads")
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args(argv)
@@ -373,6 +414,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error("--steps: at least 3")
     if args.window is not None and args.window < 1:
         ap.error("--window: at least 1 token")
+    if args.vary and min(c[0] for c in configs) <= VARY_STEP * (UNTIMED_STEPS + args.steps):
+        ap.error(f"--vary: every prompt must be longer than {VARY_STEP} x (steps + {UNTIMED_STEPS}) tokens")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
@@ -383,7 +426,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.model, getattr(torch, args.dtype), device, args.grad_ckpt, args.window)
     meta = dict(device_name=device_name(device), model=args.model, window=args.window, dtype=args.dtype,
-                grad_ckpt=args.grad_ckpt,
+                grad_ckpt=args.grad_ckpt, vary=args.vary,
                 torch=torch.__version__, commit=git_commit(), steps=args.steps,
                 date=datetime.date.today().isoformat(), python=sys.version.split()[0])
     per_variant = args.steps + UNTIMED_STEPS
