@@ -25,10 +25,16 @@ pub static CUDNN_AFTER: AtomicU32 = AtomicU32::new(8);
 
 /// Per device, call and dense shape (segments, query length, key length) of a one-run call with enough keys for
 /// cuDNN: how many plans made so far in this process had it. Only such calls are counted, one entry per distinct
-/// long shape; emptied when it grows past `SEEN_MAX` (shapes that keep recurring count up again).
+/// long shape; past `SEEN_MAX` entries, those that have not reached `CUDNN_AFTER` are dropped (they count up
+/// again if they recur).
 type ShapeKey = (Device, Call, usize, usize, usize);
 static SEEN: Mutex<Option<HashMap<ShapeKey, u32>>> = Mutex::new(None);
 const SEEN_MAX: usize = 1 << 16;
+
+/// Forget every count (tests: the counts are process-wide).
+pub fn forget_shapes() {
+    *SEEN.lock().unwrap_or_else(|e| e.into_inner()) = None;
+}
 
 /// Whether this plan's `call` recurs often enough for cuDNN: it is one dense batch (`runs`) with at least
 /// `CUDNN_MIN_KEYS` keys, and at least `CUDNN_AFTER` earlier plans had the same one. Counts this plan.
@@ -42,7 +48,10 @@ fn recurring(device: Device, call: Call, runs: &[Run]) -> bool {
     let mut guard = SEEN.lock().unwrap_or_else(|e| e.into_inner());
     let seen = guard.get_or_insert_with(HashMap::new);
     if seen.len() >= SEEN_MAX {
-        seen.clear();
+        seen.retain(|_, c| *c >= after.max(1));
+        if seen.len() >= SEEN_MAX {
+            seen.clear();
+        }
     }
     let count = seen.entry((device, call, r.count, r.q_len, r.k_len)).or_insert(0);
     let before = *count;

@@ -236,8 +236,8 @@ static MATH: runs::Runs<runs::Math> = runs::Runs(runs::Math);
 
 /// The backend for these inputs. `name` forces one ("cpu_flash", "math", "flash", "cudnn", "cudnn_views", "auto");
 /// by default:
-/// CPU → ATen's CPU flash kernel; CUDA fp16/bf16 → "auto" (cuDNN for one-batch calls, flash-attention 2 varlen
-/// otherwise); CUDA fp32/fp64 → the explicit-math kernel. A sliding-window layer (`window`) needs a kernel that
+/// CPU → ATen's CPU flash kernel; CUDA fp16/bf16 → "auto" (cuDNN for long one-batch calls whose shape recurred,
+/// flash-attention 2 varlen otherwise); CUDA fp32/fp64 → the explicit-math kernel. A sliding-window layer (`window`) needs a kernel that
 /// takes a window: flash-attention 2 on CUDA (which "auto" picks), the explicit-math kernel elsewhere.
 fn kernels_for(q: &Tensor, name: Option<&str>, window: Option<usize>) -> PyResult<&'static dyn Kernels> {
     let device = q.device();
@@ -520,6 +520,12 @@ fn set_cudnn_after(plans: u32) -> u32 {
     device_plan::CUDNN_AFTER.swap(plans, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Forget which shapes earlier plans had (for tests: the counts behind `set_cudnn_after` are process-wide).
+#[pyfunction]
+fn _forget_shapes() {
+    device_plan::forget_shapes();
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(make_compat_plan, m)?)?;
@@ -531,5 +537,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_math_block_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(set_self_calls, m)?)?;
     m.add_function(wrap_pyfunction!(set_cudnn_after, m)?)?;
+    m.add_function(wrap_pyfunction!(_forget_shapes, m)?)?;
     Ok(())
 }

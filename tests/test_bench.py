@@ -54,38 +54,37 @@ def test_bench_with_a_sliding_window(tmp_path):
 
 
 def test_bench_with_varying_shapes(tmp_path, monkeypatch):
-    """--vary: each step of every variant takes the next prompt length (P, P - 8, …), the same sequence for all
-    (so the first steps, compared with the baseline, share one batch); ours still equals the baseline."""
-    made = []
-    make_batch = bench.make_batch
-    monkeypatch.setattr(bench, "make_batch", lambda p, *a, **k: made.append(p) or make_batch(p, *a, **k))
-    lengths = []
-    call = bench.Varying.__call__
+    """--vary: each step of every variant runs on the next prompt length (P, P + 8, …), the same sequence for all
+    (so the first steps, compared with the baseline, share one batch); ours still equals the baseline, and the
+    limit proxy still does not."""
+    ran = []
+    variant_fns = bench.variant_fns
 
-    def recording(self):
-        lengths.append(self.batches[self.calls % len(self.batches)][0].shape[1])
-        return call(self)
+    def recording(model, batch, g, device, wanted):
+        fns = variant_fns(model, batch, g, device, wanted)
+        return {name: (lambda fn=fn, name=name: ran.append((name, batch[0].shape[1])) or fn())
+                for name, fn in fns.items()}
 
-    monkeypatch.setattr(bench.Varying, "__call__", recording)
+    monkeypatch.setattr(bench, "variant_fns", recording)
     out = tmp_path / "bench"
-    variants = "baseline,packed_causal,shared_prefix,shared_prefix_eager_cudnn,prefix_grouper"
-    assert bench.main(["--config", "48x6x3x2", "--vary", "--steps", "3", "--variants", variants,
+    names = ["baseline", "packed_causal", "shared_prefix", "shared_prefix_eager_cudnn", "prefix_grouper"]
+    assert bench.main(["--config", "48x6x3x2", "--vary", "--steps", "3", "--variants", ",".join(names),
                        "--out", str(out), "--threads", "1"]) == 0
     rows = {r["variant"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
-    assert set(rows) == set(variants.split(","))
+    assert set(rows) == set(names) and all(r["vary"] for r in rows.values())
     for name in ("shared_prefix", "shared_prefix_eager_cudnn", "prefix_grouper"):
         assert rows[name]["grad_rel_l2"] < 1e-4 and rows[name]["max_abs_logp_diff"] < 1e-4, rows[name]
-    assert all(r["vary"] for r in rows.values())
-    assert made == [48, 40, 32, 24, 16, 8]  # the first batch, then one per later step (CUDA profiles one more)
-    # 5 variants x (2 untimed + 3 timed) steps: each variant's k-th step on the k-th batch.
-    assert sorted(lengths) == sorted([48, 40, 32, 24, 16] * 5)
-    assert lengths[:10] == [48, 40] * 5  # first steps: the agreement step, then the peak-memory step
+    assert rows["packed_causal"]["max_abs_logp_diff"] > 1e-3
+    # Each variant's k-th step on the k-th batch (2 untimed steps, then 3 timed rounds; CUDA profiles one more).
+    for name in names:
+        assert [p for n, p in ran if n == name] == [48, 56, 64, 72, 80], name
+    assert [n for n, _ in ran[:10]] == [n for n in names for _ in range(2)]  # first steps: method by method
     assert "a new prompt length every step" in (out / "results.md").read_text()
 
 
 def test_bench_rejects_bad_arguments(tmp_path):
     for argv in (["--config", "12x3x2"], ["--config", "0x3x2x1"], ["--variants", "nope"], ["--steps", "2"],
-                 ["--window", "0"], ["--vary", "--config", "56x3x2x1"]):
+                 ["--window", "0"]):
         with pytest.raises(SystemExit):
             bench.main(argv + ["--out", str(tmp_path)])
 

@@ -174,30 +174,41 @@ def long_plan(prompt_lens, completion_len=64, group=4):
 
 
 FUSED_FLASH = {"prefix+completions": "flash", "completions_x_prefix": "flash"}
+CUDNN_PREFIX = {"prefix": "cudnn", "completions_x_prefix": "cudnn", "completions": "flash"}
 
 
-def test_auto_kernels_wait_for_a_recurring_shape():
-    """cuDNN (which builds a graph per new shape) takes a long one-batch call only once its shape recurred in
-    ``cudnn_after`` earlier plans; until then flash-attention 2 runs the prefixes and completions as one call.
-    Prompt lengths no other test uses: the counts are process-wide."""
+@pytest.fixture
+def fresh_shapes():
+    """The counts of shapes are process-wide: start from none, and leave none behind."""
+    sp._core._forget_shapes()
+    yield
+    sp._core._forget_shapes()
+
+
+def test_auto_kernels_wait_for_a_recurring_shape(fresh_shapes):
+    """cuDNN (which builds a graph per new shape) takes a long one-batch call only once its shape recurred in 8
+    earlier plans (the default); until then flash-attention 2 runs the prefixes and completions as one call."""
+    for _ in range(8):
+        assert long_plan([9011]).auto_kernels == FUSED_FLASH
+    recurred = long_plan([9011])
+    assert recurred.auto_kernels == CUDNN_PREFIX
     with sp.cudnn_after(3):
-        for _ in range(3):
-            assert long_plan([9011]).auto_kernels == FUSED_FLASH
-        recurred = long_plan([9011])
-        assert recurred.auto_kernels == {"prefix": "cudnn", "completions_x_prefix": "cudnn", "completions": "flash"}
         assert long_plan([9013]).auto_kernels == FUSED_FLASH  # another length: a new shape
-        # The completions' keys are the prefix's, the key of the count: another completion length is a new shape for
-        # the cross call, but the prefix's own shape recurred.
+        for _ in range(2):
+            long_plan([9013])
+        assert long_plan([9013]).auto_kernels == CUDNN_PREFIX
+        # The count is per call: another completion length is a new shape for the cross call (its keys are the
+        # prefix's), while the prefix's own shape recurred.
         assert long_plan([9011], completion_len=32).auto_kernels == {
             "prefix": "cudnn", "completions_x_prefix": "flash", "completions": "flash"}
-    # Fixed when the plan is made: leaving the block does not change what an existing plan runs.
-    assert recurred.auto_kernels["prefix"] == "cudnn"
-    assert long_plan([9017]).auto_kernels == FUSED_FLASH  # the default waits for 8 earlier plans
+    # Fixed when the plan is made: neither leaving the block nor forgetting the counts changes an existing plan.
+    sp._core._forget_shapes()
+    assert recurred.auto_kernels == CUDNN_PREFIX and long_plan([9011]).auto_kernels == FUSED_FLASH
 
 
-def test_auto_kernels_at_once_and_never():
+def test_auto_kernels_at_once_and_never(fresh_shapes):
     with sp.cudnn_after(0):
-        assert long_plan([9019]).auto_kernels["prefix"] == "cudnn"
+        assert long_plan([9019]).auto_kernels == CUDNN_PREFIX
         # Several runs (prompts of two lengths) or fewer than 8192 keys: never cuDNN.
         assert long_plan([9021, 9023]).auto_kernels == FUSED_FLASH
         assert long_plan([8191]).auto_kernels == FUSED_FLASH

@@ -54,7 +54,7 @@ class CorePlan:
         """int32 segment tables: prefixes, group completion blocks, completions."""
     @property
     def auto_kernels(self) -> list[Tuple[str, str]]:
-        """(call, "cudnn" | "flash") for each attention call under the CUDA fp16/bf16 default, in order."""
+        """(call, "cudnn" | "flash") for each full-attention call under the CUDA fp16/bf16 default, in order."""
 
 def make_plan(
     prompt_ids: torch.Tensor,
@@ -104,7 +104,8 @@ def set_math_block_bytes(n: int) -> int:
 def set_self_calls(mode: str) -> str:
     """How the prefixes' and the completions' causal attention calls run: "auto" (the default: as the kernels
     prefer), "split" (DESIGN's three calls) or "fused" (calls 1 and 3 as one); returns the previous mode."""
-
+def _forget_shapes() -> None:
+    """Forget the shapes earlier plans had (tests)."""
 def set_cudnn_after(plans: int) -> int:
     """Earlier plans of a call's dense shape needed before "auto" gives it to cuDNN (plans made afterwards);
     returns the previous value (default 8)."""

@@ -111,7 +111,8 @@ class Plan:
         """The kernel of each attention call of this plan under the CUDA fp16/bf16 default (``kernels="auto"``):
         ``"cudnn"`` or ``"flash"`` (flash-attention 2) per call, in the executor's order. cuDNN takes a call that is
         one dense batch of at least 8192 keys whose shape recurred in enough earlier plans (:func:`cudnn_after`),
-        as decided when this plan was made."""
+        as decided when this plan was made. Full-attention layers only: sliding-window layers always run
+        flash-attention 2. The self-call mode is read when this is asked (``_attention.self_calls``)."""
         return dict(self._core.auto_kernels)
 
     @property
