@@ -38,6 +38,7 @@ def test_bench_writes_results(tmp_path):
     assert by[("48x6x3x2", "packed_causal")]["max_abs_logp_diff"] > 1e-3
     table = (out / "results.md").read_text()
     assert "| 48x6x3x2 | shared_prefix |" in table
+    assert "| median s | first step s |" in table
     assert (out / "results.png").stat().st_size > 0
 
 

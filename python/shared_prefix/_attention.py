@@ -79,10 +79,11 @@ def attention(
 
     ``kernels`` forces a backend (for tests and measurements): ``"cpu_flash"`` (ATen's CPU flash kernel, the CPU
     default), ``"auto"`` (CUDA fp16/bf16 default: ``"cudnn_views"`` for calls that are one dense batch with ≥ 8192
-    keys whose shape recurred in earlier plans, see :func:`cudnn_after`; flash-attention 2 varlen otherwise), ``"flash"``, ``"cudnn_views"`` (cuDNN dense attention per run of
-    equal-length segments, on views of the packed tensors), ``"cudnn"`` (the same on contiguous copies) or
-    ``"math"`` (explicit matmuls, any device, the CUDA fp32/fp64 default, and the CPU
-    kernel for sliding windows). Without it, the environment variable ``SHARED_PREFIX_KERNELS`` may name one.
+    keys whose shape recurred in earlier plans, see :func:`cudnn_after`; flash-attention 2 varlen otherwise),
+    ``"flash"``, ``"cudnn_views"`` (cuDNN dense attention per run of equal-length segments, on views of the packed
+    tensors), ``"cudnn"`` (the same on contiguous copies) or ``"math"`` (explicit matmuls, any device, the CUDA
+    fp32/fp64 default, and the CPU kernel for sliding windows). Without it, the environment variable
+    ``SHARED_PREFIX_KERNELS`` may name one.
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan: expected a shared_prefix.Plan, got {type(plan).__name__}")

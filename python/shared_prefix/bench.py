@@ -25,10 +25,11 @@ FlexAttention's block masks and recompiles) is then paid in the timed steps, and
 Gemma 3's sliding layers apply it); ``flex`` and ``prefix_grouper`` implement full causal attention only and are
 left out then.
 
-Per variant: the median of the timed steps after warm-up (rounds run the variants in turn, so drifts in the machine's
-speed fall on all of them alike), peak memory above the weights, and max |Δ logprob|,
-gradient rel L2 and cosine against ``baseline``; on CUDA also the GPU busy time of one profiled step (its kernels'
-summed durations, and those of its attention kernels), which leaves out the host's time to issue the step.
+Per variant: the median of the timed steps after warm-up (rounds run the variants in turn, so drifts in the
+machine's speed fall on all of them alike), the first step's time apart (compiles, graph builds), peak memory
+above the weights, and max |Δ logprob|, gradient rel L2 and cosine against ``baseline``; on CUDA also the GPU
+busy time of one profiled step (its kernels' summed durations, and those of its attention kernels), which leaves
+out the host's time to issue the step.
 Writes ``results.jsonl``, ``results.md`` and ``results.png``.
 """
 
@@ -312,10 +313,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['date']}. Median of {meta['steps']} interleaved rounds (forward+backward of completion log-probs), "
         f"{shapes}.",
         "",
-        "| config PxSxGxB | variant | median s | vs baseline | vs packed_causal | peak mem GiB | max abs Δlogp "
-        "| grad rel L2 | grad cos |" + (" GPU busy s (attention) | busy vs packed_causal |" if busy else "")
-        + " note |",
-        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if busy else "") + "---|",
+        "| config PxSxGxB | variant | median s | first step s | vs baseline | vs packed_causal | peak mem GiB "
+        "| max abs Δlogp | grad rel L2 | grad cos |"
+        + (" GPU busy s (attention) | busy vs packed_causal |" if busy else "") + " note |",
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if busy else "") + "---|",
     ]
     for cfg in dict.fromkeys(r["config"] for r in rows):
         group = {r["variant"]: r for r in rows if r["config"] == cfg}
@@ -325,7 +326,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         limit = limit if limit and "error" not in limit else None
         for r in group.values():
             if "error" in r:
-                dashes = " — |" * (9 if busy else 7)
+                dashes = " — |" * (10 if busy else 8)
                 lines.append(f"| {cfg} | {r['variant']} |{dashes} {r['error']} |")
                 continue
             speed = f"{base['median_s'] / r['median_s']:.2f}× faster" if base else "—"
@@ -343,8 +344,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
                           if limit and limit.get("gpu_busy_s") else "—")
                     gpu = f" {r['gpu_busy_s']:.3f} ({r['gpu_attn_s']:.3f}) | {vs} |"
             note = "; ".join(n for n in notes if n)
+            first = f"{r['first_step_s']:.3f}" if "first_step_s" in r else "—"
             lines.append(
-                f"| {cfg} | {r['variant']} | {r['median_s']:.3f} | {speed} | {ratio} | "
+                f"| {cfg} | {r['variant']} | {r['median_s']:.3f} | {first} | {speed} | {ratio} | "
                 f"{r['peak_mem_bytes'] / 2**30:.2f} | {r['max_abs_logp_diff']:.1e} | {r['grad_rel_l2']:.1e} | "
                 f"{r['grad_cos']:.6f} |{gpu} {note} |"
             )
@@ -394,7 +396,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="timed rounds (one step of each variant per round; median reported; ≥ 3; preset: 5)")
     ap.add_argument("--window", type=int, default=None, help="a sliding window of this many tokens on every layer")
     ap.add_argument("--vary", action="store_true",
-                    help=f"a new prompt length every step (P, P + {VARY_STEP}, …), as in training; default: fixed shapes")
+                    help=f"a new prompt length every step (P, P + {VARY_STEP}, …), as in training (default: the "
+                         "same shapes every step)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads")
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args(argv)
