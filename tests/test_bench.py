@@ -83,6 +83,16 @@ def test_bench_with_varying_shapes(tmp_path, monkeypatch):
     assert "a new prompt length every step" in (out / "results.md").read_text()
 
 
+def test_bench_default_variants_on_cpu(tmp_path, monkeypatch):
+    """Without --variants, CPU runs every variant but those that run exactly what shared_prefix runs there."""
+    seen = []
+    monkeypatch.setattr(bench, "run_config", lambda model, cfg, args, *a: seen.append(list(args.variants)) or [])
+    assert bench.main(["--config", "8x2x1x1", "--out", str(tmp_path), "--threads", "1"]) == 0
+    assert seen == [["baseline", "packed_causal", "shared_prefix", "shared_prefix_fa2", "shared_prefix_cudnn",
+                     "shared_prefix_cudnn_views", "shared_prefix_full_head", "shared_prefix_fused", "flex",
+                     "prefix_grouper"]]
+
+
 def test_bench_rejects_bad_arguments(tmp_path):
     for argv in (["--config", "12x3x2"], ["--config", "0x3x2x1"], ["--variants", "nope"], ["--steps", "2"],
                  ["--window", "0"]):
