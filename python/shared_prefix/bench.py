@@ -380,7 +380,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(configs))], configs)
         ax.set_xlabel("P x S x G x B")
         ax.set_title(title)
-    axes[0].legend(fontsize=8)
+    if variants:
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
