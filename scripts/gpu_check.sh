@@ -6,17 +6,18 @@
 # call wherever the prefix does not go to cuDNN) beside `shared_prefix_split` (DESIGN's three calls) and
 # `shared_prefix_fused` (one FA2 call even where the prefix goes to cuDNN: 8k and 16k). The varying bench puts
 # `shared_prefix` (default: cuDNN only for shapes that recurred in 8 plans, so FA2 here) beside
-# `shared_prefix_eager_cudnn` (cuDNN for every long one-batch call at once, the default until 2026-11-27). flex is
-# left out of it: it recompiles for new shapes.
+# `shared_prefix_eager_cudnn` (cuDNN for every long one-batch call at once, the default until 2026-11-27) and
+# `shared_prefix_cudnn_bucketed` (the same with the causal self calls padded to multiples of 512 tokens, so nearby
+# prompt lengths share a cuDNN graph: experimental). flex is left out of it: it recompiles for new shapes.
 # Run from the repo root with the wheels in .whl/ (our abi3 wheel built on the CPU machine, plus pure-Python or
 # abi3 wheels the image lacks). Results land in $OUT as 7 files (a device call returns at most 8): gpu.txt (card,
 # versions, the benches' logs and the last bench's table), gpu_tests.log, bench/results.{jsonl,md,png} and
 # bench-vary/results.{jsonl,md}. The tree travels without .git: pass SHARED_PREFIX_COMMIT so the results name the
 # commit.
-# Timeouts default to 120 + 170 + 150 + 70 s, inside one 600 s device call (run 8: 44 tests in 33-48 s, now 70;
+# Timeouts default to 120 + 170 + 170 + 70 s, inside one 600 s device call (run 8: 44 tests in 33-48 s, now 70;
 # a 5-variant bench about 120 s; the varying benches run 3 timed rounds and pay flex nothing); each sends SIGINT
 # first (then KILL 5 s later), so pytest prints its summary and the bench writes the rounds it completed. With
-# the install and import checks the worst case is about 560 s.
+# the install and import checks the worst case is about 580 s.
 # Optional: BENCH15=1 (the 1.5B-shape bench, 170 s more), PROFILE=1 (profiles.txt: one profiled step at 4k, 60 s
 # more). The kernel-forcing variants (shared_prefix_cudnn_views etc.) are recorded (BENCHMARKS.md, runs 4, 6, 7).
 # Preparing .whl here (the image has torch 2.11 but transformers 5.17): `make wheel` then copy dist/*.whl, and
@@ -39,8 +40,9 @@ timeout -s INT -k 5 "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovi
 timeout -s INT -k 5 "${BENCH_TIMEOUT:-170}" python3 -m shared_prefix.bench --preset gpu --out "$OUT/bench" \
   --variants "${VARIANTS:-baseline,packed_causal,shared_prefix,shared_prefix_split,shared_prefix_fused,flex}" \
   ${BENCH_ARGS:-} 2>&1 | grep -v "step/s\]\|s/step\]" | tee -a "$OUT/gpu.txt" | tail -30
-timeout -s INT -k 5 "${VARY_TIMEOUT:-150}" python3 -m shared_prefix.bench --preset gpu --vary --steps 3 \
-  --variants "${VARIANTS_VARY:-baseline,packed_causal,shared_prefix,shared_prefix_eager_cudnn}" --out "$OUT/bench-vary" \
+VARIANTS_VARY=${VARIANTS_VARY:-baseline,packed_causal,shared_prefix,shared_prefix_eager_cudnn,shared_prefix_cudnn_bucketed}
+timeout -s INT -k 5 "${VARY_TIMEOUT:-170}" python3 -m shared_prefix.bench --preset gpu --vary --steps 3 \
+  --variants "$VARIANTS_VARY" --out "$OUT/bench-vary" \
   2>&1 | grep -v "step/s\]\|s/step\]" | tee -a "$OUT/gpu.txt" | tail -20
 rm -f "$OUT/bench-vary/results.png"  # a ninth file would be one too many; the table has the figures
 if [ -n "${BENCH15:-}" ]; then

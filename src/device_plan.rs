@@ -6,7 +6,7 @@ use crate::cuda::CUDNN_MIN_KEYS;
 use crate::executor::{Result, Segments};
 use planner::{runs_from_lengths, Plan, Run, WindowKeys};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
@@ -23,6 +23,11 @@ enum Call {
 /// `AutoKernels` for the measurement behind it). 0: at once, as every eligible call did before 2026-11-27.
 pub static CUDNN_AFTER: AtomicU32 = AtomicU32::new(8);
 
+/// Pad the causal self-attention calls that run on dense kernels (cuDNN above all) to a multiple of this many rows
+/// per segment, so that prompt lengths within one bucket share one cuDNN graph and count as one shape for
+/// `CUDNN_AFTER` (0, the default: no padding). Experimental: measured on no GPU yet.
+pub static CUDNN_BUCKET: AtomicUsize = AtomicUsize::new(0);
+
 /// Per device, call and dense shape (segments, query length, key length) of a one-run call with enough keys for
 /// cuDNN: how many plans made so far in this process had it. Only such calls are counted, one entry per distinct
 /// long shape; past `SEEN_MAX` entries, those that have not reached `CUDNN_AFTER` are dropped (they count up
@@ -37,12 +42,14 @@ pub fn forget_shapes() {
 }
 
 /// Whether this plan's `call` recurs often enough for cuDNN: it is one dense batch (`runs`) with at least
-/// `CUDNN_MIN_KEYS` keys, and at least `CUDNN_AFTER` earlier plans had the same one. Counts this plan.
-fn recurring(device: Device, call: Call, runs: &[Run]) -> bool {
+/// `CUDNN_MIN_KEYS` keys, and at least `CUDNN_AFTER` earlier plans had the same one (its lengths rounded up to
+/// `bucket` for the self-attention calls, which are padded so). Counts this plan.
+fn recurring(device: Device, call: Call, runs: &[Run], bucket: usize) -> bool {
     let [r] = runs else { return false };
     if r.k_len < CUDNN_MIN_KEYS {
         return false;
     }
+    let padded = |len: usize| if bucket > 0 && call != Call::Group { len.div_ceil(bucket) * bucket } else { len };
     let after = CUDNN_AFTER.load(Ordering::Relaxed);
     // A poisoned lock only means another thread panicked while counting: the counts are still usable.
     let mut guard = SEEN.lock().unwrap_or_else(|e| e.into_inner());
@@ -53,7 +60,7 @@ fn recurring(device: Device, call: Call, runs: &[Run]) -> bool {
             seen.clear();
         }
     }
-    let count = seen.entry((device, call, r.count, r.q_len, r.k_len)).or_insert(0);
+    let count = seen.entry((device, call, r.count, padded(r.q_len), padded(r.k_len))).or_insert(0);
     let before = *count;
     *count = count.saturating_add(1);
     before >= after
@@ -79,6 +86,8 @@ pub struct DevicePlan {
     /// Per `Call`: whether its dense shape recurred enough for cuDNN when this plan was made (see `recurring`).
     /// Fixed for the plan's lifetime, so its forward and backward choose alike.
     recurring: [bool; 4],
+    /// `CUDNN_BUCKET` when this plan was made (the self-attention calls' padding), fixed for its lifetime.
+    bucket: usize,
     windows: Vec<WindowTables>,
 }
 
@@ -156,11 +165,12 @@ impl DevicePlan {
         let runs_group = runs_from_lengths(&host.cu_group_completions, &host.cu_prefix);
         let runs_completion = runs_from_lengths(&host.cu_completions, &host.cu_completions);
         let runs_self = runs_from_lengths(&cu_self, &cu_self);
+        let bucket = CUDNN_BUCKET.load(Ordering::Relaxed);
         let recurring = [
-            recurring(device, Call::Prefix, &runs_prefix),
-            recurring(device, Call::Group, &runs_group),
-            recurring(device, Call::Completion, &runs_completion),
-            recurring(device, Call::SelfCalls, &runs_self),
+            recurring(device, Call::Prefix, &runs_prefix, bucket),
+            recurring(device, Call::Group, &runs_group, bucket),
+            recurring(device, Call::Completion, &runs_completion, bucket),
+            recurring(device, Call::SelfCalls, &runs_self, bucket),
         ];
         Ok(DevicePlan {
             windows: window_tables,
@@ -169,6 +179,7 @@ impl DevicePlan {
             runs_completion,
             runs_self,
             recurring,
+            bucket,
             host,
             device,
             src_index,
@@ -193,6 +204,7 @@ impl DevicePlan {
             runs: &self.runs_prefix,
             window: None,
             recurring: self.recurring[Call::Prefix as usize],
+            bucket: self.bucket,
         }
     }
 
@@ -206,6 +218,7 @@ impl DevicePlan {
             runs: &self.runs_group,
             window: None,
             recurring: self.recurring[Call::Group as usize],
+            bucket: 0,
         }
     }
 
@@ -219,6 +232,7 @@ impl DevicePlan {
             runs: &self.runs_completion,
             window: None,
             recurring: self.recurring[Call::Completion as usize],
+            bucket: self.bucket,
         }
     }
 
@@ -234,6 +248,7 @@ impl DevicePlan {
             runs: &self.runs_self,
             window: None,
             recurring: self.recurring[Call::SelfCalls as usize],
+            bucket: self.bucket,
         }
     }
 
@@ -248,7 +263,7 @@ impl DevicePlan {
 
     /// Sliding-window layer, call 1: each prefix attends causally to itself within the window.
     pub fn seg_prefix_window(&self, window: usize) -> Segments<'_> {
-        Segments { window: Some(window), recurring: false, ..self.seg_prefix() }
+        Segments { window: Some(window), recurring: false, bucket: 0, ..self.seg_prefix() }
     }
 
     /// Sliding-window layer, call 2 (the only other): each completion attends causally, within the window, to its
@@ -262,6 +277,7 @@ impl DevicePlan {
             runs: &w.runs,
             window: Some(w.window),
             recurring: false,
+            bucket: 0,
         }
     }
 }

@@ -23,6 +23,9 @@ pub struct Segments<'a> {
     /// Whether this call's dense shape (one run) recurred in enough earlier plans to be worth a cuDNN graph
     /// (`device_plan::CUDNN_AFTER`); decided when the plan was made.
     pub recurring: bool,
+    /// Causal self-attention calls only: dense kernels pad each run of segments at the tail to a multiple of this
+    /// many rows (0: none; `device_plan::CUDNN_BUCKET`), so that nearby lengths share one cuDNN graph.
+    pub bucket: usize,
 }
 
 /// What one attention call's backward takes: the incoming gradient, the call's inputs, and the *final* (merged)

@@ -520,6 +520,13 @@ fn set_cudnn_after(plans: u32) -> u32 {
     device_plan::CUDNN_AFTER.swap(plans, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Pad the causal self-attention calls that run on dense kernels to a multiple of `tokens` rows per segment (0:
+/// none), for plans made afterwards, so nearby lengths share one cuDNN graph. Returns the previous value.
+#[pyfunction]
+fn set_cudnn_bucket(tokens: usize) -> usize {
+    device_plan::CUDNN_BUCKET.swap(tokens, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Forget which shapes earlier plans had (for tests: the counts behind `set_cudnn_after` are process-wide).
 #[pyfunction]
 fn _forget_shapes() {
@@ -538,5 +545,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_self_calls, m)?)?;
     m.add_function(wrap_pyfunction!(set_cudnn_after, m)?)?;
     m.add_function(wrap_pyfunction!(_forget_shapes, m)?)?;
+    m.add_function(wrap_pyfunction!(set_cudnn_bucket, m)?)?;
     Ok(())
 }

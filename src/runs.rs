@@ -39,6 +39,29 @@ fn batched_lse(x: &Tensor, start: usize, count: usize, len: usize) -> Result<Ten
     x.f_narrow(0, start as i64, (count * len) as i64)?.f_view([count as i64, len as i64, h])?.f_transpose(1, 2)
 }
 
+/// The length a causal self-attention run is padded to: a multiple of the segments' `bucket` (0: none), so that
+/// runs of nearby lengths share one shape (one cuDNN graph). Tail padding is exact for such a run: no real query
+/// sees a key after it, and the padded rows (zero q/k/v, zero dO and out, lse 0) add nothing to any gradient
+/// (their dS = P∘(dO·Vᵀ - rowsum(dO∘O)) is 0). `None` when the run is not one or needs no padding.
+fn padded_len(seg: &Segments, r: &Run, causal: bool) -> Option<usize> {
+    let self_run = causal && seg.window.is_none() && r.q_start == r.k_start && r.q_len == r.k_len;
+    let pad = self_run && seg.bucket > 0 && !r.q_len.is_multiple_of(seg.bucket);
+    pad.then(|| r.q_len.div_ceil(seg.bucket) * seg.bucket)
+}
+
+/// `batched`, but each segment zero-padded at its tail to `padded` rows: a fresh token-major
+/// `[count, padded, ...]` buffer, returned as its `[count, H, padded, ...]` view. Also takes `[rows, H]` lse rows.
+fn batched_padded(x: &Tensor, start: usize, count: usize, len: usize, padded: usize) -> Result<Tensor> {
+    let s = x.size();
+    let mut shape = vec![count as i64, len as i64];
+    shape.extend_from_slice(&s[1..]);
+    let rows = x.f_narrow(0, start as i64, (count * len) as i64)?.f_view(shape.as_slice())?;
+    shape[1] = padded as i64;
+    let buf = Tensor::f_zeros(shape.as_slice(), (x.kind(), x.device()))?;
+    buf.f_narrow(1, 0, len as i64)?.f_copy_(&rows)?;
+    buf.f_transpose(1, 2)
+}
+
 /// `[count, H, len, ...]` → `[count * len, H, ...]`.
 fn unbatched(x: &Tensor) -> Result<Tensor> {
     let s = x.size();
@@ -63,14 +86,22 @@ impl<D: Dense> Kernels for Runs<D> {
         -> Result<(Tensor, Tensor)> {
         let (mut outs, mut lses) = (Vec::with_capacity(seg.runs.len()), Vec::with_capacity(seg.runs.len()));
         for r in seg.runs {
-            let (o, l) = self.0.fwd(
-                &batched(q, r.q_start, r.count, r.q_len)?,
-                &batched(k, r.k_start, r.count, r.k_len)?,
-                &batched(v, r.k_start, r.count, r.k_len)?,
-                causal,
-                seg.window,
-                scale,
-            )?;
+            let (o, l) = match padded_len(seg, r, causal) {
+                None => self.0.fwd(
+                    &batched(q, r.q_start, r.count, r.q_len)?,
+                    &batched(k, r.k_start, r.count, r.k_len)?,
+                    &batched(v, r.k_start, r.count, r.k_len)?,
+                    causal,
+                    seg.window,
+                    scale,
+                )?,
+                Some(n) => {
+                    let pad = |x: &Tensor| batched_padded(x, r.q_start, r.count, r.q_len, n);
+                    let (o, l) = self.0.fwd(&pad(q)?, &pad(k)?, &pad(v)?, causal, seg.window, scale)?;
+                    let len = r.q_len as i64;
+                    (o.f_narrow(2, 0, len)?, l.f_narrow(2, 0, len)?)
+                }
+            };
             outs.push(unbatched(&o)?);
             lses.push(unbatched(&l)?);
         }
@@ -83,6 +114,15 @@ impl<D: Dense> Kernels for Runs<D> {
 
     fn backward(&self, s: &Saved, seg: &Segments, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
         let run_grads = |r: &Run| {
+            if let Some(n) = padded_len(seg, r, causal) {
+                let pad = |x: &Tensor| batched_padded(x, r.q_start, r.count, r.q_len, n);
+                let (dout, out, lse) = (pad(s.dout)?, pad(s.out)?, pad(s.lse)?);
+                let (q, k, v) = (pad(s.q)?, pad(s.k)?, pad(s.v)?);
+                let batch = Saved { dout: &dout, q: &q, k: &k, v: &v, out: &out, lse: &lse };
+                let (g_q, g_k, g_v) = self.0.bwd(&batch, causal, seg.window, scale)?;
+                let len = r.q_len as i64;
+                return Ok((g_q.f_narrow(2, 0, len)?, g_k.f_narrow(2, 0, len)?, g_v.f_narrow(2, 0, len)?));
+            }
             let rows = |x: &Tensor| batched(x, r.q_start, r.count, r.q_len);
             let keys = |x: &Tensor| batched(x, r.k_start, r.count, r.k_len);
             let (dout, q, k, v, out) = (rows(s.dout)?, rows(s.q)?, keys(s.k)?, keys(s.v)?, rows(s.out)?);

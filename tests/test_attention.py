@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import shared_prefix as sp
 from helpers import causal_attention, padded, rel
 from shared_prefix import _core
-from shared_prefix._attention import self_calls
+from shared_prefix._attention import cudnn_bucket, self_calls
 
 
 # Fresh empty tensors are NaN-filled in every test here (conftest.py), so unwritten elements cannot pass by luck.
@@ -267,6 +267,41 @@ def _plan_inputs(prompt_ids, rows):
 def test_edge_shapes(groups, kernels, mode):
     with self_calls(mode):
         check_case(3, groups, 2, 2, 8, True, False, True, kernels)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    groups=st.one_of(
+        group_strategy,
+        # Equal lengths: every call one run (the shape cuDNN takes), every segment padded.
+        st.tuples(st.integers(1, 40), st.integers(1, 9), st.integers(1, 4), st.integers(1, 3)).map(
+            lambda t: [(t[0], [t[1]] * t[2])] * t[3]),
+    ),
+    bucket=st.sampled_from([2, 3, 8, 64]),
+    left_prompt=st.booleans(),
+    mode=st.sampled_from(["auto", "fused"]),
+)
+def test_padded_self_calls_match_per_row_attention(seed, groups, bucket, left_prompt, mode):
+    """``cudnn_bucket``: the causal self-attention runs padded at each segment's tail to a multiple of ``bucket``
+    (the dense kernels all take it; CUDA's cuDNN is the one it is for) give the same values and gradients."""
+    with cudnn_bucket(bucket), self_calls(mode):
+        for kernels in ("cpu_flash", "math"):
+            check_case(seed, groups, 2, 2, 8, left_prompt, False, True, kernels)
+
+
+def test_padded_self_calls_pad():
+    """The padding is really there: the CPU flash kernel sees the prefix call at the bucketed length."""
+    q, k, v = (torch.randn(2 * 13 + 2 * 5, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ids = torch.stack([torch.arange(1, 14), torch.arange(2, 15)])  # two prompts of 13 tokens, 5-token completions
+    with cudnn_bucket(8):
+        plan = sp.plan(ids, torch.ones(2, 13, dtype=torch.bool), ids[:, :5], torch.ones(2, 5, dtype=torch.bool))
+    with self_calls("split"), torch.profiler.profile(record_shapes=True) as prof:
+        sp.attention(q, k, v, plan, kernels="cpu_flash").sum().backward()
+    lengths = sorted({tuple(e.input_shapes[0])[2] for e in prof.events()
+                      if e.name == "aten::_scaled_dot_product_flash_attention_for_cpu"})
+    # Prompts 13 -> 16 and completions 5 -> 8 (causal self calls); the cross call (5 rows, 13 keys) is not padded.
+    assert lengths == [5, 8, 16], lengths
 
 
 @pytest.mark.parametrize("mode,calls", [("fused", 2), ("split", 3), ("auto", 3)])

@@ -206,6 +206,21 @@ def test_auto_kernels_wait_for_a_recurring_shape(fresh_shapes):
     assert recurred.auto_kernels == CUDNN_PREFIX and long_plan([9011]).auto_kernels == FUSED_FLASH
 
 
+def test_auto_kernels_count_a_bucket_as_one_shape(fresh_shapes):
+    """With ``cudnn_bucket``, prompt lengths padded to the same bucket are one shape (one cuDNN graph)."""
+    with sp.cudnn_after(1):
+        assert long_plan([9031]).auto_kernels == FUSED_FLASH
+        assert long_plan([9033]).auto_kernels == FUSED_FLASH  # unpadded: another shape
+        with sp.cudnn_bucket(512):
+            assert long_plan([9035]).auto_kernels == FUSED_FLASH  # the first plan of bucket 9216
+            # The prefix call's bucket recurred; the cross call (completions against the prefix's keys, not padded:
+            # padded keys would be seen) has a new key length.
+            prefix_only = {"prefix": "cudnn", "completions_x_prefix": "flash", "completions": "flash"}
+            assert long_plan([9037]).auto_kernels == prefix_only
+            assert long_plan([9216]).auto_kernels == prefix_only  # a multiple: the same graph, unpadded
+            assert long_plan([9217]).auto_kernels == FUSED_FLASH  # the next bucket
+
+
 def test_auto_kernels_at_once_and_never(fresh_shapes):
     with sp.cudnn_after(0):
         assert long_plan([9019]).auto_kernels == CUDNN_PREFIX
@@ -226,6 +241,9 @@ def test_cudnn_after_rejects_bad_values_and_restores():
         for bad in (-1, 1.5, True, "3", 2**32):
             with pytest.raises(ValueError, match="plans"):
                 with sp.cudnn_after(bad):
+                    pass
+            with pytest.raises(ValueError, match="tokens"):
+                with sp.cudnn_bucket(bad):
                     pass
         with pytest.raises(RuntimeError):
             with sp.cudnn_after(0):

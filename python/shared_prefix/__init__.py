@@ -6,9 +6,10 @@ Import order matters: torch first, so the Rust extension links against the libto
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from ._plan import Plan, plan
-from ._attention import attention, cudnn_after
+from ._attention import attention, cudnn_after, cudnn_bucket
 
-__all__ = ["Plan", "plan", "attention", "cudnn_after", "register", "completion_logprobs", "UnsupportedModelError"]
+__all__ = ["Plan", "plan", "attention", "cudnn_after", "cudnn_bucket",
+           "register", "completion_logprobs", "UnsupportedModelError"]
 __version__ = "0.1.0"
 
 

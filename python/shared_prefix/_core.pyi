@@ -106,6 +106,9 @@ def set_self_calls(mode: str) -> str:
     prefer), "split" (DESIGN's three calls) or "fused" (calls 1 and 3 as one); returns the previous mode."""
 def _forget_shapes() -> None:
     """Forget the shapes earlier plans had (tests)."""
+def set_cudnn_bucket(tokens: int) -> int:
+    """Padding multiple of the causal self-attention calls on dense kernels, for plans made afterwards (0: none);
+    returns the previous value."""
 def set_cudnn_after(plans: int) -> int:
     """Earlier plans of a call's dense shape needed before "auto" gives it to cuDNN (plans made afterwards);
     returns the previous value (default 8)."""

@@ -19,7 +19,9 @@ after the first 8 plans of a shape by default). ``--vary`` gives every step a ne
 …; the same sequence for every variant), as GRPO batches have: whatever a kernel builds per shape (cuDNN graphs,
 FlexAttention's block masks and recompiles) is then paid in the timed steps, and ours runs with its defaults.
 ``shared_prefix_eager_cudnn`` is ours giving every long one-batch call to cuDNN at once (the default before
-2026-11-27); with fixed shapes it equals ``shared_prefix``.
+2026-11-27); with fixed shapes it equals ``shared_prefix``. ``shared_prefix_cudnn_bucketed`` does the same with the
+causal self calls padded to a multiple of 512 tokens (``cudnn_bucket``), so that nearby prompt lengths share a
+cuDNN graph.
 
 ``--window W`` gives every layer a sliding window of W tokens (Qwen2's ``use_sliding_window``, as Mistral and
 Gemma 3's sliding layers apply it); ``flex`` and ``prefix_grouper`` implement full causal attention only and are
@@ -50,7 +52,7 @@ import torch
 from tqdm import tqdm
 
 import shared_prefix as sp
-from shared_prefix._attention import cudnn_after, self_calls
+from shared_prefix._attention import cudnn_after, cudnn_bucket, self_calls
 from shared_prefix._logprobs import token_logprobs
 from shared_prefix._measure import UNTIMED_STEPS, measure_methods
 from shared_prefix.hf import enable_checkpointing
@@ -74,16 +76,20 @@ PRESETS = {
 # Order of measurement: the reference first; the original package last (it may not fit long configs).
 VARIANTS = ["baseline", "packed_causal", "shared_prefix", "shared_prefix_fa2", "shared_prefix_cudnn",
             "shared_prefix_cudnn_views", "shared_prefix_full_head", "shared_prefix_split", "shared_prefix_fused",
-            "shared_prefix_eager_cudnn", "flex", "prefix_grouper"]
+            "shared_prefix_eager_cudnn", "shared_prefix_cudnn_bucketed", "flex", "prefix_grouper"]
 # Variants that run ours with a forced kernel choice (SHARED_PREFIX_KERNELS for the whole measurement, so the
 # checkpoint recompute in backward uses the same kernels as the forward).
 KERNEL_VARIANTS = {"shared_prefix_fa2": "flash", "shared_prefix_cudnn": "cudnn",
                    "shared_prefix_cudnn_views": "cudnn_views"}
 # Variants that force how the prefixes' and completions' causal calls run (`_attention.self_calls`), likewise.
 SELF_CALL_VARIANTS = {"shared_prefix_split": "split", "shared_prefix_fused": "fused"}
-# Variants that run exactly what shared_prefix runs on CPU (its kernels keep the three calls; cuDNN is CUDA's): left
-# out of the CPU default, which must fit cpu-small in 3 minutes. Named in --variants, they run.
-SAME_AS_OURS_ON_CPU = ("shared_prefix_split", "shared_prefix_eager_cudnn")
+# Variants that on CPU run exactly what shared_prefix runs (its kernels keep the three calls; cuDNN is CUDA's), or
+# that only pad it for cuDNN's sake: left out of the CPU default, which must fit cpu-small in 3 minutes. Named in
+# --variants, they run.
+SAME_AS_OURS_ON_CPU = ("shared_prefix_split", "shared_prefix_eager_cudnn", "shared_prefix_cudnn_bucketed")
+# shared_prefix_cudnn_bucketed: cuDNN at once for long one-batch calls, the causal self calls padded to this multiple
+# (`cudnn_bucket`), so that with --vary nearby prompt lengths share a graph.
+BENCH_BUCKET = 512
 # --vary: step k of every variant has prompts of P + VARY_STEP·k tokens (longer, so a config at a kernel's
 # threshold, 8192 keys for cuDNN, stays above it).
 VARY_STEP = 8
@@ -198,7 +204,8 @@ def variant_fns(model, batch, g: int, device: torch.device, wanted: list[str]) -
             fns[name] = lambda: stock_logprobs(model, pid, pmask, cid, cmask)
         elif name == "packed_causal":
             fns[name] = lambda: packed_causal_logprobs(model, pid, cid, g)
-        elif (name in ("shared_prefix", "shared_prefix_eager_cudnn") or name in SELF_CALL_VARIANTS
+        elif (name in ("shared_prefix", "shared_prefix_eager_cudnn", "shared_prefix_cudnn_bucketed")
+              or name in SELF_CALL_VARIANTS
               or (name in KERNEL_VARIANTS and device.type == "cuda")):
             fns[name] = lambda: sp.completion_logprobs(model, pid, pmask, cid, cmask, group_sizes=g)
         elif name == "shared_prefix_full_head":
@@ -270,10 +277,11 @@ def run_config(model, cfg, args, device, bar):
         if name in KERNEL_VARIANTS:
             # For the whole step, so the checkpoint recompute in backward uses the forward's kernels.
             os.environ["SHARED_PREFIX_KERNELS"] = KERNEL_VARIANTS[name]
-        plans = 0 if name == "shared_prefix_eager_cudnn" else cudnn_plans
+        plans = 0 if name in ("shared_prefix_eager_cudnn", "shared_prefix_cudnn_bucketed") else cudnn_plans
         try:
             with self_calls(SELF_CALL_VARIANTS.get(name, "auto")), \
-                    (cudnn_after(plans) if plans is not None else contextlib.nullcontext()):
+                    (cudnn_after(plans) if plans is not None else contextlib.nullcontext()), \
+                    cudnn_bucket(BENCH_BUCKET if name == "shared_prefix_cudnn_bucketed" else 0):
                 yield
         finally:
             if before is None:
