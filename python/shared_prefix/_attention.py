@@ -131,18 +131,22 @@ def attention(
 
 
 @contextlib.contextmanager
+def _process_setting(setter, value):
+    """One of the core's process-wide settings for the block (``setter`` sets it and returns the previous value)."""
+    before = setter(value)
+    try:
+        yield
+    finally:
+        setter(before)
+
+
 def self_calls(mode: str):
     """Run the prefixes' and completions' causal calls apart (``"split"``, DESIGN's three calls), as one
     (``"fused"``) or as the kernels prefer (``"auto"``, the default: one call on flash-attention 2, apart on the
     per-run kernels) inside the block, then restore the previous mode (process-wide; for tests and benchmarks)."""
-    before = _core.set_self_calls(mode)
-    try:
-        yield
-    finally:
-        _core.set_self_calls(before)
+    return _process_setting(_core.set_self_calls, mode)
 
 
-@contextlib.contextmanager
 def cudnn_after(plans: int):
     """Inside the block, plans made on CUDA give an fp16/bf16 attention call to cuDNN (under the default
     ``kernels="auto"``) once ``plans`` earlier plans had its shape (by default 8), then restore the previous
@@ -155,14 +159,9 @@ def cudnn_after(plans: int):
     """
     if isinstance(plans, bool) or not isinstance(plans, numbers.Integral) or not 0 <= plans < 2**32:
         raise ValueError(f"plans: expected an int >= 0 (earlier plans of a shape before cuDNN), got {plans!r}")
-    before = _core.set_cudnn_after(int(plans))
-    try:
-        yield
-    finally:
-        _core.set_cudnn_after(before)
+    return _process_setting(_core.set_cudnn_after, int(plans))
 
 
-@contextlib.contextmanager
 def cudnn_bucket(tokens: int):
     """Inside the block, plans pad their causal self-attention calls that run on dense kernels (cuDNN, and the CPU
     and explicit-math kernels) at each segment's tail to a multiple of ``tokens`` rows (0: no padding, the
@@ -175,11 +174,7 @@ def cudnn_bucket(tokens: int):
     """
     if isinstance(tokens, bool) or not isinstance(tokens, numbers.Integral) or not 0 <= tokens < 2**31:
         raise ValueError(f"tokens: expected an int >= 0 (a padding multiple; 0 for none), got {tokens!r}")
-    before = _core.set_cudnn_bucket(int(tokens))
-    try:
-        yield
-    finally:
-        _core.set_cudnn_bucket(before)
+    return _process_setting(_core.set_cudnn_bucket, int(tokens))
 
 
 def _apply(q, k, v, plan: Plan, scale: float, kernels: Optional[str], window: Optional[int],
