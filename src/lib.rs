@@ -527,6 +527,13 @@ fn set_cudnn_bucket(tokens: usize) -> usize {
     device_plan::CUDNN_BUCKET.swap(tokens, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Tests: the shortest run (in keys) that `set_cudnn_bucket` pads (default 8192, cuDNN's threshold); returns the
+/// previous value.
+#[pyfunction]
+fn _set_pad_min_keys(keys: usize) -> usize {
+    runs::PAD_MIN_KEYS.swap(keys, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Forget which shapes earlier plans had (for tests: the counts behind `set_cudnn_after` are process-wide).
 #[pyfunction]
 fn _forget_shapes() {
@@ -546,5 +553,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_cudnn_after, m)?)?;
     m.add_function(wrap_pyfunction!(_forget_shapes, m)?)?;
     m.add_function(wrap_pyfunction!(set_cudnn_bucket, m)?)?;
+    m.add_function(wrap_pyfunction!(_set_pad_min_keys, m)?)?;
     Ok(())
 }

@@ -39,13 +39,18 @@ fn batched_lse(x: &Tensor, start: usize, count: usize, len: usize) -> Result<Ten
     x.f_narrow(0, start as i64, (count * len) as i64)?.f_view([count as i64, len as i64, h])?.f_transpose(1, 2)
 }
 
+/// Runs shorter than this many keys are never padded: only calls long enough for cuDNN (`CUDNN_MIN_KEYS`) gain
+/// from sharing a graph. Tests lower it to exercise the padding on short runs.
+pub static PAD_MIN_KEYS: AtomicUsize = AtomicUsize::new(crate::cuda::CUDNN_MIN_KEYS);
+
 /// The length a causal self-attention run is padded to: a multiple of the segments' `bucket` (0: none), so that
 /// runs of nearby lengths share one shape (one cuDNN graph). Tail padding is exact for such a run: no real query
 /// sees a key after it, and the padded rows (zero q/k/v, zero dO and out, lse 0) add nothing to any gradient
-/// (their dS = P∘(dO·Vᵀ - rowsum(dO∘O)) is 0). `None` when the run is not one or needs no padding.
+/// (their dS = P∘(dO·Vᵀ - rowsum(dO∘O)) is 0). `None` when the run is not one, is short, or needs no padding.
 fn padded_len(seg: &Segments, r: &Run, causal: bool) -> Option<usize> {
     let self_run = causal && seg.window.is_none() && r.q_start == r.k_start && r.q_len == r.k_len;
-    let pad = self_run && seg.bucket > 0 && !r.q_len.is_multiple_of(seg.bucket);
+    let long = r.k_len >= PAD_MIN_KEYS.load(Ordering::Relaxed);
+    let pad = self_run && long && seg.bucket > 0 && !r.q_len.is_multiple_of(seg.bucket);
     pad.then(|| r.q_len.div_ceil(seg.bucket) * seg.bucket)
 }
 
@@ -57,8 +62,9 @@ fn batched_padded(x: &Tensor, start: usize, count: usize, len: usize, padded: us
     shape.extend_from_slice(&s[1..]);
     let rows = x.f_narrow(0, start as i64, (count * len) as i64)?.f_view(shape.as_slice())?;
     shape[1] = padded as i64;
-    let buf = Tensor::f_zeros(shape.as_slice(), (x.kind(), x.device()))?;
+    let buf = Tensor::f_empty(shape.as_slice(), (x.kind(), x.device()))?;
     buf.f_narrow(1, 0, len as i64)?.f_copy_(&rows)?;
+    let _ = buf.f_narrow(1, len as i64, (padded - len) as i64)?.f_zero_()?;
     buf.f_transpose(1, 2)
 }
 

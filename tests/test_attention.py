@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import shared_prefix as sp
@@ -269,6 +270,16 @@ def test_edge_shapes(groups, kernels, mode):
         check_case(3, groups, 2, 2, 8, True, False, True, kernels)
 
 
+@contextlib.contextmanager
+def padding_short_runs():
+    """Bucket padding applies to runs of cuDNN's length (8192 keys and more); inside the block, to every run."""
+    before = _core._set_pad_min_keys(0)
+    try:
+        yield
+    finally:
+        _core._set_pad_min_keys(before)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**31 - 1),
@@ -282,26 +293,38 @@ def test_edge_shapes(groups, kernels, mode):
     left_prompt=st.booleans(),
     mode=st.sampled_from(["auto", "fused"]),
 )
+# Fused, a prompt as long as its completions: the prefixes' and completions' call is one run of 5-token segments.
+@example(seed=1, groups=[(5, [5, 5])], bucket=8, left_prompt=True, mode="fused")
 def test_padded_self_calls_match_per_row_attention(seed, groups, bucket, left_prompt, mode):
     """``cudnn_bucket``: the causal self-attention runs padded at each segment's tail to a multiple of ``bucket``
     (the dense kernels all take it; CUDA's cuDNN is the one it is for) give the same values and gradients."""
-    with cudnn_bucket(bucket), self_calls(mode):
+    with padding_short_runs(), cudnn_bucket(bucket), self_calls(mode):
         for kernels in ("cpu_flash", "math"):
             check_case(seed, groups, 2, 2, 8, left_prompt, False, True, kernels)
 
 
-def test_padded_self_calls_pad():
-    """The padding is really there: the CPU flash kernel sees the prefix call at the bucketed length."""
+@pytest.mark.parametrize("mode", ["split", "fused"])
+def test_padded_self_calls_pad(mode):
+    """The padding is really there, forward and backward: the CPU flash kernel sees the causal self calls at the
+    bucketed lengths. Two prompts of 13 tokens with 5-token completions: the prompts' run 13 -> 16 and the
+    completions' 5 -> 8, as calls of their own (split) or as two runs of one call (fused); the cross call (5 rows
+    against 13 keys) is never padded. At the default threshold (8192 keys) nothing this short is."""
+    want = [5, 8, 16]
     q, k, v = (torch.randn(2 * 13 + 2 * 5, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    ids = torch.stack([torch.arange(1, 14), torch.arange(2, 15)])  # two prompts of 13 tokens, 5-token completions
-    with cudnn_bucket(8):
+    ids = torch.stack([torch.arange(1, 14), torch.arange(2, 15)])
+    with cudnn_bucket(8):  # the plan holds the bucket; the threshold is read when a call runs
         plan = sp.plan(ids, torch.ones(2, 13, dtype=torch.bool), ids[:, :5], torch.ones(2, 5, dtype=torch.bool))
-    with self_calls("split"), torch.profiler.profile(record_shapes=True) as prof:
-        sp.attention(q, k, v, plan, kernels="cpu_flash").sum().backward()
-    lengths = sorted({tuple(e.input_shapes[0])[2] for e in prof.events()
-                      if e.name == "aten::_scaled_dot_product_flash_attention_for_cpu"})
-    # Prompts 13 -> 16 and completions 5 -> 8 (causal self calls); the cross call (5 rows, 13 keys) is not padded.
-    assert lengths == [5, 8, 16], lengths
+
+    def lengths(op):
+        with self_calls(mode), torch.profiler.profile(record_shapes=True) as prof:
+            sp.attention(q, k, v, plan, kernels="cpu_flash").sum().backward()
+        return sorted({tuple(e.input_shapes[0])[2] for e in prof.events() if e.name == op})
+
+    forward = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    with padding_short_runs():
+        got = (lengths(forward), lengths(forward + "_backward"))
+    assert got[0] == want and got[1] == want, got
+    assert 16 not in lengths(forward)
 
 
 @pytest.mark.parametrize("mode,calls", [("fused", 2), ("split", 3), ("auto", 3)])

@@ -358,35 +358,37 @@ def test_kernels_at_the_bench_shape_that_broke_cudnn(kernels, head_major_qk):
 
 @pytest.mark.parametrize("kernels", ["auto", "cudnn_views"])
 def test_cudnn_on_padded_self_calls(kernels):
-    """``cudnn_bucket(512)``: an 8292-token prompt and its 300-token completions padded to 8704 and 512 rows per
-    segment on cuDNN (the prefix call cuDNN by the rule, ``cudnn_after(0)``); bf16 against fp32 explicit-math
-    attention on the same inputs, values and gradients."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
+    """``cudnn_bucket(512)``: an 8292-token prompt's causal call padded to 8704 rows on cuDNN (``auto`` gives it to
+    cuDNN under ``cudnn_after(0)``); the 300-token completions run unpadded (shorter than the 8192 keys padding
+    needs). bf16 against fp32 explicit-math attention on the same inputs and an unpadded plan, values and
+    gradients; the profiler shows cuDNN's forward and backward at the padded length."""
     from shared_prefix.bench import make_batch
 
     pid, pmask, cid, cmask = make_batch(8292, 300, 4, 1, 1000, DEV)
     sp._core._forget_shapes()
     with sp.cudnn_after(0), sp.cudnn_bucket(512):
         plan = sp.plan(pid, pmask, cid, cmask, group_sizes=4)
+    reference_plan = sp.plan(pid, pmask, cid, cmask, group_sizes=4)
     sp._core._forget_shapes()
     assert plan.auto_kernels == {"prefix": "cudnn", "completions_x_prefix": "cudnn", "completions": "flash"}
     g = torch.Generator(device=DEV).manual_seed(0)
     q, k, v, do = (torch.randn(plan.num_tokens, h, 64, device=DEV, dtype=torch.bfloat16, generator=g)
                    for h in (14, 2, 2, 14))
 
-    def grads(dtype, name):
+    def grads(dtype, name, p):
         leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-        out = sp.attention(*leaves, plan, kernels=name)
+        out = sp.attention(*leaves, p, kernels=name)
         out.backward(do.to(dtype))
         return [out.detach()] + [x.grad for x in leaves]
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        ours = grads(torch.bfloat16, None if kernels == "auto" else kernels)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        ours = grads(torch.bfloat16, None if kernels == "auto" else kernels, plan)
         torch.cuda.synchronize()
-    assert any("cudnn" in e.name.lower() for e in prof.events() if e.device_type == DeviceType.CUDA)
-    for got, want in zip(ours, grads(torch.float32, "math")):
+    cudnn_lengths = {(e.name, tuple(e.input_shapes[0])[2]) for e in prof.events()
+                     if e.name.startswith("aten::_scaled_dot_product_cudnn_attention") and e.input_shapes}
+    assert ("aten::_scaled_dot_product_cudnn_attention", 8704) in cudnn_lengths, cudnn_lengths
+    assert ("aten::_scaled_dot_product_cudnn_attention_backward", 8704) in cudnn_lengths, cudnn_lengths
+    for got, want in zip(ours, grads(torch.float32, "math", reference_plan)):
         assert torch.isfinite(got).all() and rel(got.float(), want) < 2e-2, (kernels, rel(got.float(), want))
 
 

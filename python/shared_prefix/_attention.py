@@ -163,14 +163,15 @@ def cudnn_after(plans: int):
 
 
 def cudnn_bucket(tokens: int):
-    """Inside the block, plans pad their causal self-attention calls that run on dense kernels (cuDNN, and the CPU
-    and explicit-math kernels) at each segment's tail to a multiple of ``tokens`` rows (0: no padding, the
-    default), then restore the previous setting (process-wide).
+    """Inside the block, plans pad their causal self-attention calls of at least 8192 keys that run on dense
+    kernels (cuDNN; also the CPU and explicit-math kernels) at each segment's tail to a multiple of ``tokens`` rows
+    (0: no padding, the default), then restore the previous setting (process-wide).
 
-    Prompt lengths within one bucket then share one cuDNN graph (cuDNN builds one per shape) and count as one shape
-    for :func:`cudnn_after`. Exact (no real query sees a padded key; padded rows add nothing to any gradient), at the
-    cost of copies into padded buffers and up to ``tokens - 1`` extra rows per segment. Experimental: not yet
-    measured on a GPU.
+    Plans whose prompts (one length per plan: prompts of different lengths are separate runs, on flash-attention
+    2) fall in one bucket then share one cuDNN graph for the prefixes' call (cuDNN builds one per shape), and count
+    as one shape for :func:`cudnn_after`. Exact (no real query sees a padded key; padded rows add nothing to any
+    gradient), at the cost of copies into padded buffers and up to ``tokens - 1`` extra rows per segment.
+    Experimental: not yet measured on a GPU.
     """
     if isinstance(tokens, bool) or not isinstance(tokens, numbers.Integral) or not 0 <= tokens < 2**31:
         raise ValueError(f"tokens: expected an int >= 0 (a padding multiple; 0 for none), got {tokens!r}")

@@ -107,8 +107,10 @@ def set_self_calls(mode: str) -> str:
 def _forget_shapes() -> None:
     """Forget the shapes earlier plans had (tests)."""
 def set_cudnn_bucket(tokens: int) -> int:
-    """Padding multiple of the causal self-attention calls on dense kernels, for plans made afterwards (0: none);
-    returns the previous value."""
+    """Padding multiple of the causal self-attention runs of >= 8192 keys on dense kernels, for plans made
+    afterwards (0: none); returns the previous value."""
+def _set_pad_min_keys(keys: int) -> int:
+    """Tests: the shortest run (keys) the bucket padding applies to (default 8192); returns the previous value."""
 def set_cudnn_after(plans: int) -> int:
     """Earlier plans of a call's dense shape needed before "auto" gives it to cuDNN (plans made afterwards);
     returns the previous value (default 8)."""

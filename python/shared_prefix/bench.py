@@ -19,9 +19,10 @@ after the first 8 plans of a shape by default). ``--vary`` gives every step a ne
 …; the same sequence for every variant), as GRPO batches have: whatever a kernel builds per shape (cuDNN graphs,
 FlexAttention's block masks and recompiles) is then paid in the timed steps, and ours runs with its defaults.
 ``shared_prefix_eager_cudnn`` is ours giving every long one-batch call to cuDNN at once (the default before
-2026-11-27); with fixed shapes it equals ``shared_prefix``. ``shared_prefix_cudnn_bucketed`` does the same with the
-causal self calls padded to a multiple of 512 tokens (``cudnn_bucket``), so that nearby prompt lengths share a
-cuDNN graph.
+2026-11-27); with fixed shapes it equals ``shared_prefix``. ``shared_prefix_cudnn_bucketed`` pads the causal self
+calls to a multiple of 512 tokens (``cudnn_bucket``) and gives a call to cuDNN once its (padded) shape was seen
+in one earlier plan, so that under ``--vary`` the prompts' call reaches cuDNN on recurring buckets; measure it in a
+process of its own (the shape counts and cuDNN's graph cache are process-wide).
 
 ``--window W`` gives every layer a sliding window of W tokens (Qwen2's ``use_sliding_window``, as Mistral and
 Gemma 3's sliding layers apply it); ``flex`` and ``prefix_grouper`` implement full causal attention only and are
@@ -87,8 +88,10 @@ SELF_CALL_VARIANTS = {"shared_prefix_split": "split", "shared_prefix_fused": "fu
 # that only pad it for cuDNN's sake: left out of the CPU default, which must fit cpu-small in 3 minutes. Named in
 # --variants, they run.
 SAME_AS_OURS_ON_CPU = ("shared_prefix_split", "shared_prefix_eager_cudnn", "shared_prefix_cudnn_bucketed")
-# shared_prefix_cudnn_bucketed: cuDNN at once for long one-batch calls, the causal self calls padded to this multiple
-# (`cudnn_bucket`), so that with --vary nearby prompt lengths share a graph.
+# shared_prefix_cudnn_bucketed: the causal self calls padded to this multiple (`cudnn_bucket`), cuDNN for a shape
+# seen in one earlier plan: under --vary the prompts' call reaches cuDNN once its bucket recurs, while the cross
+# call (unpadded, a new length every step) stays on FA2. The counts and cuDNN's graph cache are process-wide, so
+# measure it in a process of its own (or before any other cuDNN variant): scripts/gpu_check.sh does.
 BENCH_BUCKET = 512
 # --vary: step k of every variant has prompts of P + VARY_STEP·k tokens (longer, so a config at a kernel's
 # threshold, 8192 keys for cuDNN, stays above it).
@@ -277,7 +280,7 @@ def run_config(model, cfg, args, device, bar):
         if name in KERNEL_VARIANTS:
             # For the whole step, so the checkpoint recompute in backward uses the forward's kernels.
             os.environ["SHARED_PREFIX_KERNELS"] = KERNEL_VARIANTS[name]
-        plans = 0 if name in ("shared_prefix_eager_cudnn", "shared_prefix_cudnn_bucketed") else cudnn_plans
+        plans = {"shared_prefix_eager_cudnn": 0, "shared_prefix_cudnn_bucketed": 1}.get(name, cudnn_plans)
         try:
             with self_calls(SELF_CALL_VARIANTS.get(name, "auto")), \
                     (cudnn_after(plans) if plans is not None else contextlib.nullcontext()), \
