@@ -4,6 +4,7 @@
 
 use crate::cuda::CUDNN_MIN_KEYS;
 use crate::executor::{Result, Segments};
+use crate::runs::bucketed;
 use planner::{runs_from_lengths, Plan, Run, WindowKeys};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -43,13 +44,12 @@ pub fn forget_shapes() {
 
 /// Whether this plan's `call` recurs often enough for cuDNN: it is one dense batch (`runs`) with at least
 /// `CUDNN_MIN_KEYS` keys, and at least `CUDNN_AFTER` earlier plans had the same one (its lengths rounded up to
-/// `bucket` for the self-attention calls, which are padded so). Counts this plan.
+/// `bucket`, the padding of the calls that get one; 0 for the others). Counts this plan.
 fn recurring(device: Device, call: Call, runs: &[Run], bucket: usize) -> bool {
     let [r] = runs else { return false };
     if r.k_len < CUDNN_MIN_KEYS {
         return false;
     }
-    let padded = |len: usize| if bucket > 0 && call != Call::Group { len.div_ceil(bucket) * bucket } else { len };
     let after = CUDNN_AFTER.load(Ordering::Relaxed);
     // A poisoned lock only means another thread panicked while counting: the counts are still usable.
     let mut guard = SEEN.lock().unwrap_or_else(|e| e.into_inner());
@@ -60,7 +60,8 @@ fn recurring(device: Device, call: Call, runs: &[Run], bucket: usize) -> bool {
             seen.clear();
         }
     }
-    let count = seen.entry((device, call, r.count, padded(r.q_len), padded(r.k_len))).or_insert(0);
+    let key = (device, call, r.count, bucketed(r.q_len, bucket), bucketed(r.k_len, bucket));
+    let count = seen.entry(key).or_insert(0);
     let before = *count;
     *count = count.saturating_add(1);
     before >= after
@@ -168,7 +169,7 @@ impl DevicePlan {
         let bucket = CUDNN_BUCKET.load(Ordering::Relaxed);
         let recurring = [
             recurring(device, Call::Prefix, &runs_prefix, bucket),
-            recurring(device, Call::Group, &runs_group, bucket),
+            recurring(device, Call::Group, &runs_group, 0),  // never padded: its keys would be seen
             recurring(device, Call::Completion, &runs_completion, bucket),
             recurring(device, Call::SelfCalls, &runs_self, bucket),
         ];

@@ -43,6 +43,12 @@ fn batched_lse(x: &Tensor, start: usize, count: usize, len: usize) -> Result<Ten
 /// from sharing a graph. Tests lower it to exercise the padding on short runs.
 pub static PAD_MIN_KEYS: AtomicUsize = AtomicUsize::new(crate::cuda::CUDNN_MIN_KEYS);
 
+/// `len` rounded up to a multiple of `bucket` (0: `len` itself): the length a padded run has, and the length the
+/// plan counts it by (`device_plan::recurring`).
+pub fn bucketed(len: usize, bucket: usize) -> usize {
+    if bucket == 0 { len } else { len.div_ceil(bucket) * bucket }
+}
+
 /// The length a causal self-attention run is padded to: a multiple of the segments' `bucket` (0: none), so that
 /// runs of nearby lengths share one shape (one cuDNN graph). Tail padding is exact for such a run: no real query
 /// sees a key after it, and the padded rows (zero q/k/v, zero dO and out, lse 0) add nothing to any gradient
@@ -50,8 +56,8 @@ pub static PAD_MIN_KEYS: AtomicUsize = AtomicUsize::new(crate::cuda::CUDNN_MIN_K
 fn padded_len(seg: &Segments, r: &Run, causal: bool) -> Option<usize> {
     let self_run = causal && seg.window.is_none() && r.q_start == r.k_start && r.q_len == r.k_len;
     let long = r.k_len >= PAD_MIN_KEYS.load(Ordering::Relaxed);
-    let pad = self_run && long && seg.bucket > 0 && !r.q_len.is_multiple_of(seg.bucket);
-    pad.then(|| r.q_len.div_ceil(seg.bucket) * seg.bucket)
+    let padded = bucketed(r.q_len, seg.bucket);
+    (self_run && long && padded != r.q_len).then_some(padded)
 }
 
 /// `batched`, but each segment zero-padded at its tail to `padded` rows: a fresh token-major
