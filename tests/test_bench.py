@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from shared_prefix import bench, demo
 
@@ -13,12 +14,12 @@ from shared_prefix import bench, demo
 def test_bench_writes_results(tmp_path):
     out = tmp_path / "bench"
     variants = ("baseline,packed_causal,shared_prefix,shared_prefix_full_head,shared_prefix_split,shared_prefix_fused,"
-                "flex,prefix_grouper")
+                "flex,packed_causal_fa2,prefix_grouper")
     assert bench.main(["--config", "48x6x3x2", "--config", "20x5x1x3", "--variants", variants,
                        "--out", str(out), "--threads", "1"]) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     by = {(r["config"], r["variant"]): r for r in rows}
-    # flex is CUDA-only; prefix-grouper is installed in the test environment.
+    # flex and packed_causal_fa2 are CUDA-only; prefix-grouper is installed in the test environment.
     assert {v for _, v in by} == {"baseline", "packed_causal", "shared_prefix", "shared_prefix_full_head",
                                   "shared_prefix_split", "shared_prefix_fused", "prefix_grouper"}
     for r in rows:
@@ -83,12 +84,39 @@ def test_bench_with_varying_shapes(tmp_path, monkeypatch):
     assert "a new prompt length every step" in (out / "results.md").read_text()
 
 
+def test_packed_causal_fa2_holds_sdpa_to_flash(tmp_path, monkeypatch):
+    """packed_causal_fa2 (CUDA-only, so stood in for here) runs its whole step with SDPA's cuDNN and
+    memory-efficient backends off and flash on, and leaves the flags as they were for the other variants."""
+    flags = {}
+    cuda = torch.backends.cuda
+
+    def now():
+        return cuda.flash_sdp_enabled(), cuda.cudnn_sdp_enabled(), cuda.mem_efficient_sdp_enabled()
+
+    def stand_in(model, batch, g, device, wanted):
+        pid, _, cid, _ = batch
+        out = {}
+        for name in wanted:
+            def fn(name=name):
+                flags.setdefault(name, set()).add(now())
+                return bench.packed_causal_logprobs(model, pid, cid, g)
+            out[name] = fn
+        return out
+
+    monkeypatch.setattr(bench, "variant_fns", stand_in)
+    before = now()
+    assert bench.main(["--config", "16x4x2x1", "--steps", "3", "--variants", "packed_causal,packed_causal_fa2",
+                       "--out", str(tmp_path), "--threads", "1"]) == 0
+    assert flags["packed_causal_fa2"] == {(True, False, False)}
+    assert flags["packed_causal"] == {before} and now() == before
+
+
 def test_bench_default_variants_on_cpu(tmp_path, monkeypatch):
     """Without --variants, CPU runs every variant but those that run exactly what shared_prefix runs there."""
     seen = []
     monkeypatch.setattr(bench, "run_config", lambda model, cfg, args, *a: seen.append(list(args.variants)) or [])
     assert bench.main(["--config", "8x2x1x1", "--out", str(tmp_path), "--threads", "1"]) == 0
-    assert seen == [["baseline", "packed_causal", "shared_prefix", "shared_prefix_fa2", "shared_prefix_cudnn",
+    assert seen == [["baseline", "packed_causal", "packed_causal_fa2", "shared_prefix", "shared_prefix_fa2", "shared_prefix_cudnn",
                      "shared_prefix_cudnn_views", "shared_prefix_full_head", "shared_prefix_fused", "flex",
                      "prefix_grouper"]]
 

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import shared_prefix as sp
@@ -75,7 +76,7 @@ PRESETS = {
                 configs=["4096x512x8x1", "8192x256x16x1", "16384x1024x8x1"]),
 }
 # Order of measurement: the reference first; the original package last (it may not fit long configs).
-VARIANTS = ["baseline", "packed_causal", "shared_prefix", "shared_prefix_fa2", "shared_prefix_cudnn",
+VARIANTS = ["baseline", "packed_causal", "packed_causal_fa2", "shared_prefix", "shared_prefix_fa2", "shared_prefix_cudnn",
             "shared_prefix_cudnn_views", "shared_prefix_full_head", "shared_prefix_split", "shared_prefix_fused",
             "shared_prefix_eager_cudnn", "shared_prefix_cudnn_bucketed", "flex", "prefix_grouper"]
 # Variants that run ours with a forced kernel choice (SHARED_PREFIX_KERNELS for the whole measurement, so the
@@ -194,6 +195,10 @@ class FlexVariant:
 
 # Variants that compute full causal attention whatever the model's sliding window.
 FULL_ATTENTION_ONLY = ("flex", "prefix_grouper")
+# packed_causal_fa2 (CUDA only): the limit proxy with SDPA held to flash-attention 2 for the whole step. On Hopper
+# SDPA picks cuDNN for it, which builds a graph per new shape: with --vary the proxy pays those builds (as stock
+# packed training would), and beside this variant one sees what they cost; with fixed shapes it splits our gap to
+# the proxy into the kernel's part (ours runs FA2 wherever a shape has not recurred) and the rest.
 
 
 def variant_fns(model, batch, g: int, device: torch.device, wanted: list[str]) -> dict[str, Callable]:
@@ -205,7 +210,7 @@ def variant_fns(model, batch, g: int, device: torch.device, wanted: list[str]) -
             continue
         if name == "baseline":
             fns[name] = lambda: stock_logprobs(model, pid, pmask, cid, cmask)
-        elif name == "packed_causal":
+        elif name == "packed_causal" or (name == "packed_causal_fa2" and device.type == "cuda"):
             fns[name] = lambda: packed_causal_logprobs(model, pid, cid, g)
         elif (name in ("shared_prefix", "shared_prefix_eager_cudnn", "shared_prefix_cudnn_bucketed")
               or name in SELF_CALL_VARIANTS
@@ -281,8 +286,10 @@ def run_config(model, cfg, args, device, bar):
             # For the whole step, so the checkpoint recompute in backward uses the forward's kernels.
             os.environ["SHARED_PREFIX_KERNELS"] = KERNEL_VARIANTS[name]
         plans = {"shared_prefix_eager_cudnn": 0, "shared_prefix_cudnn_bucketed": 1}.get(name, cudnn_plans)
+        # Process-wide flags, so they hold in autograd's backward thread too (the checkpoint recompute).
+        sdpa = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if name == "packed_causal_fa2" else contextlib.nullcontext()
         try:
-            with self_calls(SELF_CALL_VARIANTS.get(name, "auto")), \
+            with sdpa, self_calls(SELF_CALL_VARIANTS.get(name, "auto")), \
                     (cudnn_after(plans) if plans is not None else contextlib.nullcontext()), \
                     cudnn_bucket(BENCH_BUCKET if name == "shared_prefix_cudnn_bucketed" else 0):
                 yield
@@ -348,6 +355,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             notes = [f"+{r['compile_s']:.0f} s first compile" if "compile_s" in r else ""]
             if r["variant"] == "packed_causal":
                 notes = ["limit proxy; wrong mask by design"]
+            if r["variant"] == "packed_causal_fa2":
+                notes = ["limit proxy on flash-attention 2"]
             if r.get("interrupted"):
                 notes.append(f"interrupted: median of {r['rounds']} of {meta['steps']} rounds")
             gpu = ""
