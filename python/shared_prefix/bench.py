@@ -5,7 +5,10 @@ with G completions of S tokens (config ``PxSxGxB``). Variants, measured side by 
 
 - ``baseline``: stock rows ``[prompt, completion]`` as TRL builds them, SDPA, logits only at completion positions;
 - ``packed_causal``: each group as one causal row of P + G·S tokens (the limit proxy: our token count with plain
-  causal attention, so its log-probs are wrong by design);
+  causal attention, so its log-probs are wrong by design); ``packed_causal_fa2`` (CUDA only) holds its SDPA to
+  flash-attention 2 for the whole step: on Hopper SDPA picks cuDNN, which builds a graph per new shape, so under
+  ``--vary`` the proxy pays those builds (as stock packed training would) and this one does not; with fixed shapes
+  it splits our gap to the proxy into FA2's part (ours runs FA2 wherever a shape has not recurred) and the rest;
 - ``shared_prefix``: ours (``_fa2`` / ``_cudnn`` / ``_cudnn_views``: one attention kernel forced, CUDA;
   ``_full_head``: the LM head in one piece instead of vocabulary slices; ``_split`` / ``_fused``: the prefixes'
   and the completions' causal attention forced apart, as DESIGN's three calls, or into one call, where by default
@@ -76,9 +79,10 @@ PRESETS = {
                 configs=["4096x512x8x1", "8192x256x16x1", "16384x1024x8x1"]),
 }
 # Order of measurement: the reference first; the original package last (it may not fit long configs).
-VARIANTS = ["baseline", "packed_causal", "packed_causal_fa2", "shared_prefix", "shared_prefix_fa2", "shared_prefix_cudnn",
-            "shared_prefix_cudnn_views", "shared_prefix_full_head", "shared_prefix_split", "shared_prefix_fused",
-            "shared_prefix_eager_cudnn", "shared_prefix_cudnn_bucketed", "flex", "prefix_grouper"]
+VARIANTS = ["baseline", "packed_causal", "packed_causal_fa2", "shared_prefix", "shared_prefix_fa2",
+            "shared_prefix_cudnn", "shared_prefix_cudnn_views", "shared_prefix_full_head", "shared_prefix_split",
+            "shared_prefix_fused", "shared_prefix_eager_cudnn", "shared_prefix_cudnn_bucketed", "flex",
+            "prefix_grouper"]
 # Variants that run ours with a forced kernel choice (SHARED_PREFIX_KERNELS for the whole measurement, so the
 # checkpoint recompute in backward uses the same kernels as the forward).
 KERNEL_VARIANTS = {"shared_prefix_fa2": "flash", "shared_prefix_cudnn": "cudnn",
@@ -195,10 +199,9 @@ class FlexVariant:
 
 # Variants that compute full causal attention whatever the model's sliding window.
 FULL_ATTENTION_ONLY = ("flex", "prefix_grouper")
-# packed_causal_fa2 (CUDA only): the limit proxy with SDPA held to flash-attention 2 for the whole step. On Hopper
-# SDPA picks cuDNN for it, which builds a graph per new shape: with --vary the proxy pays those builds (as stock
-# packed training would), and beside this variant one sees what they cost; with fixed shapes it splits our gap to
-# the proxy into the kernel's part (ours runs FA2 wherever a shape has not recurred) and the rest.
+# The table's note for the limit proxies (their log-probs are wrong by design).
+PROXY_NOTES = {"packed_causal": "limit proxy; wrong mask by design",
+               "packed_causal_fa2": "limit proxy on flash-attention 2"}
 
 
 def variant_fns(model, batch, g: int, device: torch.device, wanted: list[str]) -> dict[str, Callable]:
@@ -353,10 +356,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             speed = f"{base['median_s'] / r['median_s']:.2f}× faster" if base else "—"
             ratio = f"{r['median_s'] / limit['median_s']:.2f}×" if limit else "—"
             notes = [f"+{r['compile_s']:.0f} s first compile" if "compile_s" in r else ""]
-            if r["variant"] == "packed_causal":
-                notes = ["limit proxy; wrong mask by design"]
-            if r["variant"] == "packed_causal_fa2":
-                notes = ["limit proxy on flash-attention 2"]
+            if r["variant"] in PROXY_NOTES:
+                notes = [PROXY_NOTES[r["variant"]]]
             if r.get("interrupted"):
                 notes.append(f"interrupted: median of {r['rounds']} of {meta['steps']} rounds")
             gpu = ""
