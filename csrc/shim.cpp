@@ -1,6 +1,6 @@
-// ATen entry points that tch does not bind (flash-attention varlen forward), and the matching backward, exposed
-// as extern "C" on at::Tensor pointers (tch's C_tensor). Errors come back as a message, never as a C++ exception
-// crossing into Rust.
+// ATen entry points that tch does not bind (flash-attention 2 varlen and cuDNN attention, forward and backward),
+// exposed as extern "C" on at::Tensor pointers (tch's C_tensor). Errors come back as a message, never as a C++
+// exception crossing into Rust.
 #include <ATen/ATen.h>
 #include <ATen/ops/_flash_attention_backward.h>
 #include <ATen/ops/_flash_attention_forward.h>

@@ -7,8 +7,7 @@
 #    to FA2 (`packed_causal_fa2`: how much of our gap to the proxy is FA2's) and flex;
 # 3. the same with `--vary` (a new prompt length every step, as GRPO batches have: what per-shape costs such as
 #    cuDNN's graph builds add to a step): `shared_prefix` (default: cuDNN only for shapes seen in 8 plans, so FA2
-#    here) beside `shared_prefix_eager_cudnn` (cuDNN for every long one-batch call at once, the default until
-#    2026-11-27) and the proxy on SDPA's choice (cuDNN: it pays the builds too, as stock packed training would) and
+#    here) beside `shared_prefix_eager_cudnn` (cuDNN for every long one-batch call at once) and the proxy on SDPA's choice (cuDNN: it pays the builds too, as stock packed training would) and
 #    on FA2; flex is left out (it recompiles for new shapes);
 # 4. `shared_prefix_cudnn_bucketed` (experimental: the causal self calls padded to multiples of 512 tokens so that
 #    prompt lengths in one bucket share a cuDNN graph) beside `shared_prefix`, varying, in a process of its own
@@ -24,12 +23,10 @@
 # abi3 wheels the image lacks). Results land in $OUT as 7 files (a device call returns at most 8): gpu.txt (card,
 # versions, every bench's log and table; 4 and 5 only there), gpu_tests.log, bench/results.{jsonl,md,png} and
 # bench-vary/results.{jsonl,md}. The tree travels without .git: pass SHARED_PREFIX_COMMIT so the results name the
-# commit. Timeouts default to 110 + 160 + 120 + 60 s inside one 600 s device call (run 8: 44 tests in 33-48 s,
-# now 64, about 75 s; a 5-variant bench about 120 s); each sends SIGINT first (then KILL 5 s later), so pytest
-# prints its summary and the bench writes the rounds it completed. With the install and import checks the worst
-# case is about 490 s, leaving room for a device limit under 600 s. Optional: AVOID=1 (step 5, 70 s more),
-# BENCH15=1 (the 1.5B-shape bench, 170 s more), PROFILE=1 (profiles.txt: one profiled step at 4k, 60 s more). The kernel-forcing variants (shared_prefix_cudnn_views etc.) are recorded (BENCHMARKS.md, runs 4, 6,
-# 7).
+# commit. Timeouts default to 110 + 160 + 120 + 60 s inside one 600 s device call; each sends SIGINT first (then
+# KILL 5 s later), so pytest prints its summary and the bench writes the rounds it completed. With the install and
+# import checks the worst case is about 490 s. Optional: AVOID=1 (step 5, 70 s more), BENCH15=1 (the 1.5B-shape
+# bench, 170 s more), PROFILE=1 (profiles.txt: one profiled step at 4k, 60 s more).
 # Preparing .whl here (the image has torch 2.11 but transformers 5.17): `make wheel` then copy dist/*.whl, and
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl
 # transformers==5.10.4 tokenizers==0.22.2 prefix-grouper==0.0.1.post1` (see the device README).

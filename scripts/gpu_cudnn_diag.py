@@ -14,7 +14,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import shared_prefix as sp
-from shared_prefix.bench import make_batch
+from shared_prefix.bench.variants import make_batch
 
 dev = torch.device("cuda")
 

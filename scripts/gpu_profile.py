@@ -4,8 +4,8 @@ prefixes' and completions' causal attention forced apart, DESIGN's three calls) 
 Usage (GPU machine): python3 scripts/gpu_profile.py OUT_DIR [PxSxGxB ...]. Appends to OUT_DIR/profiles.txt (one
 file, since a device call returns few files): per config and variant, first the host-vs-wall timing of 5 steps
 without the profiler (host = until backward() returns, before the final sync), then the top kernels of one profiled
-step. In H200 run 6 host equalled wall (backward ends waiting for the GPU), so the measure of a host-bound step is
-the profile's "Self CUDA time total" (the kernels' sum) against wall: 152 ms in a 220 ms step at 4096x512x8x1.
+step. Host time can equal wall time (backward ends waiting for the GPU), so what tells a host-bound step is the
+profile's "Self CUDA time total" (the kernels' sum) against wall.
 """
 
 import statistics
@@ -17,9 +17,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import shared_prefix as sp
-from shared_prefix._attention import self_calls
-from shared_prefix._measure import synchronize
-from shared_prefix.bench import build_model, make_batch, packed_causal_logprobs, parse_config
+from shared_prefix._kernels import self_calls
+from shared_prefix.bench.measure import synchronize
+from shared_prefix.bench.baselines import packed_causal_logprobs
+from shared_prefix.bench.cli import parse_config
+from shared_prefix.bench.variants import build_model, make_batch
 
 
 def main() -> None:

@@ -1,96 +1,24 @@
-//! Shared-prefix attention on packed q/k/v `[T, H, D]`: DESIGN's three calls, the log-sum-exp merge and the exact
-//! backward. Backends only supply varlen attention kernels that return (and accept) the log-sum-exp; everything
-//! else here is shared, so the CPU tests exercise the same merge and backward the CUDA path runs.
+//! Shared-prefix attention on packed q/k/v `[T, H, D]`: DESIGN's three calls (or the two causal ones as one),
+//! the log-sum-exp merge and the exact backward, on any backend behind the seam (`seam::Kernels`).
 
-use crate::device_plan::{DevicePlan, WindowTables};
-use planner::Run;
-use std::sync::atomic::{AtomicU8, Ordering};
+use crate::device_plan::{Call, DevicePlan, WindowTables};
+use crate::seam::{contiguous_if, Kernels, Result, Saved};
 use tch::{Kind, Tensor};
 
-pub type Result<T> = std::result::Result<T, tch::TchError>;
-
-/// One attention call's segments: the device tables (flash-attention convention) and the host view of them.
-pub struct Segments<'a> {
-    pub cu_q: &'a Tensor,
-    pub cu_k: &'a Tensor,
-    pub max_q: usize,
-    pub max_k: usize,
-    /// Consecutive equal-length segments, for kernels that take dense batches.
-    pub runs: &'a [Run],
-    /// A sliding window (causal calls only): each query sees itself and the `w - 1` keys before it, with queries
-    /// aligned to the last keys of their segment (bottom-right, as flash kernels align causal attention).
-    pub window: Option<usize>,
-    /// Whether this call's dense shape (one run) recurred in enough earlier plans to be worth a cuDNN graph
-    /// (`device_plan::CUDNN_AFTER`); decided when the plan was made.
-    pub recurring: bool,
-    /// Causal self-attention calls only: dense kernels pad each run of segments at the tail to a multiple of this
-    /// many rows (0: none; `device_plan::CUDNN_BUCKET`), so that nearby lengths share one cuDNN graph.
-    pub bucket: usize,
-}
-
-/// What one attention call's backward takes: the incoming gradient, the call's inputs, and the *final* (merged)
-/// `out` and `lse` of its query rows (views of the packed tensors, `[rows, H, D]` and `[rows, H]`).
-pub struct Saved<'a> {
-    pub dout: &'a Tensor,
-    pub q: &'a Tensor,
-    pub k: &'a Tensor,
-    pub v: &'a Tensor,
-    pub out: &'a Tensor,
-    pub lse: &'a Tensor,
-}
-
-/// The backend seam. `out` is `[Tq, Hq, D]` in the input dtype; `lse` is `[Tq, Hq]` (fp32, or fp64 for fp64).
-/// Rows of segments with no keys never occur (every completion sees its prompt, prompts are non-empty).
-pub trait Kernels {
-    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, seg: &Segments, causal: bool, scale: f64)
-        -> Result<(Tensor, Tensor)>;
-
-    /// Gradients of this call's q, k, v given the final (merged) `out` and `lse` of its query rows.
-    fn backward(&self, s: &Saved, seg: &Segments, causal: bool, scale: f64) -> Result<(Tensor, Tensor, Tensor)>;
-
-    /// Whether every `[T, H, D]` operand must be token-major contiguous, so that all of them (q, k, v, out, dO)
-    /// reach the kernel in one layout. Callers may pass q/k/v in any layout (transformers' come token-major
-    /// after RoPE; a head-major view is just as valid); kernels that take strided views but need one layout for
-    /// all operands say so.
-    fn token_major(&self) -> bool {
-        false
+/// The calls a full-attention layer runs, in order: the prefixes' and the completions' causal calls apart
+/// (`split`) or as one, and the completions against their group's prefix where there are completions.
+pub fn calls(p: &DevicePlan, split: bool) -> &'static [Call] {
+    match (split, p.has_completions()) {
+        (true, true) => &[Call::Prefix, Call::Group, Call::Completion],
+        (false, true) => &[Call::SelfCalls, Call::Group],
+        (true, false) => &[Call::Prefix],
+        (false, false) => &[Call::SelfCalls],
     }
-
-    /// Whether the prefixes' causal call (`prefix`) should run on its own, as DESIGN's call 1. Otherwise calls 1
-    /// and 3 run as one causal call over the whole stream (`DevicePlan::seg_self`): for a varlen kernel one launch
-    /// instead of two in forward and in backward, no copy of the prefix rows' output, and gradients added in
-    /// place instead of concatenated. Kernels that run per run of equal segments gain nothing from it (the same
-    /// calls, plus concatenations), nor do kernels faster on the prefix alone.
-    fn prefix_alone(&self, _prefix: &Segments) -> bool {
-        false
-    }
-}
-
-/// How calls 1 and 3 run: as the kernels prefer (`SELF_CALLS_AUTO`, the default), always apart (`SELF_CALLS_SPLIT`)
-/// or always as one (`SELF_CALLS_FUSED`). The forced modes let the CPU tests cover both executor paths with every
-/// kernel and the bench measure one against the other.
-pub static SELF_CALLS: AtomicU8 = AtomicU8::new(SELF_CALLS_AUTO);
-pub const SELF_CALLS_AUTO: u8 = 0;
-pub const SELF_CALLS_SPLIT: u8 = 1;
-pub const SELF_CALLS_FUSED: u8 = 2;
-
-pub fn self_calls_split(kern: &dyn Kernels, p: &DevicePlan) -> bool {
-    match SELF_CALLS.load(Ordering::Relaxed) {
-        SELF_CALLS_SPLIT => true,
-        SELF_CALLS_FUSED => false,
-        _ => kern.prefix_alone(&p.seg_prefix()),
-    }
-}
-
-/// A contiguous copy of `x` when `yes` (a no-op if it already is), else `x` itself. Fallible: the copy may run
-/// out of memory, which must reach Python as an exception (tch's `contiguous` would panic).
-pub fn contiguous_if(yes: bool, x: &Tensor) -> Result<Tensor> {
-    if yes { x.f_contiguous() } else { Ok(x.shallow_clone()) }
 }
 
 /// `x` itself, or a token-major contiguous copy when the kernels need one layout for every operand or when its
 /// last dimension is not unit-stride (a transposed or expanded view): the dense kernels read each head's D values
-/// as one contiguous row, and ATen's CPU flash kernel returned garbage for such views (found by fuzzing).
+/// as one contiguous row, and ATen's CPU flash kernel returns garbage for such views.
 fn laid_out(kern: &dyn Kernels, x: &Tensor) -> Result<Tensor> {
     contiguous_if(kern.token_major() || x.stride().last().is_some_and(|&s| s != 1), x)
 }
@@ -125,7 +53,7 @@ fn merge_into(o2: &Tensor, l2: &Tensor, o3: &Tensor, l3: &Tensor, out: &Tensor, 
     Ok(())
 }
 
-fn split(x: &Tensor, n_prefix: i64) -> Result<(Tensor, Tensor)> {
+fn split_at(x: &Tensor, n_prefix: i64) -> Result<(Tensor, Tensor)> {
     let total = x.size()[0];
     Ok((x.f_narrow(0, 0, n_prefix)?, x.f_narrow(0, n_prefix, total - n_prefix)?))
 }
@@ -137,41 +65,47 @@ fn tables(p: &DevicePlan, window: usize) -> Result<&WindowTables> {
 }
 
 /// Forward: returns `out [T, Hq, D]` and `lse [T, Hq]` (what backward needs). `window`: a sliding-window layer
-/// (one the plan holds key tables for).
+/// (one the plan holds key tables for); otherwise the layer runs `calls(p, split)`.
+#[allow(clippy::too_many_arguments)]
 pub fn forward(kern: &dyn Kernels, p: &DevicePlan, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64,
-               window: Option<usize>) -> Result<(Tensor, Tensor)> {
+               window: Option<usize>, split: bool) -> Result<(Tensor, Tensor)> {
     let np = p.host.prefix_tokens as i64;
     let (q, k, v) = (laid_out(kern, q)?, laid_out(kern, k)?, laid_out(kern, v)?);
     if let Some(w) = window {
         return forward_window(kern, p, &q, &k, &v, scale, tables(p, w)?);
     }
-    let ((qp, qc), (kp, kc), (vp, vc)) = (split(&q, np)?, split(&k, np)?, split(&v, np)?);
+    let ((qp, qc), (kp, kc), (vp, vc)) = (split_at(&q, np)?, split_at(&k, np)?, split_at(&v, np)?);
     let acc = accum_kind(q.kind());
-    if !self_calls_split(kern, p) {
-        // Calls 1 and 3 as one: the prefix rows' results are final; call 2 is merged into the completion rows.
-        let (out, lse) = kern.forward(&q, &k, &v, &p.seg_self(), true, scale)?;
-        let lse = lse.f_to_kind(acc)?;
-        if p.host.completion_tokens > 0 {
-            let (o2, l2) = kern.forward(&qc, &kp, &vp, &p.seg_group(), false, scale)?;
-            let ((_, oc), (_, lc)) = (split(&out, np)?, split(&lse, np)?);
-            merge_into(&o2, &l2, &oc, &lc, &oc, &lc)?;
+    match calls(p, split) {
+        [Call::SelfCalls, rest @ ..] => {
+            // The prefix rows' results are final; the group call is merged into the completion rows in place.
+            let (out, lse) = kern.forward(&q, &k, &v, &p.segments(Call::SelfCalls), true, scale)?;
+            let lse = lse.f_to_kind(acc)?;
+            if let [Call::Group] = rest {
+                let (o2, l2) = kern.forward(&qc, &kp, &vp, &p.segments(Call::Group), false, scale)?;
+                let ((_, oc), (_, lc)) = (split_at(&out, np)?, split_at(&lse, np)?);
+                merge_into(&o2, &l2, &oc, &lc, &oc, &lc)?;
+            }
+            Ok((out, lse))
         }
-        return Ok((out, lse));
+        [Call::Prefix] => {
+            let (o1, l1) = kern.forward(&qp, &kp, &vp, &p.segments(Call::Prefix), true, scale)?;
+            Ok((o1, l1.f_to_kind(acc)?))
+        }
+        _ => {
+            let (o1, l1) = kern.forward(&qp, &kp, &vp, &p.segments(Call::Prefix), true, scale)?;
+            let (o2, l2) = kern.forward(&qc, &kp, &vp, &p.segments(Call::Group), false, scale)?;
+            let (o3, l3) = kern.forward(&qc, &kc, &vc, &p.segments(Call::Completion), true, scale)?;
+            // One [T, Hq, D] output and one [T, Hq] lse: prefix rows copied in, completion rows merged in place.
+            let (t, hq) = (q.size()[0], q.size()[1]);
+            let out = Tensor::f_empty([t, hq, v.size()[2]], (o1.kind(), o1.device()))?;
+            let lse = Tensor::f_empty([t, hq], (acc, o1.device()))?;
+            out.f_narrow(0, 0, np)?.f_copy_(&o1)?;
+            lse.f_narrow(0, 0, np)?.f_copy_(&l1)?;
+            merge_into(&o2, &l2, &o3, &l3, &out.f_narrow(0, np, t - np)?, &lse.f_narrow(0, np, t - np)?)?;
+            Ok((out, lse))
+        }
     }
-    let (o1, l1) = kern.forward(&qp, &kp, &vp, &p.seg_prefix(), true, scale)?;
-    if p.host.completion_tokens == 0 {
-        return Ok((o1, l1.f_to_kind(acc)?));
-    }
-    let (o2, l2) = kern.forward(&qc, &kp, &vp, &p.seg_group(), false, scale)?;
-    let (o3, l3) = kern.forward(&qc, &kc, &vc, &p.seg_completion(), true, scale)?;
-    // One [T, Hq, D] output and one [T, Hq] lse: prefix rows copied in, completion rows merged in place.
-    let (t, hq) = (q.size()[0], q.size()[1]);
-    let out = Tensor::f_empty([t, hq, v.size()[2]], (o1.kind(), o1.device()))?;
-    let lse = Tensor::f_empty([t, hq], (acc, o1.device()))?;
-    out.f_narrow(0, 0, np)?.f_copy_(&o1)?;
-    lse.f_narrow(0, 0, np)?.f_copy_(&l1)?;
-    merge_into(&o2, &l2, &o3, &l3, &out.f_narrow(0, np, t - np)?, &lse.f_narrow(0, np, t - np)?)?;
-    Ok((out, lse))
 }
 
 /// Exact backward: each call's kernel backward runs with the merged `out`/`lse` of the rows it served, then the
@@ -188,6 +122,7 @@ pub fn backward(
     lse: &Tensor,
     scale: f64,
     window: Option<usize>,
+    split: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let np = p.host.prefix_tokens as i64;
     let (q, k, v) = (laid_out(kern, q)?, laid_out(kern, k)?, laid_out(kern, v)?);
@@ -195,36 +130,40 @@ pub fn backward(
     if let Some(w) = window {
         return backward_window(kern, p, &dout, &q, &k, &v, &out, lse, scale, tables(p, w)?);
     }
-    let ((qp, qc), (kp, kc), (vp, vc)) = (split(&q, np)?, split(&k, np)?, split(&v, np)?);
-    let ((dop, doc), (op, oc), (lp, lc)) = (split(&dout, np)?, split(&out, np)?, split(lse, np)?);
-    if !self_calls_split(kern, p) {
-        let all = Saved { dout: &dout, q: &q, k: &k, v: &v, out: &out, lse };
-        let (dq, dk, dv) = kern.backward(&all, &p.seg_self(), true, scale)?;
-        if p.host.completion_tokens > 0 {
-            // Call 2 (completion rows against their prefix keys) adds onto the fresh gradients in place.
-            let call2 = Saved { dout: &doc, q: &qc, k: &kp, v: &vp, out: &oc, lse: &lc };
-            let (dq2, dk2, dv2) = kern.backward(&call2, &p.seg_group(), false, scale)?;
-            let _ = split(&dq, np)?.1.f_add_(&dq2)?;
-            let _ = split(&dk, np)?.0.f_add_(&dk2)?;
-            let _ = split(&dv, np)?.0.f_add_(&dv2)?;
+    let ((qp, qc), (kp, kc), (vp, vc)) = (split_at(&q, np)?, split_at(&k, np)?, split_at(&v, np)?);
+    let ((dop, doc), (op, oc), (lp, lc)) = (split_at(&dout, np)?, split_at(&out, np)?, split_at(lse, np)?);
+    // The group call and the completions' own call serve the same completion rows: both see their merged out/lse.
+    let group = Saved { dout: &doc, q: &qc, k: &kp, v: &vp, out: &oc, lse: &lc };
+    match calls(p, split) {
+        [Call::SelfCalls, rest @ ..] => {
+            let all = Saved { dout: &dout, q: &q, k: &k, v: &v, out: &out, lse };
+            let (dq, dk, dv) = kern.backward(&all, &p.segments(Call::SelfCalls), true, scale)?;
+            if let [Call::Group] = rest {
+                // Added onto the fresh gradients in place.
+                let (dq2, dk2, dv2) = kern.backward(&group, &p.segments(Call::Group), false, scale)?;
+                let _ = split_at(&dq, np)?.1.f_add_(&dq2)?;
+                let _ = split_at(&dk, np)?.0.f_add_(&dk2)?;
+                let _ = split_at(&dv, np)?.0.f_add_(&dv2)?;
+            }
+            Ok((dq, dk, dv))
         }
-        return Ok((dq, dk, dv));
+        [Call::Prefix] => {
+            let prefix = Saved { dout: &dop, q: &qp, k: &kp, v: &vp, out: &op, lse: &lp };
+            kern.backward(&prefix, &p.segments(Call::Prefix), true, scale)
+        }
+        _ => {
+            let prefix = Saved { dout: &dop, q: &qp, k: &kp, v: &vp, out: &op, lse: &lp };
+            let own = Saved { k: &kc, v: &vc, ..group };
+            let (dq1, dk1, dv1) = kern.backward(&prefix, &p.segments(Call::Prefix), true, scale)?;
+            let (dq2, dk2, dv2) = kern.backward(&group, &p.segments(Call::Group), false, scale)?;
+            let (dq3, dk3, dv3) = kern.backward(&own, &p.segments(Call::Completion), true, scale)?;
+            Ok((
+                Tensor::f_cat(&[dq1, dq2.f_add(&dq3)?], 0)?,
+                Tensor::f_cat(&[dk1.f_add(&dk2)?, dk3], 0)?,
+                Tensor::f_cat(&[dv1.f_add(&dv2)?, dv3], 0)?,
+            ))
+        }
     }
-    let call1 = Saved { dout: &dop, q: &qp, k: &kp, v: &vp, out: &op, lse: &lp };
-    let (dq1, dk1, dv1) = kern.backward(&call1, &p.seg_prefix(), true, scale)?;
-    if p.host.completion_tokens == 0 {
-        return Ok((dq1, dk1, dv1));
-    }
-    // Calls 2 and 3 serve the same completion rows: both see the merged out/lse of those rows.
-    let call2 = Saved { dout: &doc, q: &qc, k: &kp, v: &vp, out: &oc, lse: &lc };
-    let call3 = Saved { k: &kc, v: &vc, ..call2 };
-    let (dq2, dk2, dv2) = kern.backward(&call2, &p.seg_group(), false, scale)?;
-    let (dq3, dk3, dv3) = kern.backward(&call3, &p.seg_completion(), true, scale)?;
-    Ok((
-        Tensor::f_cat(&[dq1, dq2.f_add(&dq3)?], 0)?,
-        Tensor::f_cat(&[dk1.f_add(&dk2)?, dk3], 0)?,
-        Tensor::f_cat(&[dv1.f_add(&dv2)?, dv3], 0)?,
-    ))
 }
 
 /// A sliding-window layer in two calls and no merge: each prefix causally within the window, and each completion
@@ -234,13 +173,13 @@ fn forward_window(kern: &dyn Kernels, p: &DevicePlan, q: &Tensor, k: &Tensor, v:
                   w: &WindowTables) -> Result<(Tensor, Tensor)> {
     let np = p.host.prefix_tokens as i64;
     let acc = accum_kind(q.kind());
-    let ((qp, qc), (kp, _), (vp, _)) = (split(q, np)?, split(k, np)?, split(v, np)?);
-    let (o1, l1) = kern.forward(&qp, &kp, &vp, &p.seg_prefix_window(w.window), true, scale)?;
-    if p.host.completion_tokens == 0 {
+    let ((qp, qc), (kp, _), (vp, _)) = (split_at(q, np)?, split_at(k, np)?, split_at(v, np)?);
+    let (o1, l1) = kern.forward(&qp, &kp, &vp, &p.prefix_window(w.window), true, scale)?;
+    if !p.has_completions() {
         return Ok((o1, l1.f_to_kind(acc)?));
     }
     let (kw, vw) = (k.f_index_select(0, &w.gather)?, v.f_index_select(0, &w.gather)?);
-    let (o2, l2) = kern.forward(&qc, &kw, &vw, &p.seg_window(w), true, scale)?;
+    let (o2, l2) = kern.forward(&qc, &kw, &vw, &p.completion_window(w), true, scale)?;
     Ok((Tensor::f_cat(&[o1, o2], 0)?, Tensor::f_cat(&[l1.f_to_kind(acc)?, l2.f_to_kind(acc)?], 0)?))
 }
 
@@ -251,16 +190,16 @@ fn forward_window(kern: &dyn Kernels, p: &DevicePlan, q: &Tensor, k: &Tensor, v:
 fn backward_window(kern: &dyn Kernels, p: &DevicePlan, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor,
                    out: &Tensor, lse: &Tensor, scale: f64, w: &WindowTables) -> Result<(Tensor, Tensor, Tensor)> {
     let np = p.host.prefix_tokens as i64;
-    let ((qp, qc), (kp, _), (vp, _)) = (split(q, np)?, split(k, np)?, split(v, np)?);
-    let ((dop, doc), (op, oc), (lp, lc)) = (split(dout, np)?, split(out, np)?, split(lse, np)?);
+    let ((qp, qc), (kp, _), (vp, _)) = (split_at(q, np)?, split_at(k, np)?, split_at(v, np)?);
+    let ((dop, doc), (op, oc), (lp, lc)) = (split_at(dout, np)?, split_at(out, np)?, split_at(lse, np)?);
     let call1 = Saved { dout: &dop, q: &qp, k: &kp, v: &vp, out: &op, lse: &lp };
-    let (dq1, dk1, dv1) = kern.backward(&call1, &p.seg_prefix_window(w.window), true, scale)?;
-    if p.host.completion_tokens == 0 {
+    let (dq1, dk1, dv1) = kern.backward(&call1, &p.prefix_window(w.window), true, scale)?;
+    if !p.has_completions() {
         return Ok((dq1, dk1, dv1));
     }
     let (kw, vw) = (k.f_index_select(0, &w.gather)?, v.f_index_select(0, &w.gather)?);
     let call2 = Saved { dout: &doc, q: &qc, k: &kw, v: &vw, out: &oc, lse: &lc };
-    let (dq2, dkw, dvw) = kern.backward(&call2, &p.seg_window(w), true, scale)?;
+    let (dq2, dkw, dvw) = kern.backward(&call2, &p.completion_window(w), true, scale)?;
     let acc = accum_kind(k.kind());
     let scatter = |d1: &Tensor, dw: &Tensor, like: &Tensor| -> Result<Tensor> {
         let rest = like.size()[0] - np;

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import shared_prefix as sp
 from helpers import causal_attention, padded, rel
 from shared_prefix import _core
-from shared_prefix._attention import cudnn_bucket, self_calls
+from shared_prefix._kernels import cudnn_bucket, self_calls
 
 
 # Fresh empty tensors are NaN-filled in every test here (conftest.py), so unwritten elements cannot pass by luck.
@@ -312,19 +312,22 @@ def test_padded_self_calls_pad(mode):
     want = [5, 8, 16]
     q, k, v = (torch.randn(2 * 13 + 2 * 5, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     ids = torch.stack([torch.arange(1, 14), torch.arange(2, 15)])
-    with cudnn_bucket(8):  # the plan holds the bucket; the threshold is read when a call runs
-        plan = sp.plan(ids, torch.ones(2, 13, dtype=torch.bool), ids[:, :5], torch.ones(2, 5, dtype=torch.bool))
 
-    def lengths(op):
+    def make_plan():  # the plan holds the padding (bucket and threshold) in effect when it is made
+        with cudnn_bucket(8):
+            return sp.plan(ids, torch.ones(2, 13, dtype=torch.bool), ids[:, :5], torch.ones(2, 5, dtype=torch.bool))
+
+    def lengths(plan, op):
         with self_calls(mode), torch.profiler.profile(record_shapes=True) as prof:
             sp.attention(q, k, v, plan, kernels="cpu_flash").sum().backward()
         return sorted({tuple(e.input_shapes[0])[2] for e in prof.events() if e.name == op})
 
     forward = "aten::_scaled_dot_product_flash_attention_for_cpu"
     with padding_short_runs():
-        got = (lengths(forward), lengths(forward + "_backward"))
+        padded = make_plan()
+    got = (lengths(padded, forward), lengths(padded, forward + "_backward"))
     assert got[0] == want and got[1] == want, got
-    assert 16 not in lengths(forward)
+    assert 16 not in lengths(make_plan(), forward)
 
 
 @pytest.mark.parametrize("mode,calls", [("fused", 2), ("split", 3), ("auto", 3)])
@@ -404,7 +407,7 @@ def test_math_kernel_blocks_in_low_precision(math_block_bytes, dtype):
 def test_math_kernel_memory_is_bounded_by_blocks(math_block_bytes):
     """One 1024-token prompt with 4 completions: with a 1 MiB score budget the math kernel's peak (forward and
     backward) is a fraction of the unblocked one, whose score tensors are 4 x 1024 x 1024 x 8 bytes each."""
-    from shared_prefix._measure import peak_memory_bytes
+    from shared_prefix.bench.measure import peak_memory_bytes
 
     pid = torch.randint(1, 50, (1, 1024)).repeat(4, 1)
     cid = torch.randint(1, 50, (4, 16))

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from shared_prefix import bench, demo
+from shared_prefix.bench import baselines, demo, report, variants
+from shared_prefix.bench import cli as bench
 
 
 def test_bench_writes_results(tmp_path):
@@ -99,7 +100,7 @@ def test_packed_causal_fa2_holds_sdpa_to_flash(tmp_path, monkeypatch):
         for name in wanted:
             def fn(name=name):
                 flags.setdefault(name, set()).add(now())
-                return bench.packed_causal_logprobs(model, pid, cid, g)
+                return baselines.packed_causal_logprobs(model, pid, cid, g)
             out[name] = fn
         return out
 
@@ -140,7 +141,7 @@ def test_measure_methods_keeps_going():
     agreement; the others are measured and compared with the first."""
     import torch
 
-    from shared_prefix._measure import measure_methods
+    from shared_prefix.bench.measure import measure_methods
 
     lin = torch.nn.Linear(4, 3).double()
     x = torch.randn(5, 4, dtype=torch.float64)
@@ -184,7 +185,7 @@ def test_measure_methods_interrupted():
     keep_going it propagates."""
     import torch
 
-    from shared_prefix._measure import measure_methods
+    from shared_prefix.bench.measure import measure_methods
 
     lin = torch.nn.Linear(4, 3).double()
     x = torch.randn(5, 4, dtype=torch.float64)
@@ -208,7 +209,7 @@ def test_measure_methods_interrupted_between_steps(monkeypatch):
     still ends with rounds/error, so the bench's table can be written."""
     import torch
 
-    from shared_prefix import _measure
+    from shared_prefix.bench import measure as _measure
 
     lin = torch.nn.Linear(4, 3).double()
     x = torch.randn(5, 4, dtype=torch.float64)
@@ -220,7 +221,7 @@ def test_measure_methods_interrupted_between_steps(monkeypatch):
     rows = [dict(config="1x1x1x1", variant=k, **v) for k, v in res.items()]
     meta = dict(device_name="cpu", model="m", dtype="float64", grad_ckpt=False, torch="t", commit="c", date="d",
                 steps=3)
-    assert "| 1x1x1x1 | b | — |" in bench.markdown(rows, meta)
+    assert "| 1x1x1x1 | b | — |" in report.markdown(rows, meta)
 
 
 def test_markdown_gpu_busy_columns():
@@ -233,14 +234,14 @@ def test_markdown_gpu_busy_columns():
             dict(config="1x1x1x1", variant="packed_causal", median_s=0.5, gpu_busy_s=0.4, gpu_attn_s=0.1, **common),
             dict(config="1x1x1x1", variant="shared_prefix", median_s=0.5, gpu_busy_s=0.3, gpu_attn_s=0.05, **common),
             dict(config="1x1x1x1", variant="flex", median_s=0.6, gpu_busy_error="RuntimeError: x", **common)]
-    table = bench.markdown(rows, meta)
+    table = report.markdown(rows, meta)
     assert "GPU busy s (attention)" in table
     assert "| 0.300 (0.050) | 0.75× |" in table
     assert "| 1.000000 | — | — |" in table
-    assert "GPU busy" not in bench.markdown([{k: v for k, v in r.items() if not k.startswith("gpu")} for r in rows],
+    assert "GPU busy" not in report.markdown([{k: v for k, v in r.items() if not k.startswith("gpu")} for r in rows],
                                             meta)
     rows[1]["gpu_busy_s"] = 0.0  # a reference without a busy time: no ratio, no ZeroDivisionError
-    assert "| 0.300 (0.050) | — |" in bench.markdown(rows, meta)
+    assert "| 0.300 (0.050) | — |" in report.markdown(rows, meta)
 
 
 def test_bench_keeps_partial_results_when_interrupted(tmp_path, monkeypatch):
@@ -248,7 +249,7 @@ def test_bench_keeps_partial_results_when_interrupted(tmp_path, monkeypatch):
     written (jsonl, table, plot), the remaining configs are skipped and the exit status is 130."""
     out = tmp_path / "bench"
     # baseline runs 2 untimed + 3 timed steps in the first config; its 8th call is the second config's first round.
-    monkeypatch.setattr(bench, "stock_logprobs", _interrupt_on_call(8, bench.stock_logprobs))
+    monkeypatch.setattr(variants, "stock_logprobs", _interrupt_on_call(8, variants.stock_logprobs))
     argv = ["--config", "24x4x2x1", "--config", "20x5x2x2", "--config", "16x3x2x1", "--steps", "3",
             "--variants", "baseline,shared_prefix", "--out", str(out), "--threads", "1"]
     assert bench.main(argv) == 130

@@ -189,6 +189,28 @@ def test_forward_refuses_keywords_that_change_attention():
     assert torch.equal(ours.forward(None, q, k, k, s_aux=sinks), ours.forward(None, q, k, k, sinks=sinks))
 
 
+def test_forward_needs_no_transformers():
+    """The compat layer's attention stands on the core alone: a process where transformers cannot be imported
+    builds a grouper, runs forward, and its refusals still raise."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import torch\n"
+        "from shared_prefix.compat import PrefixGrouper\n"
+        "pg = PrefixGrouper([[3, 2, 1], [2, 4]])\n"
+        "q = torch.randn(2, 2, pg.x_shape[1], 8, dtype=torch.float64)\n"
+        "assert pg.forward(None, q, q, q).shape == (2, pg.x_shape[1], 2, 8)\n"
+        "try:\n"
+        "    pg.forward(None, q, q, q, softcap=1.0)\n"
+        "except NotImplementedError:\n"
+        "    print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 def test_lengths_and_masks_as_the_original_takes_them():
     """group_info of NumPy ints, 0-d tensors or another grouper's Info objects, and float attention masks, give
     the same grouper as plain ints and bool masks; a group without prefix tokens is refused by name (the

@@ -11,7 +11,7 @@ import torch
 
 import shared_prefix as sp
 from helpers import padded, rel
-from shared_prefix._attention import self_calls
+from shared_prefix._kernels import self_calls
 from test_attention import build_case, leaves, reference
 from test_hf import make_batch, stock_logprobs, tiny_model
 
@@ -288,7 +288,7 @@ def test_sliced_head_against_fp64(dtype):
 def test_sliced_head_peak_memory_and_syncs():
     """On the GPU the sliced head's peak is a fraction of the unsliced one's, and it never reads back to the host."""
     from shared_prefix._logprobs import head_logprobs
-    from shared_prefix._measure import peak_memory_bytes
+    from shared_prefix.bench.measure import peak_memory_bytes
 
     _, (h_d, head_d, t_d) = _head_case(torch.bfloat16, n=2048, hidden=256, vocab=65536)
 
@@ -317,7 +317,7 @@ def test_kernels_at_the_bench_shape_that_broke_cudnn(kernels, head_major_qk):
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from shared_prefix.bench import make_batch
+    from shared_prefix.bench.variants import make_batch
 
     pid, pmask, cid, cmask = make_batch(8192, 256, 16, 1, 1000, DEV)
     sp._core._forget_shapes()
@@ -364,7 +364,7 @@ def test_cudnn_on_padded_self_calls(kernels):
     cuDNN under ``cudnn_after(0)``); the 300-token completions run unpadded (shorter than the 8192 keys padding
     needs). bf16 against fp32 explicit-math attention on the same inputs and an unpadded plan, values and
     gradients; the profiler shows cuDNN's forward and backward at the padded length."""
-    from shared_prefix.bench import make_batch
+    from shared_prefix.bench.variants import make_batch
 
     pid, pmask, cid, cmask = make_batch(8292, 300, 4, 1, 1000, DEV)
     sp._core._forget_shapes()
@@ -397,7 +397,7 @@ def test_cudnn_on_padded_self_calls(kernels):
 def test_gpu_kernel_seconds():
     """The bench's GPU busy time: kernels of a step are counted (a 4096² matmul alone is well above 10 µs), and an
     SDPA call's kernel lands in the attention part, a matmul's does not."""
-    from shared_prefix._measure import gpu_kernel_seconds
+    from shared_prefix.bench.measure import gpu_kernel_seconds
 
     a = torch.randn(4096, 4096, device=DEV, dtype=torch.bfloat16)
     mm = gpu_kernel_seconds(lambda: a @ a)

@@ -238,6 +238,26 @@ def test_direct_model_call_with_plan():
     assert (lp - ref_lp).abs().max().item() <= 1e-9
 
 
+def test_one_plan_serves_several_forwards():
+    """One plan for a micro-batch's policy, old and reference log-probs: each PackedForward counts its own layers,
+    and each forward's numbers equal completion_logprobs' (which plans afresh)."""
+    from shared_prefix.hf import PackedForward
+
+    model = tiny_model("qwen2")
+    rows, pid, pmask, cid, cmask = make_batch(seed=3)
+    p = sp.plan(pid, pmask, cid, cmask)
+    want = sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0.8)
+    for _ in range(3):
+        forward = PackedForward(model, p)
+        got, entropy = forward.logprobs(forward.run(), 0.8)
+        assert forward.attention_calls == model.config.num_hidden_layers and entropy is None
+        assert torch.equal(got, want)
+    stale = PackedForward(model, p)
+    stale.count_layer()  # one layer too many: the forward is refused, not trusted
+    with pytest.raises(sp.UnsupportedModelError, match="3 attention call"):
+        stale.run()
+
+
 @pytest.mark.parametrize("family,extra", [
     ("mistral", {"sliding_window": 4}),  # every layer
     ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}),  # layer 1 only
@@ -280,14 +300,16 @@ class TestUnsupported:
     def test_torch_without_local_flash_attention(self, monkeypatch):
         """A torch built with FLASHATTENTION_DISABLE_LOCAL raises this before launching FA2 with a window: a windowed
         model is then refused (TRL and verl run the stock method) instead of failing the step."""
-        real = sp.hf.attention
+        from shared_prefix.hf import registry
+
+        real = registry.attention
 
         def no_local(*args, window=None, **kw):
             if window is not None:
                 raise RuntimeError("This flash attention build does not support local attention.")
             return real(*args, **kw)
 
-        monkeypatch.setattr(sp.hf, "attention", no_local)
+        monkeypatch.setattr(registry, "attention", no_local)
         _, pid, pmask, cid, cmask = make_batch()
         with pytest.raises(sp.UnsupportedModelError, match="has no sliding windows"):
             sp.completion_logprobs(tiny_model("mistral", sliding_window=4), pid, pmask, cid, cmask)

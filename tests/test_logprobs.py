@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import shared_prefix as sp
 from shared_prefix._logprobs import head_logprobs, token_logprobs
-from shared_prefix._measure import peak_memory_bytes
+from shared_prefix.bench.measure import peak_memory_bytes
 from test_hf import make_batch, param_grads, stock_logprobs, tiny_model
 
 # Fresh empty tensors are NaN-filled in every test here (conftest.py): the head's weight and bias gradients are

@@ -31,6 +31,18 @@ def test_layout_positions_and_groups():
     assert p.input_ids.dtype == torch.long and p.position_ids.dtype == torch.long
 
 
+def test_plan_is_a_value():
+    """A plan holds no state of any forward: its fields cannot be set, and attention on it changes nothing in it."""
+    p = sp.plan(*batch())
+    for name in ("num_tokens", "attention_calls", "input_ids"):
+        with pytest.raises(AttributeError, match="immutable"):
+            setattr(p, name, 0)
+    before = {name: getattr(p, name) for name in ("num_tokens", "group_sizes", "windows", "max_seqlen")}
+    q = torch.randn(p.num_tokens, 2, 4, dtype=torch.float64, requires_grad=True)
+    sp.attention(q, q, q, p).sum().backward()
+    assert not hasattr(p, "__dict__") and {name: getattr(p, name) for name in before} == before
+
+
 def test_pack_is_differentiable_and_predictors():
     pid, pmask, cid, cmask = batch()
     p = sp.plan(pid, pmask, cid, cmask)
@@ -227,7 +239,7 @@ def test_auto_kernels_at_once_and_never(fresh_shapes):
         # Several runs (prompts of two lengths) or fewer than 8192 keys: never cuDNN.
         assert long_plan([9021, 9023]).auto_kernels == FUSED_FLASH
         assert long_plan([8191]).auto_kernels == FUSED_FLASH
-        with sp._attention.self_calls("split"):
+        with sp._kernels.self_calls("split"):
             assert long_plan([100]).auto_kernels == {"prefix": "flash", "completions_x_prefix": "flash",
                                                      "completions": "flash"}
         no_completions = sp.plan(torch.ones(1, 9029, dtype=torch.long), torch.ones(1, 9029, dtype=torch.bool),

@@ -178,10 +178,10 @@ def _unsplittable_model(kind):
 def test_models_the_plan_cannot_split_fall_back_to_stock(tmp_path, caplog, monkeypatch, kind):
     """Such a model trains exactly as with the stock trainer: the stock log-probs are used (logged once with the
     reason); a model class found unsplittable on its forward is not tried again."""
-    import shared_prefix.hf
+    from shared_prefix.hf import pipeline
 
     if kind == "window":  # plans without the window's key tables: refused per micro-batch
-        monkeypatch.setattr(shared_prefix.hf, "model_windows", lambda model: [])
+        monkeypatch.setattr(pipeline, "model_windows", lambda model: [])
     path = tmp_path / "model"
     _unsplittable_model(kind).save_pretrained(path)
     ids, mask, lc = batch()
@@ -197,7 +197,7 @@ def test_models_the_plan_cannot_split_fall_back_to_stock(tmp_path, caplog, monke
     assert (lp_o - lp_s).abs().max().item() <= 1e-6 and (ent_o - ent_s).abs().max().item() <= 1e-6
     reason = "0 attention call" if kind == "stablelm" else "sliding_window=4"
     assert caplog.text.count(reason) == 1, caplog.text
-    assert bool(ours._shared_prefix_refused) == (kind == "stablelm")
+    assert bool(ours.shared_prefix_fallbacks.refused) == (kind == "stablelm")
 
 
 def test_sliding_window_model_runs_ours(tmp_path, caplog):
@@ -390,7 +390,7 @@ def test_logps_and_grads_equal_stock_under_fsdp2(tmp_path, head_unit):
         results.append((logps.detach(), ent.detach(), {n: p.grad.full_tensor() for n, p in m.named_parameters()}))
         if cls is SharedPrefixGRPOTrainer:
             assert t._metrics["train"][METRIC][-1] > 0  # ours ran
-            assert not t._shared_prefix_fallbacks
+            assert not t.shared_prefix_fallbacks.said
     (lp_s, ent_s, g_s), (lp_o, ent_o, g_o) = results
     assert (lp_o - lp_s).abs().max().item() <= 1e-6
     assert (ent_o - ent_s).abs().max().item() <= 1e-6
@@ -405,9 +405,9 @@ def test_deepspeed_zero3_is_refused(tmp_path, monkeypatch):
     import transformers.integrations.deepspeed as ds
 
     t = trainer(SharedPrefixGRPOTrainer, tmp_path)
-    assert t._shared_prefix_unsupported(t.model, False, {}) is None
+    assert t._shared_prefix_refusal(t.model, False, {}) is None
     monkeypatch.setattr(ds, "is_deepspeed_zero3_enabled", lambda: True)
-    assert "ZeRO-3" in t._shared_prefix_unsupported(t.model, False, {})
+    assert "ZeRO-3" in t._shared_prefix_refusal(t.model, False, {})
 
 
 def test_fsdp1_falls_back_to_stock(tmp_path, caplog):

@@ -27,6 +27,7 @@ from verl.workers.config import FSDPEngineConfig  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
 
 import shared_prefix.verl as spv  # noqa: E402
+from shared_prefix.hf import pipeline  # noqa: E402
 from helpers import ensure_gloo  # noqa: E402
 
 
@@ -206,10 +207,10 @@ def test_models_the_plan_cannot_split_run_stock(engine, caplog, monkeypatch, kin
         cfg._attn_implementation = "sdpa"
         engine.module = Qwen2ForCausalLM(cfg)
         # Plans without the window's key tables, and the config-level check off: the layers find the window.
-        monkeypatch.setattr(spv.hf, "model_windows", lambda model: [])
-        monkeypatch.setattr(spv.hf, "unsupported_for", lambda model, p, stock_seq_len=None: None)
-    spv._state["refused"].clear()
-    spv._state["said"].clear()  # reasons are logged once per process
+        monkeypatch.setattr(pipeline, "model_windows", lambda model: [])
+        monkeypatch.setattr(pipeline, "unsupported_for", lambda model, p, stock_seq_len=None: None)
+    spv.fallbacks.refused.clear()
+    spv.fallbacks.said.clear()  # reasons are logged once per process
     td, rmask = micro_batch(True)
     resp = rmask.sum(1)
     stock, g_stock = run(engine, td, enabled=False, resp_lens=resp)
@@ -229,7 +230,7 @@ def test_models_the_plan_cannot_split_run_stock(engine, caplog, monkeypatch, kin
     assert reason in caplog.text
     # The next micro-batch: StableLM goes stock from the first hook; the windowed model tries the plan again.
     assert (spv._KEY in again) == (kind != "stablelm")
-    spv._state["refused"].clear()
+    spv.fallbacks.refused.clear()
 
 
 def run_through_hooks(engine, td, resp_lens):
@@ -305,7 +306,7 @@ def fsdp2_comparison(tie_word_embeddings, seed=1):
     engine = make_engine(tie_word_embeddings)
     shard_like_verl(engine.module)
     seen = {}
-    real = spv.hf.unsharded_lm_head
+    real = pipeline.unsharded_lm_head
 
     @contextlib.contextmanager
     def spy(root, head=None):
@@ -314,14 +315,14 @@ def fsdp2_comparison(tie_word_embeddings, seed=1):
             seen["used"] = type(weight)
             yield weight, bias
 
-    spv.hf.unsharded_lm_head = spy
+    pipeline.unsharded_lm_head = spy
     try:
         td, rmask = micro_batch(True, seed=seed)
         resp = rmask.sum(1)
         stock, g_stock = run(engine, td, enabled=False, resp_lens=resp)
         ours, g_ours = run(engine, td, enabled=True, resp_lens=resp)
     finally:
-        spv.hf.unsharded_lm_head = real
+        pipeline.unsharded_lm_head = real
         spv.enable(False)
     pos = response_positions(stock["log_probs"].offsets(), resp)
     diff = max((ours[k].values()[pos] - stock[k].values()[pos]).abs().max().item() for k in ("log_probs", "entropy"))

@@ -5,8 +5,10 @@ Import order matters: torch first, so the Rust extension links against the libto
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
+from ._attention import attention
+from ._kernels import cudnn_after, cudnn_bucket
 from ._plan import Plan, plan
-from ._attention import attention, cudnn_after, cudnn_bucket
+from ._refusals import UnsupportedModelError
 
 __all__ = ["Plan", "plan", "attention", "cudnn_after", "cudnn_bucket",
            "register", "completion_logprobs", "UnsupportedModelError"]
@@ -19,7 +21,7 @@ _SUBMODULES = ("hf", "trl", "verl", "compat", "bench", "demo")
 
 def __getattr__(name):
     # transformers is imported only when an HF entry point is used.
-    if name in ("register", "completion_logprobs", "UnsupportedModelError"):
+    if name in ("register", "completion_logprobs"):
         from . import hf
 
         return getattr(hf, name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import os
@@ -11,7 +10,9 @@ from typing import Optional
 import torch
 
 from . import _core
-from ._plan import _FLOAT_KINDS, Plan
+from ._plan import Plan
+
+_FLOAT_KINDS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class _SharedPrefixAttention(torch.autograd.Function):
@@ -83,7 +84,8 @@ def attention(
     ``"flash"``, ``"cudnn_views"`` (cuDNN dense attention per run of equal-length segments, on views of the packed
     tensors), ``"cudnn"`` (the same on contiguous copies) or ``"math"`` (explicit matmuls, any device, the CUDA
     fp32/fp64 default, and the CPU kernel for sliding windows). Without it, the environment variable
-    ``SHARED_PREFIX_KERNELS`` may name one.
+    ``SHARED_PREFIX_KERNELS`` may name one. The default's settings: :func:`shared_prefix.cudnn_after`,
+    :func:`shared_prefix.cudnn_bucket`.
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan: expected a shared_prefix.Plan, got {type(plan).__name__}")
@@ -130,54 +132,6 @@ def attention(
     return _apply(q, k, v, plan, float(scale), kernels, window, sinks)
 
 
-@contextlib.contextmanager
-def _process_setting(setter, value):
-    """One of the core's process-wide settings for the block (``setter`` sets it and returns the previous value)."""
-    before = setter(value)
-    try:
-        yield
-    finally:
-        setter(before)
-
-
-def self_calls(mode: str):
-    """Run the prefixes' and completions' causal calls apart (``"split"``, DESIGN's three calls), as one
-    (``"fused"``) or as the kernels prefer (``"auto"``, the default: one call on flash-attention 2, apart on the
-    per-run kernels) inside the block, then restore the previous mode (process-wide; for tests and benchmarks)."""
-    return _process_setting(_core.set_self_calls, mode)
-
-
-def cudnn_after(plans: int):
-    """Inside the block, plans made on CUDA give an fp16/bf16 attention call to cuDNN (under the default
-    ``kernels="auto"``) once ``plans`` earlier plans had its shape (by default 8), then restore the previous
-    setting (process-wide).
-
-    Only calls that are one dense batch of at least 8192 keys qualify. cuDNN's first call of a shape builds a graph
-    (0.1-0.7 s a shape on an H200, more than its steady-state gain over flash-attention 2 for several steps), so
-    the default waits for a shape to recur; ``cudnn_after(0)`` suits fixed-shape runs (padded batches, benchmarks).
-    ``Plan.auto_kernels`` tells what a plan will use.
-    """
-    if isinstance(plans, bool) or not isinstance(plans, numbers.Integral) or not 0 <= plans < 2**32:
-        raise ValueError(f"plans: expected an int >= 0 (earlier plans of a shape before cuDNN), got {plans!r}")
-    return _process_setting(_core.set_cudnn_after, int(plans))
-
-
-def cudnn_bucket(tokens: int):
-    """Inside the block, plans pad their causal self-attention calls of at least 8192 keys that run on dense
-    kernels (cuDNN; also the CPU and explicit-math kernels) at each segment's tail to a multiple of ``tokens`` rows
-    (0: no padding, the default), then restore the previous setting (process-wide).
-
-    Plans whose prompts (one length per plan: prompts of different lengths are separate runs, on flash-attention
-    2) fall in one bucket then share one cuDNN graph for the prefixes' call (cuDNN builds one per shape), and count
-    as one shape for :func:`cudnn_after`. Exact (no real query sees a padded key; padded rows add nothing to any
-    gradient), at the cost of copies into padded buffers and up to ``tokens - 1`` extra rows per segment.
-    Experimental: not yet measured on a GPU.
-    """
-    if isinstance(tokens, bool) or not isinstance(tokens, numbers.Integral) or not 0 <= tokens < 2**31:
-        raise ValueError(f"tokens: expected an int >= 0 (a padding multiple; 0 for none), got {tokens!r}")
-    return _process_setting(_core.set_cudnn_bucket, int(tokens))
-
-
 def _apply(q, k, v, plan: Plan, scale: float, kernels: Optional[str], window: Optional[int],
            sinks: Optional[torch.Tensor]) -> torch.Tensor:
     device = q.device.type
@@ -187,8 +141,8 @@ def _apply(q, k, v, plan: Plan, scale: float, kernels: Optional[str], window: Op
         # states), which SDPA accepts only because autocast casts them. Autograd casts the gradients back.
         q, k, v = (_autocast_operand(t, device) for t in (q, k, v))
         with torch.autocast(device, enabled=False):  # our kernels run in exactly these dtypes
-            return _SharedPrefixAttention.apply(q, k, v, plan._core, scale, kernels, window, sinks)
-    return _SharedPrefixAttention.apply(q, k, v, plan._core, scale, kernels, window, sinks)
+            return _SharedPrefixAttention.apply(q, k, v, plan.core, scale, kernels, window, sinks)
+    return _SharedPrefixAttention.apply(q, k, v, plan.core, scale, kernels, window, sinks)
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")

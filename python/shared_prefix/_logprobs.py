@@ -25,9 +25,9 @@ import torch
 
 # Working set per logit of a slice: the logits, their fp32 scaled copy, probabilities and the logits' gradient.
 BYTES_PER_LOGIT = 16
-# A slice's working set stays within this budget. Every slice also costs host time for its small ops (forward and
-# backward, measured at tiny sizes on a 2-core CPU: 200-250 µs), which a host-bound GPU step feels: at a 152k
-# vocabulary and 4096 rows, 256 MiB meant 38 slices; 512 MiB halves them ...
+# A slice's working set stays within this budget. Every slice also costs host time for its small ops, which a
+# host-bound GPU step feels, so the budget trades peak memory for fewer slices (a 152k vocabulary at 4096 rows:
+# 19 slices) ...
 CHUNK_BUDGET_BYTES = 512 * 2**20
 # ... and is at most 1/MIN_CHUNKS of the unchunked one, so the head stays a small part of a step's peak on small
 # models too; but a slice keeps at least MIN_COLUMNS columns (narrower GEMMs and more launches cost more than they

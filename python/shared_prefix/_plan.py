@@ -6,15 +6,13 @@ host→device copy of the index tensors. Nothing here loops over rows or tokens 
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Hashable, Optional, Sequence, Union
 
 import torch
 
 from . import _core
-
-_FLOAT_KINDS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 # Integer dtypes that every op on ids (gathers, embeddings) takes; not uint16/32/64 or quantized ones.
 _ID_KINDS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -47,64 +45,64 @@ def _check_mask(name: str, t: object, like: torch.Tensor, like_name: str) -> tor
 class Plan:
     """One micro-batch packed as ``[prefix_0 | … | prefix_{n-1} | completions of group 0 | …]``.
 
-    Make it with :func:`shared_prefix.plan`. It is immutable and reused by every layer, forward and backward.
-    It also counts the attention calls that took it (``attention_calls``): a forward in which fewer attention
-    layers took the plan than the model has ran some layer as plain causal attention over the whole packed stream.
+    Make it with :func:`shared_prefix.plan`. A value: immutable, with no state of any forward, so one plan serves
+    every layer, forward and backward, and every forward of its micro-batch (policy, old and reference log-probs).
     """
 
-    def __init__(self, core: "_core.CorePlan", input_ids: Optional[tuple] = None):
-        self.attention_calls = 0
-        # Set by integrations that cannot stop a forward midway (verl): a layer that cannot run the plan exactly
-        # records why here and the forward goes on; the caller discards it. Otherwise such a layer raises.
-        self._defer_refusal = False
-        self._refusal: Optional[str] = None
-        self._refusal_per_batch = False
-        self._core = core
-        self._rows = core.rows
-        self._lp = core.prompt_width
-        self._lc = core.completion_width
-        src = core.src_index
-        n_prompt_flat = self._rows * self._lp
-        self._src_prompt = src[: core.prefix_tokens]
-        self._src_completion = src[core.prefix_tokens :] - n_prompt_flat
-        self._predictor = core.predictor
-        self._completion_flat = core.completion_flat
-        self.position_ids = core.position_ids.unsqueeze(0)
-        self._windows = core.windows  # read by every attention layer: fetched from the extension once
-        if input_ids is not None:  # (prompt_ids, completion_ids); plans made for attention alone have none
-            self.input_ids = self.pack(input_ids[0], input_ids[1])
-            # An all-ones 2-D mask: with it transformers skips its packed-sequence detection (a host sync) and our
-            # mask function never builds a dense mask.
-            self.attention_mask = torch.ones_like(self.input_ids, dtype=torch.bool)
+    __slots__ = ("core", "_rows", "_lp", "_lc", "_src_prompt", "_src_completion", "_predictor", "_completion_flat",
+                 "num_tokens", "stock_tokens", "prefix_tokens", "completion_tokens", "max_seqlen", "min_seqlen",
+                 "windows", "group_sizes", "row_group", "position_ids", "input_ids", "attention_mask")
 
-    # -- sizes -------------------------------------------------------------------------------------------------
-    @property
-    def num_tokens(self) -> int:
-        """Tokens in the packed stream: one copy of each prompt plus every completion token."""
-        return self._core.num_tokens
+    #: Tokens in the packed stream: one copy of each prompt plus every completion token.
+    num_tokens: int
+    #: Tokens the stock per-row computation forwards (each row's prompt and completion).
+    stock_tokens: int
+    prefix_tokens: int
+    completion_tokens: int
+    #: Longest and shortest per-row sequence (prompt + completion) of the stock computation.
+    max_seqlen: int
+    min_seqlen: int
+    #: Sliding windows (shorter than ``max_seqlen``) this plan holds key tables for.
+    windows: list
+    #: Group sizes in plan order, and the plan-order group index of every input row.
+    group_sizes: list
+    row_group: list
+    #: The plan's tables on its device, as the attention kernels take them.
+    core: "_core.CorePlan"
+    #: ``[1, T]`` position ids: each completion's positions continue from its prompt's length.
+    position_ids: torch.Tensor
+    #: ``[1, T]`` packed token ids (plans made for attention alone have none), and an all-ones ``[1, T]`` mask: with
+    #: it transformers skips its packed-sequence detection (a host sync) and never builds a dense mask.
+    input_ids: Optional[torch.Tensor]
+    attention_mask: Optional[torch.Tensor]
+
+    def __init__(self, core: "_core.CorePlan", info: dict, input_ids: Optional[tuple] = None):
+        put = functools.partial(object.__setattr__, self)
+        put("core", core)
+        put("_rows", info["rows"])
+        put("_lp", info["prompt_width"])
+        put("_lc", info["completion_width"])
+        for name in ("stock_tokens", "prefix_tokens", "completion_tokens", "max_seqlen", "min_seqlen"):
+            put(name, info[name])
+        put("num_tokens", self.prefix_tokens + self.completion_tokens)
+        for name in ("windows", "group_sizes", "row_group"):
+            put(name, info[name])
+        src = info["src_index"]
+        put("_src_prompt", src[: self.prefix_tokens])
+        put("_src_completion", src[self.prefix_tokens:] - self._rows * self._lp)
+        put("_predictor", info["predictor"])
+        put("_completion_flat", info["completion_flat"])
+        put("position_ids", info["position_ids"].unsqueeze(0))
+        packed = None if input_ids is None else self.pack(input_ids[0], input_ids[1])
+        put("input_ids", packed)
+        put("attention_mask", None if packed is None else torch.ones_like(packed, dtype=torch.bool))
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"shared_prefix.Plan is immutable (cannot set {name!r})")
 
     @property
-    def stock_tokens(self) -> int:
-        """Tokens the stock per-row computation forwards (each row's prompt and completion)."""
-        return self._core.stock_tokens
-
-    @property
-    def prefix_tokens(self) -> int:
-        return self._core.prefix_tokens
-
-    @property
-    def completion_tokens(self) -> int:
-        return self._core.completion_tokens
-
-    @property
-    def max_seqlen(self) -> int:
-        """Longest per-row sequence (prompt + completion) of the stock computation."""
-        return self._core.max_seqlen
-
-    @property
-    def min_seqlen(self) -> int:
-        """Shortest per-row sequence (prompt + completion) of the stock computation."""
-        return self._core.min_seqlen
+    def device(self) -> torch.device:
+        return self.position_ids.device
 
     @property
     def auto_kernels(self) -> dict:
@@ -112,27 +110,8 @@ class Plan:
         ``"cudnn"`` or ``"flash"`` (flash-attention 2) per call, in the executor's order. cuDNN takes a call that is
         one dense batch of at least 8192 keys whose shape recurred in enough earlier plans (:func:`cudnn_after`),
         as decided when this plan was made. Full-attention layers only: sliding-window layers always run
-        flash-attention 2. The self-call mode is read when this is asked (``_attention.self_calls``)."""
-        return dict(self._core.auto_kernels)
-
-    @property
-    def windows(self) -> list:
-        """Sliding windows (shorter than :attr:`max_seqlen`) this plan holds key tables for."""
-        return self._windows
-
-    @property
-    def group_sizes(self) -> list:
-        """Group sizes in plan order."""
-        return self._core.group_sizes
-
-    @property
-    def row_group(self) -> list:
-        """Plan-order group index of every input row."""
-        return self._core.row_group
-
-    @property
-    def device(self) -> torch.device:
-        return self.position_ids.device
+        flash-attention 2. The self-call mode is read when this is asked."""
+        return dict(_core.auto_kernels(self.core))
 
     # -- per-token maps ----------------------------------------------------------------------------------------
     def pack(self, prompt_x: torch.Tensor, completion_x: torch.Tensor) -> torch.Tensor:
@@ -237,5 +216,5 @@ def plan(
             raise ValueError(f"windows: expected a list of positive ints (sliding windows in tokens), got {windows!r}")
         # Windows beyond any sequence the segment tables can hold cut nothing: clamp them into the planner's range.
         windows = [min(int(w), 2**31 - 1) for w in windows]
-    core = _core.make_plan(prompt_ids, prompt_mask, completion_mask, sizes, group_ids, windows)
-    return Plan(core, (prompt_ids, completion_ids))
+    core, info = _core.make_plan(prompt_ids, prompt_mask, completion_mask, sizes, group_ids, windows)
+    return Plan(core, info, (prompt_ids, completion_ids))

@@ -18,6 +18,7 @@ import torch
 from . import _core
 from ._attention import attention
 from ._plan import Plan
+from ._refusals import attention_refusal, window_cuts
 
 ATTENTION_NAME = "prefix_grouper_attention"
 
@@ -65,13 +66,12 @@ def _length(n: Any, group_info: Any) -> int:
 # original hands every keyword to its attn_func; ours computes exact causal softmax attention itself, so a keyword
 # asking for something else is refused rather than ignored.
 def _forward_refusal(plan: Plan, kwargs: dict) -> Optional[str]:
-    from .hf import _cuts, _unsupported
-
     window = kwargs.get("sliding_window")
-    if _cuts(window, plan):
+    if window_cuts(window, plan):
         return (f"sliding_window={window} is shorter than the longest sequence ({plan.max_seqlen} tokens); the compat "
                 "layer's plans hold no window tables (shared_prefix.completion_logprobs, TRL and verl take windows)")
-    why, _ = _unsupported(None, plan, kwargs.get("dropout", kwargs.get("dropout_p", 0.0)), kwargs)
+    why, _ = attention_refusal(plan, softcap=kwargs.get("softcap"),
+                               dropout=kwargs.get("dropout", kwargs.get("dropout_p", 0.0)))
     if why is not None:
         return why  # softcapping, dropout > 0
     if any(kwargs.get(name) is False for name in ("causal", "is_causal")):
@@ -138,9 +138,9 @@ class PrefixGrouper:
             device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._layouts:
             mask, left = self._padding
-            core, idx, dims = _core.make_compat_plan(*self._args, str(device), mask, left)
+            core, info, idx, dims = _core.make_compat_plan(*self._args, str(device), mask, left)
             packed = torch.cat([idx["grouped_prefix"], idx["grouped_suffix"]])
-            self._layouts[device] = (Plan(core), idx, packed, dims)
+            self._layouts[device] = (Plan(core, info), idx, packed, dims)
         self._plan, self._idx, self._packed, (self._width, self._max_prefix, self._max_suffix) = self._layouts[device]
 
     @classmethod
@@ -225,7 +225,8 @@ class PrefixGrouper:
         """Grouped ``[groups, seq, ...]`` from prefixes ``[groups, Lp, ...]`` and suffixes ``[samples, Ls, ...]``
         (ids or embeddings; valid tokens chosen by the masks, any padding). Differentiable."""
         if prefix.dim() < 2 or prefix.dim() != suffix.dim():
-            raise ValueError(f"prefix, suffix: expected [b, seq, ...] with equal ndim, got {prefix.dim()}, {suffix.dim()}")
+            raise ValueError(
+                f"prefix, suffix: expected [b, seq, ...] with equal ndim, got {prefix.dim()}, {suffix.dim()}")
         if prefix_mask.shape != prefix.shape[:2] or suffix_mask.shape != suffix.shape[:2]:
             raise ValueError("prefix_mask, suffix_mask: must match the first two dims of prefix and suffix")
         self._use(prefix.device)
@@ -323,7 +324,7 @@ def _transformers_attention(module, query, key, value, attention_mask, *args, pr
     """The original's ``"prefix_grouper_attention"`` entry, on our executor: models called with
     ``prefix_grouper=pg`` (a compat ``PrefixGrouper``) run exact shared-prefix attention; ``attention_mask`` and
     ``prefix_grouper_attn_func`` are ignored, as the attention is ours."""
-    from .hf import _unsupported
+    from .hf.support import layer_refusal
 
     if not isinstance(prefix_grouper, PrefixGrouper):
         raise TypeError(
@@ -333,7 +334,7 @@ def _transformers_attention(module, query, key, value, attention_mask, *args, pr
     dropout = kwargs.pop("dropout", args[0] if len(args) > 0 else 0.0)
     scaling = kwargs.pop("scaling", args[1] if len(args) > 1 else None)
     prefix_grouper._use(query.device)
-    why, _ = _unsupported(module, prefix_grouper._plan, dropout, kwargs)
+    why, _ = layer_refusal(module, prefix_grouper._plan, dropout, kwargs)
     if why is not None:
         raise NotImplementedError(f"shared_prefix.compat ({type(module).__name__}): {why}")
     return prefix_grouper.forward(None, query, key, value, scale=scaling, sinks=kwargs.get("s_aux")), None

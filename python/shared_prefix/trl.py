@@ -14,32 +14,18 @@ stock method, with the reason logged once.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional
 
 import torch
 
-from . import hf
-from ._plan import plan as make_plan
+from ._refusals import UnsupportedModelError
+from .hf.fsdp import fsdp1_refusal
+from .hf.pipeline import MULTIMODAL_KEYS, PackedForward, StockFallbacks, version_refusal
+from .hf.registry import register
+from .hf.support import lm_head_refusal, text_config, unsupported_config
 
-logger = logging.getLogger("shared_prefix")
 SUPPORTED_TRL = (">=1.16", "<1.17")
 METRIC = "shared_prefix/tokens_saved_frac"
-
-_MULTIMODAL_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "num_images",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "num_tiles",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-)
-
-
 _EXPECTED_PARAMS = ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
                     "compute_aux_loss")
 
@@ -49,11 +35,10 @@ def _check_trl(stock_method) -> None:
     import inspect
 
     import trl
-    from packaging.version import Version
 
-    v = Version(trl.__version__)
-    if not (Version("1.16") <= v < Version("1.17")):
-        raise ImportError(f"shared_prefix.trl supports trl {','.join(SUPPORTED_TRL)}, found {trl.__version__}")
+    why = version_refusal("trl", trl.__version__, SUPPORTED_TRL)
+    if why is not None:
+        raise ImportError(f"shared_prefix.trl: {why}")
     params = tuple(inspect.signature(stock_method).parameters)
     if params[: len(_EXPECTED_PARAMS)] != _EXPECTED_PARAMS:
         raise ImportError(f"shared_prefix.trl: {stock_method.__qualname__}{params} is not the signature overridden")
@@ -85,42 +70,28 @@ class SharedPrefixMixin:
     """The override, shared by the GRPO and RLOO trainers (both define the same method in trl 1.16)."""
 
     shared_prefix_group_shuffle: bool = False
-    _shared_prefix_fallbacks: set
+    shared_prefix_fallbacks: StockFallbacks
 
     def _shared_prefix_setup(self, group_shuffle: Optional[bool]) -> None:
         # The stock method this mixin overrides (bound: its signature has no `self`).
         _check_trl(super(SharedPrefixMixin, self)._get_per_token_logps_and_entropies)
-        hf.register()
-        self._shared_prefix_fallbacks = set()
-        # Model classes whose forward showed that they cannot take the plan (checked on every forward).
-        self._shared_prefix_refused: dict = {}
+        register()
+        self.shared_prefix_fallbacks = StockFallbacks("shared_prefix: using the stock log-prob computation")
         args_flag = getattr(self.args, "shared_prefix_group_shuffle", False)
         self.shared_prefix_group_shuffle = bool(args_flag if group_shuffle is None else group_shuffle)
 
-    def _shared_prefix_fallback(self, why: str) -> None:
-        if why not in self._shared_prefix_fallbacks:
-            self._shared_prefix_fallbacks.add(why)
-            logger.warning("shared_prefix: using the stock log-prob computation: %s", why)
-
-    def _shared_prefix_unsupported(self, model, compute_aux_loss: bool, extra: dict) -> Optional[str]:
+    def _shared_prefix_refusal(self, base, compute_aux_loss: bool, extra: dict) -> Optional[str]:
+        """Why no micro-batch of this call can take a plan (the model and the trainer's set-up)."""
         if compute_aux_loss:
             return "the model returns an auxiliary (MoE) loss"
-        if any(extra.get(k) is not None for k in _MULTIMODAL_KEYS):
+        if any(extra.get(k) is not None for k in MULTIMODAL_KEYS):
             return "multimodal inputs"
-        base = self.accelerator.unwrap_model(model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
-        cfg = hf._text_config(base)
-        why = hf.unsupported_config(cfg) or self._shared_prefix_refused.get(type(base))
+        cfg = text_config(base)
+        why = unsupported_config(cfg) or self.shared_prefix_fallbacks.refused_reason(base) or lm_head_refusal(base)
         if why is not None:
             return why
         if getattr(cfg, "output_router_logits", False):
             return "the model returns router logits"
-        if not isinstance(base.get_output_embeddings(), torch.nn.Linear):
-            return "the LM head is not a torch.nn.Linear"
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-            return "FSDP1 (flat parameters): the LM head is not reachable outside its forward"
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         if is_deepspeed_zero3_enabled():
@@ -129,25 +100,44 @@ class SharedPrefixMixin:
             return "DeepSpeed ZeRO-3 (the LM head is partitioned outside its forward)"
         return None
 
-    def _shared_prefix_forward(self, model, base, p, stock_width):
-        """The model's output on the packed stream, or why it cannot be used (then nothing of it is kept).
-        ``stock_width``: the padded rows' width, the sequence length the stock forward's RoPE sees."""
-        why = hf.unsupported_for(base, p, stock_seq_len=stock_width)
-        if why is not None:
-            return why
-        calls = p.attention_calls
+    def _shared_prefix_head(self, hidden, weight, bias, targets, temperature, entropy, chunk_size):
+        """TRL's own fused LM head (``ChunkedLogProbFunction``), so the numbers are TRL's: optionally in fp32
+        outside autocast (``cast_lm_head_to_fp32``), else under the trainer's autocast."""
+        from trl.kernels import ChunkedLogProbFunction
+
+        cast_fp32 = bool(getattr(self.args, "cast_lm_head_to_fp32", False))
+        if cast_fp32:
+            hidden = hidden.float()
+        context = torch.autocast(hidden.device.type, enabled=False) if cast_fp32 else self.accelerator.autocast()
+        outputs = ("log_probs", "entropy") if entropy else ("log_probs",)
+        with context:
+            per_token = ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature, 32768, None, 1.0,
+                                                     outputs)
+        return per_token[0], (per_token[1] if entropy else None)
+
+    def _shared_prefix_logps(self, model, root, base, ids, mask, logits_to_keep, compute_entropy):
+        """Log-probs (and entropies) of one micro-batch through the packed forward; a string saying why not."""
+        prompt_ids, completion_ids = ids[:, :-logits_to_keep], ids[:, -logits_to_keep:]
+        prompt_mask, completion_mask = mask[:, :-logits_to_keep], mask[:, -logits_to_keep:]
+        if not bool(prompt_mask.any(1).all()):
+            # A row without prompt tokens (an empty prompt, no BOS) has no prefix to share.
+            return "a row without prompt tokens", None
         try:
-            # Through the (possibly DDP-wrapped) model, so its hooks run; the last hidden state is all we need.
-            with hf._attn_implementation(base, hf.NAME), self.accelerator.autocast():
-                out = model(**hf.packed_model_inputs(p), use_cache=False)
-        except hf.UnsupportedModelError as e:  # raised by the first attention layer that cannot take the plan
-            return str(e)
+            # The padded rows' width is the sequence length the stock forward's RoPE sees.
+            forward = PackedForward.prepare(base, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                            stock_seq_len=ids.shape[1], root=root)
+        except UnsupportedModelError as e:
+            return str(e), None
         try:
-            hf.check_planned_forward(base, p, calls)
-        except hf.UnsupportedModelError as e:  # a property of the model class: not tried again
-            self._shared_prefix_refused[type(base)] = str(e)
-            return str(e)
-        return out
+            # Through the (possibly DDP-wrapped) model, so its hooks run.
+            with self.accelerator.autocast():
+                hidden = forward.run(model)
+        except UnsupportedModelError as e:
+            self.shared_prefix_fallbacks.forward_failed(base, e)
+            return str(e), None
+        logps, entropies = forward.logprobs(hidden, self.temperature, entropy=compute_entropy,
+                                            head=self._shared_prefix_head)
+        return (logps, entropies), forward.plan.num_tokens
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -160,58 +150,34 @@ class SharedPrefixMixin:
         compute_aux_loss=False,
         **extra: Any,
     ):
-        why = self._shared_prefix_unsupported(model, compute_aux_loss, extra)
+        root = self.accelerator.unwrap_model(model)
+        base = root.get_base_model() if hasattr(root, "get_base_model") else root
+        why = self._shared_prefix_refusal(base, compute_aux_loss, extra) or fsdp1_refusal(model)
         if why is not None:
-            self._shared_prefix_fallback(why)
+            self.shared_prefix_fallbacks.say(why)
             return super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **extra,
             )
-        from trl.kernels import ChunkedLogProbFunction
-
         batch_size = batch_size or input_ids.size(0)
-        root = self.accelerator.unwrap_model(model)
-        base = root.get_base_model() if hasattr(root, "get_base_model") else root
-        cast_fp32 = bool(getattr(self.args, "cast_lm_head_to_fp32", False))
-        outputs = ("log_probs", "entropy") if compute_entropy else ("log_probs",)
         all_logps, all_entropies = [], []
         forwarded = stock = 0
         for start in range(0, input_ids.size(0), batch_size):
             ids = input_ids[start : start + batch_size]
             mask = attention_mask[start : start + batch_size]
-            prompt_ids, completion_ids = ids[:, :-logits_to_keep], ids[:, -logits_to_keep:]
-            prompt_mask, completion_mask = mask[:, :-logits_to_keep], mask[:, -logits_to_keep:]
-            if not bool(prompt_mask.any(1).all()):
-                # A row without prompt tokens (an empty prompt, no BOS) has no prefix to share: the stock method.
-                p, out = None, "a row without prompt tokens"
-            else:
-                p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask,
-                              windows=hf.model_windows(base))
-                out = self._shared_prefix_forward(model, base, p, ids.shape[1])
             stock += ids.numel()  # TRL forwards the padded rows
-            if isinstance(out, str):  # this micro-batch (or the model) cannot take the plan: the stock method
-                self._shared_prefix_fallback(out)
+            result, tokens = self._shared_prefix_logps(model, root, base, ids, mask, logits_to_keep, compute_entropy)
+            if isinstance(result, str):  # this micro-batch (or the model) cannot take the plan: the stock method
+                self.shared_prefix_fallbacks.say(result)
                 logps, entropies, _ = super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
                     model, ids, mask, logits_to_keep, ids.size(0), compute_entropy)
-                all_logps.append(logps)
-                if compute_entropy:
-                    all_entropies.append(entropies)
-                forwarded += ids.numel()
-                continue
-            forwarded += p.num_tokens
-            hidden = p.predictor_rows(out.hidden_states[-1])
-            # As TRL's fused head: optionally in fp32 outside autocast, else under the trainer's autocast.
-            if cast_fp32:
-                hidden = hidden.float()
-            head_ctx = torch.autocast(hidden.device.type, enabled=False) if cast_fp32 else self.accelerator.autocast()
-            with hf.unsharded_lm_head(root, base.get_output_embeddings()) as (weight, bias), head_ctx:
-                per_token = ChunkedLogProbFunction.apply(
-                    hidden, weight, bias, p.completion_targets(), self.temperature, 32768, None, 1.0,
-                    outputs,
-                )
-            all_logps.append(p.unpack_completions(per_token[0]))
+                tokens = ids.numel()
+            else:
+                logps, entropies = result
+            forwarded += tokens
+            all_logps.append(logps)
             if compute_entropy:
-                all_entropies.append(p.unpack_completions(per_token[1]))
+                all_entropies.append(entropies)
         mode = "train" if model.training else "eval"
         if stock:
             self._metrics[mode][METRIC].append(1.0 - forwarded / stock)

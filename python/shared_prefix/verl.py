@@ -27,28 +27,23 @@ import os
 from typing import Optional
 
 import torch
-from torch.distributed.fsdp import FullyShardedDataParallel
 
-from . import hf
-from ._logprobs import linear_logprobs
-from ._plan import plan as make_plan
+from ._refusals import UnsupportedModelError
+from .hf.fsdp import fsdp1_refusal
+from .hf.pipeline import MULTIMODAL_KEYS, PackedForward, StockFallbacks, version_refusal
+from .hf.registry import register, takes_plan
+from .hf.support import unsupported_config
 
 logger = logging.getLogger("shared_prefix")
 SUPPORTED_VERL = (">=0.9", "<0.10")
 _KEY = "_shared_prefix"
-_state = {"enabled": os.environ.get("SHARED_PREFIX_VERL", "") not in ("", "0"), "said": set(),
-          "refused": {}}  # model classes whose forward showed that they cannot take the plan
+_state = {"enabled": os.environ.get("SHARED_PREFIX_VERL", "") not in ("", "0")}
+fallbacks = StockFallbacks("shared_prefix.verl: stock log-probs")
 
 
 def enable(on: bool = True) -> None:
     """Switch the plugin on (or off) in this process, as ``use_prefix_grouper=True`` does."""
     _state["enabled"] = bool(on)
-
-
-def _say_once(why: str) -> None:
-    if why not in _state["said"]:
-        _state["said"].add(why)
-        logger.warning("shared_prefix.verl: stock log-probs: %s", why)
 
 
 def _ineligible(engine, mb, ti, tu) -> Optional[str]:
@@ -62,9 +57,10 @@ def _ineligible(engine, mb, ti, tu) -> Optional[str]:
             return f"{key} is set"
     if getattr(engine, "use_ulysses_sp", False):
         return "Ulysses sequence parallelism"
-    if isinstance(engine.module, FullyShardedDataParallel):
-        return "FSDP1 (flat parameters): the LM head is not reachable outside its forward"
-    if "multi_modal_inputs" in mb.keys():
+    why = fsdp1_refusal(engine.module)
+    if why is not None:
+        return why
+    if any(key in mb.keys() for key in MULTIMODAL_KEYS):
         return "multimodal inputs"
     if isinstance(mb["temperature"], torch.Tensor) and mb["temperature"].numel() > 1:
         return "per-sample temperatures"
@@ -72,12 +68,13 @@ def _ineligible(engine, mb, ti, tu) -> Optional[str]:
     if not (ids.is_nested and pos.is_nested and pos.values().dim() == 1):
         return "position ids that are not one id per token (e.g. mrope)"
     module = engine.module
-    if type(module) in _state["refused"]:
-        return _state["refused"][type(module)]
+    why = fallbacks.refused_reason(module)
+    if why is not None:
+        return why
     cfg = getattr(module, "config", None)
-    if cfg is None or cfg._attn_implementation not in hf._plan_aware:
+    if cfg is None or not takes_plan(cfg._attn_implementation):
         return f"attention implementation {getattr(cfg, '_attn_implementation', None)!r} cannot take a plan"
-    return hf.unsupported_config(cfg)
+    return unsupported_config(cfg)
 
 
 def _response_lengths(mb) -> torch.Tensor:
@@ -109,64 +106,57 @@ def _prepare_model_inputs(self, micro_batch, _orig, ti, tu):
     why = _ineligible(self, micro_batch, ti, tu)
     if why is not None:
         if why != "disabled":
-            _say_once(why)
+            fallbacks.say(why)
         return _orig(self, micro_batch)
     prompt_ids, prompt_mask, completion_ids, completion_mask, offsets, prompt_len = _unpack(micro_batch)
     if bool((prompt_len <= 0).any()):
-        _say_once("a sample without prompt tokens")
+        fallbacks.say("a sample without prompt tokens")
         return _orig(self, micro_batch)
     uid = list(micro_batch["uid"]) if "uid" in micro_batch.keys() else None
-    windows = hf.model_windows(self.module)
-    try:
-        p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, group_ids=uid, windows=windows)
-    except ValueError:  # a uid group whose prompts differ (verl's padding samples): group by identical prompts
-        p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, windows=windows)
+    batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
     # verl's position ids count each row's valid tokens: its RoPE sees the longest row, as the packed stream does.
-    why = hf.unsupported_for(self.module, p, stock_seq_len=p.max_seqlen)
-    if why is not None:
-        _say_once(why)
-        return _orig(self, micro_batch)
     # The engine runs the forward between these two hooks, so a layer that cannot take the plan records why and
     # the forward goes on; prepare_model_outputs then discards it and runs the stock forward.
-    p._defer_refusal = True
-    model_inputs = hf.packed_model_inputs(p)  # the engine's forward_step adds use_cache=False
+    packed = dict(stock_seq_len="longest", defer_refusals=True)
+    try:
+        try:
+            forward = PackedForward.prepare(self.module, *batch, group_ids=uid, **packed)
+        except ValueError:  # a uid group whose prompts differ (verl's padding samples): group by identical prompts
+            forward = PackedForward.prepare(self.module, *batch, **packed)
+    except UnsupportedModelError as e:
+        fallbacks.say(str(e))
+        return _orig(self, micro_batch)
     temperature = micro_batch["temperature"]
     temperature = float(temperature.reshape(-1)[0]) if isinstance(temperature, torch.Tensor) else float(temperature)
     temperature = max(temperature, 1e-8)  # as the stock engine clamps it (rollout.temperature=0 is greedy decoding)
-    state = {"plan": p, "offsets": offsets, "prompt_len": prompt_len, "mask": completion_mask,
-             "temperature": temperature, "calls": p.attention_calls}
-    return model_inputs, {_KEY: state}
+    state = {"forward": forward, "offsets": offsets, "prompt_len": prompt_len, "mask": completion_mask,
+             "temperature": temperature}
+    return forward.inputs(), {_KEY: state}  # the engine's forward_step adds use_cache=False
 
 
 def _prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func, _orig, _orig_inputs, tu):
     state = output_args.get(_KEY) if isinstance(output_args, dict) else None
     if state is None:
         return _orig(self, output, output_args, micro_batch, logits_processor_func)
-    p = state["plan"]
+    forward = state["forward"]
     try:
-        hf.check_planned_forward(self.module, p, state["calls"])
-    except hf.UnsupportedModelError as e:
-        if not p._refusal_per_batch:  # not this micro-batch's length but the model: not tried again
-            _state["refused"][type(self.module)] = str(e)
-        _say_once(str(e))
+        forward.check()
+    except UnsupportedModelError as e:
+        fallbacks.forward_failed(self.module, e)
         # The stock forward, inside the engine's autocast (this hook runs within forward_step's).
         inputs, args = _orig_inputs(self, micro_batch)
         stock = self.module(**inputs, use_cache=False)
         return _orig(self, stock, args, micro_batch, logits_processor_func)
     entropy_wanted = tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False)
-    hidden = p.predictor_rows(output.hidden_states[-1])
-    with hf.unsharded_lm_head(self.module) as (weight, bias):
-        logp, ent = linear_logprobs(hidden, weight, bias, p.completion_targets(), state["temperature"],
-                                    entropy_wanted)
+    logp, ent = forward.logprobs(output.hidden_states[-1], state["temperature"], entropy=entropy_wanted)
     # Back to the engine's layout: nested over prompt+response, position t predicts token t+1.
     offsets, mask = state["offsets"], state["mask"]
     cols = torch.arange(mask.shape[1], device=offsets.device)
     where = (offsets[:-1, None] + state["prompt_len"][:, None] - 1 + cols[None])[mask]
 
-    def nested(values):
-        # Packed order → the caller's [B, Lc] rows → flat positions; out-of-place, so autograd flows.
-        rows = p.unpack_completions(values)[mask]
-        full = rows.new_zeros(int(offsets[-1])).index_put((where,), rows)
+    def nested(rows):
+        # The caller's [B, Lc] rows → flat positions; out-of-place, so autograd flows.
+        full = rows.new_zeros(int(offsets[-1])).index_put((where,), rows[mask])
         return torch.nested.nested_tensor_from_jagged(full, offsets)
 
     out = {"log_probs": nested(logp)}
@@ -186,12 +176,12 @@ def install() -> bool:
     if getattr(cls, "_shared_prefix_installed", False):
         return True
     import verl
-    from packaging.version import Version
 
-    if not (Version("0.9") <= Version(verl.__version__) < Version("0.10")):
-        logger.warning("shared_prefix.verl: verl %s is outside %s; not installed", verl.__version__, SUPPORTED_VERL)
+    why = version_refusal("verl", verl.__version__, SUPPORTED_VERL)
+    if why is not None:
+        logger.warning("shared_prefix.verl: not installed: %s", why)
         return False
-    hf.register()
+    register()
     orig_inputs, orig_outputs = cls.prepare_model_inputs, cls.prepare_model_outputs
 
     def prepare_model_inputs(self, micro_batch):

@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use std::fmt;
 
 pub mod compat;
-mod runs;
-pub use runs::{runs_from_lengths, Run};
+mod segment_runs;
+pub use segment_runs::{runs_from_lengths, Run};
 
 /// How rows form groups.
 #[derive(Debug, Clone, Copy)]
@@ -99,8 +99,6 @@ pub struct Plan {
     pub predictor: Vec<i64>,
     /// For each completion-region token (packed order): its flat index into `[B, Lc]`.
     pub completion_flat: Vec<i64>,
-    /// For each `[B, Lc]` position: the completion-region index of that token, or -1 at padding.
-    pub completion_slot: Vec<i64>,
 }
 
 impl Plan {
@@ -356,7 +354,6 @@ pub fn plan(batch: &Batch<'_>, grouping: Grouping<'_>) -> Result<Plan, PlanError
     let comp_base = (b * lp) as i64;
     let mut predictor = Vec::with_capacity(completion_tokens);
     let mut completion_flat = Vec::with_capacity(completion_tokens);
-    let mut completion_slot = vec![-1i64; b * lc];
     for g in 0..n {
         let prefix_len = (cu_prefix[g + 1] - cu_prefix[g]) as i64;
         let last_prompt_row = cu_prefix[g + 1] as i64 - 1;
@@ -365,7 +362,6 @@ pub fn plan(batch: &Batch<'_>, grouping: Grouping<'_>) -> Result<Plan, PlanError
             let first_packed = (prefix_tokens + predictor.len()) as i64;
             for j in 0..len {
                 let flat = (r * lc + s + j) as i64;
-                completion_slot[flat as usize] = predictor.len() as i64;
                 completion_flat.push(flat);
                 src_index.push(comp_base + flat);
                 position_ids.push(prefix_len + j as i64);
@@ -393,7 +389,6 @@ pub fn plan(batch: &Batch<'_>, grouping: Grouping<'_>) -> Result<Plan, PlanError
         cu_completions,
         predictor,
         completion_flat,
-        completion_slot,
     })
 }
 

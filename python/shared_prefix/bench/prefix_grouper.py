@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from ._logprobs import token_logprobs
+from shared_prefix._logprobs import token_logprobs
 
 _PG_ATTENTION = "prefix_grouper_attention"  # the name prefix_grouper's register_attention() registers
 _INNER = "shared_prefix_pg_sdpa"  # our kernel under it (see _sdpa_inner)
@@ -65,7 +65,7 @@ def prefix_grouper_logprobs(
         ) from e
     from transformers import AttentionInterface
 
-    from .hf import checkpointing_on
+    from shared_prefix.hf import checkpointing_on
 
     sizes = [int(g) for g in group_sizes]
     if min(sizes, default=0) < 1 or sum(sizes) != completion_ids.shape[0]:

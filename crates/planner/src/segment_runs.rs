@@ -1,4 +1,4 @@
-//! Batching of varlen segments for kernels that take dense `[batch, heads, len, dim]` inputs (the CPU backend).
+//! Runs of equal-length segments, for kernels that take dense `[batch, heads, len, dim]` inputs.
 //!
 //! Consecutive segments with the same (query, key) lengths are contiguous in the packed layout, so a run of them
 //! is a plain view `[count, len, heads, dim]` of the packed tensor: no gather, no padding, exact.

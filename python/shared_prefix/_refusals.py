@@ -1,0 +1,42 @@
+"""What a plan cannot compute exactly, and the error that says so. No transformers import: the compat layer's
+``PrefixGrouper.forward`` uses these rules too."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ._plan import Plan
+
+
+class UnsupportedModelError(NotImplementedError):
+    """The model, or this micro-batch, cannot run shared-prefix attention exactly (the stock computation can).
+    TRL's and verl's integrations catch it and fall back to the stock computation.
+
+    ``per_batch``: the reason is this micro-batch (its lengths), not the model; another micro-batch may run."""
+
+    def __init__(self, message: str, *, per_batch: bool = False):
+        super().__init__(message)
+        self.per_batch = per_batch
+
+
+def window_cuts(window: Any, plan: Plan) -> bool:
+    """Whether a sliding window of ``window`` tokens cuts some row of ``plan`` (an int shorter than its longest)."""
+    return isinstance(window, int) and not isinstance(window, bool) and window < plan.max_seqlen
+
+
+def missing_window(window: int, plan: Plan) -> str:
+    return (f"sliding_window={window} is shorter than the longest sequence ({plan.max_seqlen} tokens) and the plan "
+            f"was made without it (shared_prefix.plan(..., windows=[{window}]))")
+
+
+def attention_refusal(plan: Plan, *, window: Any = None, softcap: Any = None,
+                      dropout: Optional[float] = 0.0) -> "tuple[Optional[str], bool]":
+    """Why one attention call with these settings cannot take ``plan`` exactly (None if it can), and whether the
+    reason is the micro-batch's length rather than the settings themselves."""
+    if window_cuts(window, plan) and window not in plan.windows:
+        return missing_window(window, plan), True
+    if softcap is not None:
+        return "attention logit softcapping is not supported", False
+    if dropout and dropout > 0:
+        return f"attention dropout ({dropout}) in train mode is not supported; set attention_dropout=0", False
+    return None, False

@@ -1,0 +1,95 @@
+"""The bench's report: the results table (markdown) and plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared_prefix.bench.variants import VARY_STEP
+
+# The table's note for the limit proxies (their log-probs are wrong by design).
+PROXY_NOTES = {"packed_causal": "limit proxy; wrong mask by design",
+               "packed_causal_fa2": "limit proxy on flash-attention 2"}
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    window = "" if meta.get("window") is None else f", sliding window {meta['window']} on every layer"
+    shapes = (f"a new prompt length every step (P, P + {VARY_STEP}, …)" if meta.get("vary")
+              else "the same shapes every step (steady state)")
+    # CUDA runs add the GPU busy time of one profiled step (kernels only: what the step costs the GPU, apart from
+    # the host's time to issue it) and its attention part, with its ratio to packed_causal's.
+    busy = any("gpu_busy_s" in r for r in rows)
+    lines = [
+        f"Device: {meta['device_name']}; model {meta['model']} (random weights{window}), {meta['dtype']}, "
+        f"grad checkpointing {'on' if meta['grad_ckpt'] else 'off'}; torch {meta['torch']}; commit {meta['commit']}; "
+        f"{meta['date']}. Median of {meta['steps']} interleaved rounds (forward+backward of completion log-probs), "
+        f"{shapes}.",
+        "",
+        "| config PxSxGxB | variant | median s | first step s | vs baseline | vs packed_causal | peak mem GiB "
+        "| max abs Δlogp | grad rel L2 | grad cos |"
+        + (" GPU busy s (attention) | busy vs packed_causal |" if busy else "") + " note |",
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if busy else "") + "---|",
+    ]
+    for cfg in dict.fromkeys(r["config"] for r in rows):
+        group = {r["variant"]: r for r in rows if r["config"] == cfg}
+        base = group.get("baseline")
+        limit = group.get("packed_causal")
+        base = base if base and "error" not in base else None
+        limit = limit if limit and "error" not in limit else None
+        for r in group.values():
+            if "error" in r:
+                dashes = " — |" * (10 if busy else 8)
+                lines.append(f"| {cfg} | {r['variant']} |{dashes} {r['error']} |")
+                continue
+            speed = f"{base['median_s'] / r['median_s']:.2f}× faster" if base else "—"
+            ratio = f"{r['median_s'] / limit['median_s']:.2f}×" if limit else "—"
+            notes = [f"+{r['compile_s']:.0f} s first compile" if "compile_s" in r else ""]
+            if r["variant"] in PROXY_NOTES:
+                notes = [PROXY_NOTES[r["variant"]]]
+            if r.get("interrupted"):
+                notes.append(f"interrupted: median of {r['rounds']} of {meta['steps']} rounds")
+            gpu = ""
+            if busy:
+                gpu = " — | — |"
+                if "gpu_busy_s" in r:
+                    vs = (f"{r['gpu_busy_s'] / limit['gpu_busy_s']:.2f}×"
+                          if limit and limit.get("gpu_busy_s") else "—")
+                    gpu = f" {r['gpu_busy_s']:.3f} ({r['gpu_attn_s']:.3f}) | {vs} |"
+            note = "; ".join(n for n in notes if n)
+            first = f"{r['first_step_s']:.3f}" if "first_step_s" in r else "—"
+            lines.append(
+                f"| {cfg} | {r['variant']} | {r['median_s']:.3f} | {first} | {speed} | {ratio} | "
+                f"{r['peak_mem_bytes'] / 2**30:.2f} | {r['max_abs_logp_diff']:.1e} | {r['grad_rel_l2']:.1e} | "
+                f"{r['grad_cos']:.6f} |{gpu} {note} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(variants))
+    for i, v in enumerate(variants):
+        xs, ts, ms = [], [], []
+        for j, c in enumerate(configs):
+            r = next((r for r in rows if r["config"] == c and r["variant"] == v and "error" not in r), None)
+            if r is not None:
+                xs.append(j + i * width)
+                ts.append(r["median_s"])
+                ms.append(r["peak_mem_bytes"] / 2**30)
+        axes[0].bar(xs, ts, width, label=v)
+        axes[1].bar(xs, ms, width, label=v)
+    for ax, title in zip(axes, ["step time (s, median)", "peak memory above weights (GiB)"]):
+        ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(configs))], configs)
+        ax.set_xlabel("P x S x G x B")
+        ax.set_title(title)
+    if variants:
+        axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

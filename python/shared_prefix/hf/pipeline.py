@@ -1,0 +1,202 @@
+"""The packed forward: one micro-batch through a transformers causal LM with each prompt forwarded once per group.
+``completion_logprobs``, the TRL trainers and the verl plugin all run it; each only translates its framework's
+batch in and the results out.
+
+The sequence (:class:`PackedForward`):
+
+1. ``prepare``: the model-support checks a config shows, the plan (with the model's sliding windows), and the
+   checks the plan's lengths need, all before any forward;
+2. the forward on the packed stream: ``run`` (through the model, its decoder, or a wrapper such as DDP), or the
+   caller's own (verl's engine) with ``inputs()``; every attention layer counts itself on this object;
+3. ``check``: every decoder layer took the plan and none refused it, else the forward's numbers are discarded;
+4. ``logprobs``: the LM head on the predictor rows alone (unsharded through FSDP2), back in ``[B, Lc]`` order.
+
+A :class:`StockFallbacks` keeps, per integration, the reasons already logged and the model classes whose forward
+showed that they cannot take a plan.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Union
+
+import torch
+
+from .._logprobs import check_token_ids, linear_logprobs
+from .._plan import Plan, plan as make_plan
+from .._refusals import UnsupportedModelError
+from .fsdp import is_fsdp2, unsharded_lm_head
+from .registry import NAME, PLAN_KWARG, attention_implementation, register
+from .support import lm_head_refusal, model_windows, text_config, unsupported_config, unsupported_for
+
+logger = logging.getLogger("shared_prefix")
+
+# A head: (predictor rows [Nc, H], weight, bias, targets [Nc], temperature, with_entropy, chunk_size) ->
+# (log-probs [Nc], entropy [Nc] or None).
+Head = Callable[..., "tuple[torch.Tensor, Optional[torch.Tensor]]"]
+
+
+class PackedForward:
+    """One forward of a planned micro-batch through ``model`` (a transformers causal LM, unwrapped), and what its
+    attention layers reported. Pass it as ``shared_prefix_plan=`` (``inputs()`` does).
+
+    ``root``: the module that holds the LM head for FSDP2 (the model itself, or a wrapper such as a PEFT model).
+    ``defer_refusals``: a layer that cannot take the plan records why and the forward goes on (for callers that
+    cannot stop the forward midway, such as verl's engine); ``check`` then raises. Otherwise it raises at once.
+    """
+
+    def __init__(self, model: torch.nn.Module, plan: Plan, *, root: Optional[torch.nn.Module] = None,
+                 defer_refusals: bool = False):
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan: expected a shared_prefix.Plan, got {type(plan).__name__}")
+        self.model = model
+        self.root = model if root is None else root
+        self.plan = plan
+        self.defer_refusals = defer_refusals
+        self.attention_calls = 0
+        self.refusal: Optional[UnsupportedModelError] = None
+
+    @classmethod
+    def prepare(
+        cls,
+        model: torch.nn.Module,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        *,
+        stock_seq_len: Union[int, str, None] = None,
+        root: Optional[torch.nn.Module] = None,
+        defer_refusals: bool = False,
+        **grouping,
+    ) -> "PackedForward":
+        """Plan the micro-batch for ``model`` (``grouping``: :func:`shared_prefix.plan`'s ``group_sizes`` or
+        ``group_ids``) and check everything that can be checked before a forward. Raises
+        :class:`UnsupportedModelError` (``per_batch`` when the reason is the micro-batch's lengths), or the
+        planner's ``ValueError``/``TypeError`` for bad input. ``stock_seq_len``: the sequence length the stock
+        forward's RoPE sees: TRL's padded width, ``"longest"`` for a batch as long as its longest row (verl's), or
+        None when each row is its own forward."""
+        why = unsupported_config(text_config(model)) or lm_head_refusal(model)
+        if why is not None:
+            raise UnsupportedModelError(f"shared_prefix: {why}, which is not supported")
+        register()
+        p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, windows=model_windows(model),
+                      **grouping)
+        why = unsupported_for(model, p, p.max_seqlen if stock_seq_len == "longest" else stock_seq_len)
+        if why is not None:
+            raise UnsupportedModelError(f"shared_prefix: {why}, which is not supported", per_batch=True)
+        return cls(model, p, root=root, defer_refusals=defer_refusals)
+
+    # -- what the attention layers report ----------------------------------------------------------------------
+    def count_layer(self) -> None:
+        self.attention_calls += 1
+
+    def refuse(self, why: str, per_batch: bool) -> None:
+        error = UnsupportedModelError(why, per_batch=per_batch)
+        if not self.defer_refusals:
+            raise error
+        if self.refusal is None:
+            self.refusal = error
+
+    # -- the forward -------------------------------------------------------------------------------------------
+    def inputs(self) -> dict:
+        """Keyword arguments for calling the causal LM (or a wrapper of it) on the packed stream when only its last
+        hidden state is wanted (the LM head then runs on the predictor rows alone)."""
+        p = self.plan
+        return {"input_ids": p.input_ids, "position_ids": p.position_ids, "attention_mask": p.attention_mask,
+                "output_hidden_states": True, "logits_to_keep": 1, PLAN_KWARG: self}
+
+    def run(self, call: Optional[Callable] = None) -> torch.Tensor:
+        """The packed forward, checked: the last hidden state ``[1, T, H]``. ``call``: what to call with
+        :meth:`inputs` (a DDP-wrapped model, so that its hooks run); by default the decoder alone (no LM head, no
+        tuple of every layer's states), or the model itself under FSDP2 (whose root unit holds the embeddings)."""
+        model = self.model
+        with attention_implementation(model, NAME):
+            if call is None and not is_fsdp2(model) and model.get_decoder() is not model:
+                p = self.plan
+                hidden = model.get_decoder()(input_ids=p.input_ids, position_ids=p.position_ids,
+                                             attention_mask=p.attention_mask, use_cache=False,
+                                             **{PLAN_KWARG: self}).last_hidden_state
+            else:
+                hidden = (call or model)(**self.inputs(), use_cache=False).hidden_states[-1]
+        self.check()
+        return hidden
+
+    def check(self) -> None:
+        """Raise :class:`UnsupportedModelError` unless every attention layer of the model took the plan (one call
+        per decoder layer) and none refused it.
+
+        A decoder layer that drops keyword arguments before its attention (StableLM, Nemotron), attention chosen
+        outside transformers' ``AttentionInterface`` (Falcon) or token mixers other than attention (hybrid models)
+        would otherwise run plain causal attention over the packed stream: wrong numbers, no error."""
+        if self.refusal is not None:
+            raise self.refusal
+        layers = getattr(text_config(self.model), "num_hidden_layers", None)
+        calls = self.attention_calls
+        if calls == 0 or (isinstance(layers, int) and calls != layers):
+            raise UnsupportedModelError(
+                f"shared_prefix: {calls} attention call(s) took the plan in a forward of {type(self.model).__name__}, "
+                f"which has {layers} layers: its layers drop keyword arguments before attention, choose their "
+                "attention outside transformers' AttentionInterface, or mix tokens outside attention, so the packed "
+                "completions would see each other")
+
+    # -- the LM head -------------------------------------------------------------------------------------------
+    def logprobs(self, hidden: torch.Tensor, temperature: float, *, entropy: bool = False,
+                 chunk_size: Optional[int] = None, head: Head = linear_logprobs):
+        """Completion log-probs ``[B, Lc]`` (and entropies, or None) from the forward's last hidden state: ``head``
+        (by default the memory-lean vocabulary-sliced one) on the predictor rows with the LM head's parameters,
+        unsharded through their FSDP2 unit where sharded. 0 at completion padding."""
+        p = self.plan
+        with unsharded_lm_head(self.root, self.model.get_output_embeddings()) as (weight, bias):
+            picked, ent = head(p.predictor_rows(hidden), weight, bias, p.completion_targets(), float(temperature),
+                               entropy, chunk_size)
+        return p.unpack_completions(picked), (p.unpack_completions(ent) if entropy else None)
+
+    def check_token_ids(self, name: str) -> None:
+        """The packed tokens lie in the input embeddings' vocabulary (a ValueError naming ``name`` on CPU, an
+        asynchronous device assert on CUDA)."""
+        embeddings = self.model.get_input_embeddings()
+        if isinstance(embeddings, torch.nn.Embedding):  # the valid tokens only: ids at padding are never read
+            check_token_ids(self.plan.input_ids, embeddings.num_embeddings, name)
+
+
+class StockFallbacks:
+    """An integration's record of why micro-batches went to the stock computation: each reason is logged once,
+    and a model class whose forward showed that it cannot take a plan (not the micro-batch's lengths) is not tried
+    again."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.said: set = set()
+        self.refused: dict = {}
+
+    def say(self, why: str) -> None:
+        if why not in self.said:
+            self.said.add(why)
+            logger.warning("%s: %s", self.what, why)
+
+    def refused_reason(self, model: torch.nn.Module) -> Optional[str]:
+        return self.refused.get(type(model))
+
+    def forward_failed(self, model: torch.nn.Module, error: UnsupportedModelError) -> None:
+        """A packed forward of ``model`` raised ``error`` (in a layer, or in :meth:`PackedForward.check`)."""
+        if not error.per_batch:
+            self.refused[type(model)] = str(error)
+        self.say(str(error))
+
+
+def version_refusal(package: str, version: str, supported: "tuple[str, str]") -> Optional[str]:
+    """Why ``package`` at ``version`` is outside ``supported`` (``(">=lo", "<hi")``), or None."""
+    from packaging.version import Version
+
+    lo, hi = (Version(bound.lstrip("<>=")) for bound in supported)
+    if lo <= Version(version) < hi:
+        return None
+    return f"{package} {version} is outside the supported {','.join(supported)}"
+
+
+# Batch keys of multimodal inputs (TRL's keyword arguments, verl's micro-batch keys): the packed stream has no
+# place for them.
+MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                   "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
+                   "multi_modal_inputs")
