@@ -238,6 +238,37 @@ def test_direct_model_call_with_plan():
     assert (lp - ref_lp).abs().max().item() <= 1e-9
 
 
+def test_readme_lower_level_api_in_a_fresh_process():
+    """The README's lower-level example, in a process where nothing has registered the attention implementation yet:
+    PackedForward on a plan with a model's window, then the unchecked direct call; both equal completion_logprobs."""
+    import subprocess
+    import sys
+
+    script = """
+import torch, transformers, shared_prefix as sp
+cfg = transformers.MistralConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4)
+cfg._attn_implementation = "sdpa"
+torch.manual_seed(0)
+model = transformers.MistralForCausalLM(cfg).double()
+pid = torch.randint(1, 61, (1, 6)).expand(4, 6)
+pmask, cid = torch.ones_like(pid), torch.randint(1, 61, (4, 5))
+cmask = torch.ones_like(cid)
+plan = sp.plan(pid, pmask, cid, cmask, windows=sp.hf.model_windows(model))
+forward = sp.hf.PackedForward(model, plan)
+logp, _ = forward.logprobs(forward.run(), temperature=1.0)
+sp.register()
+model.set_attn_implementation("shared_prefix")
+out = model(input_ids=plan.input_ids, position_ids=plan.position_ids, shared_prefix_plan=plan)
+direct = torch.log_softmax(plan.predictors(out.logits), -1).gather(-1, cid[..., None])[..., 0]
+want = sp.completion_logprobs(model, pid, pmask, cid, cmask)
+assert (logp - want).abs().max() <= 1e-12 and (direct - want).abs().max() <= 1e-9
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 def test_one_plan_serves_several_forwards():
     """One plan for a micro-batch's policy, old and reference log-probs: each PackedForward counts its own layers,
     and each forward's numbers equal completion_logprobs' (which plans afresh)."""

@@ -49,6 +49,7 @@ class PackedForward:
                  defer_refusals: bool = False):
         if not isinstance(plan, Plan):
             raise TypeError(f"plan: expected a shared_prefix.Plan, got {type(plan).__name__}")
+        register()  # the implementation run() switches the model to
         self.model = model
         self.root = model if root is None else root
         self.plan = plan
@@ -79,7 +80,6 @@ class PackedForward:
         why = unsupported_config(text_config(model)) or lm_head_refusal(model)
         if why is not None:
             raise UnsupportedModelError(f"shared_prefix: {why}, which is not supported")
-        register()
         p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, windows=model_windows(model),
                       **grouping)
         why = unsupported_for(model, p, p.max_seqlen if stock_seq_len == "longest" else stock_seq_len)
