@@ -283,6 +283,8 @@ def test_one_plan_serves_several_forwards():
         got, entropy = forward.logprobs(forward.run(), 0.8)
         assert forward.attention_calls == model.config.num_hidden_layers and entropy is None
         assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="plan: not a plan made for this model's sliding windows"):
+        PackedForward.prepare(tiny_model("mistral", sliding_window=4), pid, pmask, cid, cmask, plan=p)
     stale = PackedForward(model, p)
     stale.count_layer()  # one layer too many: the forward is refused, not trusted
     with pytest.raises(sp.UnsupportedModelError, match="3 attention call"):

@@ -98,6 +98,30 @@ def test_logps_entropies_and_grads_equal_stock(tmp_path):
     assert ours._metrics["train"][METRIC][-1] > 0
 
 
+def test_old_and_reference_logps_plan_once(tmp_path, monkeypatch):
+    """TRL computes the old and the reference log-probs of a batch on the same tensors: their micro-batches are
+    planned once and the plans reused (same values). A new tensor, an in-place change or another micro-batch size
+    plans afresh."""
+    from shared_prefix.hf import pipeline
+
+    planned = []
+    real = pipeline.make_plan
+    monkeypatch.setattr(pipeline, "make_plan", lambda *a, **kw: planned.append(1) or real(*a, **kw))
+    ours = trainer(SharedPrefixGRPOTrainer, tmp_path)
+    ids, mask, lc = batch()
+    with torch.no_grad():
+        calls = lambda i, m, bs=4: ours._get_per_token_logps_and_entropies(ours.model, i, m, lc, bs)[0]  # noqa: E731
+        first = calls(ids, mask)
+        assert len(planned) == 2  # two micro-batches of 4 rows
+        assert torch.equal(calls(ids, mask), first) and len(planned) == 2  # reused
+        ids[1, -1] = 3 - ids[1, -1] % 2  # in place: a completion token changes
+        changed = calls(ids, mask)
+        assert len(planned) == 4 and not torch.equal(changed, first)
+        assert torch.equal(calls(ids.clone(), mask), changed) and len(planned) == 6  # another tensor
+        calls(ids, mask, bs=8)
+        assert len(planned) == 7
+
+
 def test_bf16_mixed_precision_as_close_as_stock(tmp_path):
     """`bf16=True` with fp32 weights (accelerate's autocast; the model hands attention fp32 q/k beside a bf16 v):
     ours runs and is as close to the fp32 computation as the stock trainer under the same autocast, in log-probs,

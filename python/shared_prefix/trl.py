@@ -14,6 +14,7 @@ stock method, with the reason logged once.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -22,7 +23,7 @@ from ._refusals import UnsupportedModelError
 from .hf.fsdp import fsdp1_refusal
 from .hf.pipeline import MULTIMODAL_KEYS, PackedForward, StockFallbacks, version_refusal
 from .hf.registry import register
-from .hf.support import lm_head_refusal, text_config, unsupported_config
+from .hf.support import lm_head_refusal, model_windows, text_config, unsupported_config
 
 SUPPORTED_TRL = (">=1.16", "<1.17")
 METRIC = "shared_prefix/tokens_saved_frac"
@@ -66,6 +67,26 @@ def _group_shuffle(seq_dict: dict) -> dict:
     return {k: permute(v) for k, v in seq_dict.items()}
 
 
+class _PlanReuse:
+    """The plans of the last call's micro-batches, for a later call on the very same (unmodified) tensors: TRL
+    computes the old and the reference log-probs of a batch with the same ``input_ids`` and ``attention_mask``.
+    Keyed by the tensors' identity (held weakly) and version counters, so an in-place change or a new tensor plans
+    afresh."""
+
+    def __init__(self):
+        self._tensors: tuple = ()
+        self._state: tuple = ()
+        self._plans: dict = {}
+
+    def lookup(self, input_ids, attention_mask, logits_to_keep, batch_size) -> dict:
+        alive = [ref() for ref in self._tensors]
+        state = (input_ids._version, attention_mask._version, logits_to_keep, batch_size)
+        if len(alive) != 2 or alive[0] is not input_ids or alive[1] is not attention_mask or self._state != state:
+            self._tensors = (weakref.ref(input_ids), weakref.ref(attention_mask))
+            self._state, self._plans = state, {}
+        return self._plans
+
+
 class SharedPrefixMixin:
     """The override, shared by the GRPO and RLOO trainers (both define the same method in trl 1.16)."""
 
@@ -77,6 +98,7 @@ class SharedPrefixMixin:
         _check_trl(super(SharedPrefixMixin, self)._get_per_token_logps_and_entropies)
         register()
         self.shared_prefix_fallbacks = StockFallbacks("shared_prefix: using the stock log-prob computation")
+        self._shared_prefix_plans = _PlanReuse()
         args_flag = getattr(self.args, "shared_prefix_group_shuffle", False)
         self.shared_prefix_group_shuffle = bool(args_flag if group_shuffle is None else group_shuffle)
 
@@ -115,19 +137,22 @@ class SharedPrefixMixin:
                                                      outputs)
         return per_token[0], (per_token[1] if entropy else None)
 
-    def _shared_prefix_logps(self, model, root, base, ids, mask, logits_to_keep, compute_entropy):
-        """Log-probs (and entropies) of one micro-batch through the packed forward; a string saying why not."""
+    def _shared_prefix_logps(self, model, root, base, ids, mask, logits_to_keep, compute_entropy, plans: dict, start):
+        """Log-probs (and entropies) of one micro-batch through the packed forward; a string saying why not.
+        ``plans``: this batch's plans by micro-batch ``start`` and the model's windows, reused and filled."""
         prompt_ids, completion_ids = ids[:, :-logits_to_keep], ids[:, -logits_to_keep:]
         prompt_mask, completion_mask = mask[:, :-logits_to_keep], mask[:, -logits_to_keep:]
         if not bool(prompt_mask.any(1).all()):
             # A row without prompt tokens (an empty prompt, no BOS) has no prefix to share.
             return "a row without prompt tokens", None
+        key = (start, tuple(model_windows(base)))  # a reference model may differ from the policy in its windows
         try:
             # The padded rows' width is the sequence length the stock forward's RoPE sees.
             forward = PackedForward.prepare(base, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                            stock_seq_len=ids.shape[1], root=root)
+                                            stock_seq_len=ids.shape[1], root=root, plan=plans.get(key))
         except UnsupportedModelError as e:
             return str(e), None
+        plans[key] = forward.plan
         try:
             # Through the (possibly DDP-wrapped) model, so its hooks run.
             with self.accelerator.autocast():
@@ -160,13 +185,15 @@ class SharedPrefixMixin:
                 **extra,
             )
         batch_size = batch_size or input_ids.size(0)
+        plans = self._shared_prefix_plans.lookup(input_ids, attention_mask, logits_to_keep, batch_size)
         all_logps, all_entropies = [], []
         forwarded = stock = 0
         for start in range(0, input_ids.size(0), batch_size):
             ids = input_ids[start : start + batch_size]
             mask = attention_mask[start : start + batch_size]
             stock += ids.numel()  # TRL forwards the padded rows
-            result, tokens = self._shared_prefix_logps(model, root, base, ids, mask, logits_to_keep, compute_entropy)
+            result, tokens = self._shared_prefix_logps(model, root, base, ids, mask, logits_to_keep, compute_entropy,
+                                                       plans, start)
             if isinstance(result, str):  # this micro-batch (or the model) cannot take the plan: the stock method
                 self.shared_prefix_fallbacks.say(result)
                 logps, entropies, _ = super()._get_per_token_logps_and_entropies(  # type: ignore[misc]

@@ -69,10 +69,12 @@ class PackedForward:
         stock_seq_len: Union[int, str, None] = None,
         root: Optional[torch.nn.Module] = None,
         defer_refusals: bool = False,
+        plan: Optional[Plan] = None,
         **grouping,
     ) -> "PackedForward":
         """Plan the micro-batch for ``model`` (``grouping``: :func:`shared_prefix.plan`'s ``group_sizes`` or
-        ``group_ids``) and check everything that can be checked before a forward. Raises
+        ``group_ids``; ``plan``: one made earlier for these very tensors with the model's windows, reused) and check
+        everything that can be checked before a forward. Raises
         :class:`UnsupportedModelError` (``per_batch`` when the reason is the micro-batch's lengths), or the
         planner's ``ValueError``/``TypeError`` for bad input. ``stock_seq_len``: the sequence length the stock
         forward's RoPE sees: TRL's padded width, ``"longest"`` for a batch as long as its longest row (verl's), or
@@ -80,8 +82,13 @@ class PackedForward:
         why = unsupported_config(text_config(model)) or lm_head_refusal(model)
         if why is not None:
             raise UnsupportedModelError(f"shared_prefix: {why}, which is not supported")
-        p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, windows=model_windows(model),
-                      **grouping)
+        windows = model_windows(model)
+        if plan is None:
+            p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, windows=windows, **grouping)
+        elif isinstance(plan, Plan) and plan.windows == [w for w in sorted(set(windows)) if w < plan.max_seqlen]:
+            p = plan
+        else:
+            raise ValueError("plan: not a plan made for this model's sliding windows")
         why = unsupported_for(model, p, p.max_seqlen if stock_seq_len == "longest" else stock_seq_len)
         if why is not None:
             raise UnsupportedModelError(f"shared_prefix: {why}, which is not supported", per_batch=True)

@@ -130,7 +130,7 @@ def shared_prefix_attention_forward(
 
 def _make_plan_aware(fn: Callable) -> Callable:
     # A plan kwarg is authoritative whatever the implementation: gradient checkpointing recomputes layers during
-    # backward, after completion_logprobs has restored the model's own implementation.
+    # backward, after the packed forward has restored the model's own implementation.
     def wrapped(module, query, key, value, attention_mask, *args, **kwargs):
         p = kwargs.pop(PLAN_KWARG, None)
         if p is not None:
