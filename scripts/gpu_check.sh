@@ -7,8 +7,8 @@
 #    to FA2 (`packed_causal_fa2`: how much of our gap to the proxy is FA2's) and flex;
 # 3. the same with `--vary` (a new prompt length every step, as GRPO batches have: what per-shape costs such as
 #    cuDNN's graph builds add to a step): `shared_prefix` (default: cuDNN only for shapes seen in 8 plans, so FA2
-#    here) beside `shared_prefix_eager_cudnn` (cuDNN for every long one-batch call at once) and the proxy on SDPA's choice (cuDNN: it pays the builds too, as stock packed training would) and
-#    on FA2; flex is left out (it recompiles for new shapes);
+#    here) beside `shared_prefix_eager_cudnn` (cuDNN for every long one-batch call at once) and the proxy on SDPA's
+#    choice (cuDNN: it pays the builds too, as stock packed training would) and on FA2; flex is left out (it recompiles for new shapes);
 # 4. `shared_prefix_cudnn_bucketed` (experimental: the causal self calls padded to multiples of 512 tokens so that
 #    prompt lengths in one bucket share a cuDNN graph) beside `shared_prefix`, varying, in a process of its own
 #    (shape counts and cuDNN's graph cache are process-wide), at P = 8200 and 16400: every step's prompts (P, P + 8,

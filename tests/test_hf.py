@@ -240,7 +240,8 @@ def test_direct_model_call_with_plan():
 
 def test_readme_lower_level_api_in_a_fresh_process():
     """The README's lower-level example, in a process where nothing has registered the attention implementation yet:
-    PackedForward on a plan with a model's window, then the unchecked direct call; both equal completion_logprobs."""
+    PackedForward on a model with a sliding window (and again on its plan), then the unchecked direct call on a
+    plan; all equal completion_logprobs."""
     import subprocess
     import sys
 
@@ -254,9 +255,11 @@ model = transformers.MistralForCausalLM(cfg).double()
 pid = torch.randint(1, 61, (1, 6)).expand(4, 6)
 pmask, cid = torch.ones_like(pid), torch.randint(1, 61, (4, 5))
 cmask = torch.ones_like(cid)
-plan = sp.plan(pid, pmask, cid, cmask, windows=sp.hf.model_windows(model))
-forward = sp.hf.PackedForward(model, plan)
+forward = sp.hf.PackedForward.prepare(model, pid, pmask, cid, cmask)
 logp, _ = forward.logprobs(forward.run(), temperature=1.0)
+again = sp.hf.PackedForward.prepare(model, pid, pmask, cid, cmask, plan=forward.plan)
+assert torch.equal(again.logprobs(again.run(), temperature=1.0)[0], logp)
+plan = sp.plan(pid, pmask, cid, cmask, windows=sp.hf.model_windows(model))
 sp.register()
 model.set_attn_implementation("shared_prefix")
 out = model(input_ids=plan.input_ids, position_ids=plan.position_ids, shared_prefix_plan=plan)
@@ -285,6 +288,8 @@ def test_one_plan_serves_several_forwards():
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="plan: not a plan made for this model's sliding windows"):
         PackedForward.prepare(tiny_model("mistral", sliding_window=4), pid, pmask, cid, cmask, plan=p)
+    with pytest.raises(ValueError, match="plan: made for prompts and completions of shapes"):
+        PackedForward.prepare(model, pid[:, 1:], pmask[:, 1:], cid, cmask, plan=p)
     stale = PackedForward(model, p)
     stale.count_layer()  # one layer too many: the forward is refused, not trusted
     with pytest.raises(sp.UnsupportedModelError, match="3 attention call"):
@@ -401,6 +406,12 @@ class TestUnsupported:
             sp.completion_logprobs(model, pid.to(torch.uint8), pmask, cid, cmask)
         with pytest.raises(TypeError, match="completion_ids: .* got torch.int16"):
             sp.completion_logprobs(model, pid, pmask, cid.to(torch.int16), cmask)
+        chunked = tiny_model("llama")
+        chunked.config.attention_chunk_size = 2  # a refusal of the micro-batch: bad input is still named first
+        with pytest.raises(TypeError, match="prompt_ids: the model's embeddings take int64 or int32 token ids"):
+            sp.completion_logprobs(chunked, pid.to(torch.uint8), pmask, cid, cmask)
+        with pytest.raises(sp.UnsupportedModelError, match="chunked attention"):
+            sp.completion_logprobs(chunked, pid, pmask, cid, cmask)
         lp32 = sp.completion_logprobs(model, pid.int(), pmask, cid.int(), cmask)  # int32 ids work as int64 ones
         assert torch.equal(lp32, sp.completion_logprobs(model, pid, pmask, cid, cmask))
 

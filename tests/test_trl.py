@@ -120,6 +120,11 @@ def test_old_and_reference_logps_plan_once(tmp_path, monkeypatch):
         assert torch.equal(calls(ids.clone(), mask), changed) and len(planned) == 6  # another tensor
         calls(ids, mask, bs=8)
         assert len(planned) == 7
+    with torch.inference_mode():  # inference tensors keep no version counter: planned afresh, never reused
+        frozen_ids, frozen_mask = ids.clone(), mask.clone()
+        assert torch.equal(calls(frozen_ids, frozen_mask), changed) and len(planned) == 9
+        calls(frozen_ids, frozen_mask)
+        assert len(planned) == 11
 
 
 def test_bf16_mixed_precision_as_close_as_stock(tmp_path):
@@ -277,6 +282,13 @@ def test_attention_dropout_as_the_modules_apply_it(tmp_path, caplog):
     assert (out["ours"][0] - out["stock"][0]).abs().max().item() <= 1e-6
     assert len(out["ours"][1]._metrics["train"][METRIC]) == 1  # ours ran
     assert "attention dropout (0.1)" in caplog.text and not out["ours_dropout"][1]._metrics["train"][METRIC][-1]
+    # Dropout is the mode's, not the model's: the same trainer in eval mode (a reference pass) runs ours.
+    dropout_trainer = out["ours_dropout"][1]
+    assert not dropout_trainer.shared_prefix_fallbacks.refused
+    dropout_trainer.model.eval()
+    with torch.no_grad():
+        lp = dropout_trainer._get_per_token_logps_and_entropies(dropout_trainer.model, ids, mask, lc)[0]
+    assert dropout_trainer._metrics["eval"][METRIC][-1] > 0 and (lp - out["stock"][0]).abs().max().item() <= 1e-6
 
 
 def test_rloo_logps_equal_stock(tmp_path):

@@ -51,7 +51,7 @@ class Plan:
 
     __slots__ = ("core", "_rows", "_lp", "_lc", "_src_prompt", "_src_completion", "_predictor", "_completion_flat",
                  "num_tokens", "stock_tokens", "prefix_tokens", "completion_tokens", "max_seqlen", "min_seqlen",
-                 "windows", "group_sizes", "row_group", "position_ids", "input_ids", "attention_mask")
+                 "_windows", "_group_sizes", "_row_group", "position_ids", "input_ids", "attention_mask")
 
     #: Tokens in the packed stream: one copy of each prompt plus every completion token.
     num_tokens: int
@@ -62,11 +62,6 @@ class Plan:
     #: Longest and shortest per-row sequence (prompt + completion) of the stock computation.
     max_seqlen: int
     min_seqlen: int
-    #: Sliding windows (shorter than ``max_seqlen``) this plan holds key tables for.
-    windows: list
-    #: Group sizes in plan order, and the plan-order group index of every input row.
-    group_sizes: list
-    row_group: list
     #: The plan's tables on its device, as the attention kernels take them.
     core: "_core.CorePlan"
     #: ``[1, T]`` position ids: each completion's positions continue from its prompt's length.
@@ -86,7 +81,7 @@ class Plan:
             put(name, info[name])
         put("num_tokens", self.prefix_tokens + self.completion_tokens)
         for name in ("windows", "group_sizes", "row_group"):
-            put(name, info[name])
+            put("_" + name, tuple(info[name]))
         src = info["src_index"]
         put("_src_prompt", src[: self.prefix_tokens])
         put("_src_completion", src[self.prefix_tokens:] - self._rows * self._lp)
@@ -99,6 +94,35 @@ class Plan:
 
     def __setattr__(self, name, value):
         raise AttributeError(f"shared_prefix.Plan is immutable (cannot set {name!r})")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"shared_prefix.Plan is immutable (cannot delete {name!r})")
+
+    def __copy__(self):
+        return self  # immutable: a copy would be the same value
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @property
+    def windows(self) -> list:
+        """Sliding windows (shorter than ``max_seqlen``) this plan holds key tables for."""
+        return list(self._windows)
+
+    @property
+    def group_sizes(self) -> list:
+        """Group sizes in plan order."""
+        return list(self._group_sizes)
+
+    @property
+    def row_group(self) -> list:
+        """Plan-order group index of every input row."""
+        return list(self._row_group)
+
+    @property
+    def input_shapes(self) -> tuple:
+        """The shapes of the prompt and completion tensors the plan was made for: ``((B, Lp), (B, Lc))``."""
+        return (self._rows, self._lp), (self._rows, self._lc)
 
     @property
     def device(self) -> torch.device:

@@ -12,7 +12,8 @@ class UnsupportedModelError(NotImplementedError):
     """The model, or this micro-batch, cannot run shared-prefix attention exactly (the stock computation can).
     TRL's and verl's integrations catch it and fall back to the stock computation.
 
-    ``per_batch``: the reason is this micro-batch (its lengths), not the model; another micro-batch may run."""
+    ``per_batch``: the reason is this forward (its micro-batch's lengths, or the mode the model is in), not the
+    model; another forward may run. Integrations remember only the other refusals, per model class."""
 
     def __init__(self, message: str, *, per_batch: bool = False):
         super().__init__(message)
@@ -32,11 +33,12 @@ def missing_window(window: int, plan: Plan) -> str:
 def attention_refusal(plan: Plan, *, window: Any = None, softcap: Any = None,
                       dropout: Optional[float] = 0.0) -> "tuple[Optional[str], bool]":
     """Why one attention call with these settings cannot take ``plan`` exactly (None if it can), and whether the
-    reason is the micro-batch's length rather than the settings themselves."""
+    reason belongs to this forward (the micro-batch's lengths; dropout, which train mode applies and eval mode
+    does not) rather than to the model."""
     if window_cuts(window, plan) and window not in plan.windows:
         return missing_window(window, plan), True
     if softcap is not None:
         return "attention logit softcapping is not supported", False
     if dropout and dropout > 0:
-        return f"attention dropout ({dropout}) in train mode is not supported; set attention_dropout=0", False
+        return f"attention dropout ({dropout}) in train mode is not supported; set attention_dropout=0", True
     return None, False

@@ -21,11 +21,14 @@ import torch
 
 from ._refusals import UnsupportedModelError
 from .hf.fsdp import fsdp1_refusal
-from .hf.pipeline import MULTIMODAL_KEYS, PackedForward, StockFallbacks, version_refusal
+from .hf.pipeline import PackedForward, StockFallbacks, version_refusal
 from .hf.registry import register
 from .hf.support import lm_head_refusal, model_windows, text_config, unsupported_config
 
 SUPPORTED_TRL = (">=1.16", "<1.17")
+# Keyword arguments that carry multimodal inputs: the packed stream has no place for them.
+_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                    "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 METRIC = "shared_prefix/tokens_saved_frac"
 _EXPECTED_PARAMS = ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
                     "compute_aux_loss")
@@ -79,6 +82,8 @@ class _PlanReuse:
         self._plans: dict = {}
 
     def lookup(self, input_ids, attention_mask, logits_to_keep, batch_size) -> dict:
+        if torch.is_inference(input_ids) or torch.is_inference(attention_mask):
+            return {}  # inference tensors keep no version counter: plan afresh
         alive = [ref() for ref in self._tensors]
         state = (input_ids._version, attention_mask._version, logits_to_keep, batch_size)
         if len(alive) != 2 or alive[0] is not input_ids or alive[1] is not attention_mask or self._state != state:
@@ -106,7 +111,7 @@ class SharedPrefixMixin:
         """Why no micro-batch of this call can take a plan (the model and the trainer's set-up)."""
         if compute_aux_loss:
             return "the model returns an auxiliary (MoE) loss"
-        if any(extra.get(k) is not None for k in MULTIMODAL_KEYS):
+        if any(extra.get(k) is not None for k in _MULTIMODAL_KEYS):
             return "multimodal inputs"
         cfg = text_config(base)
         why = unsupported_config(cfg) or self.shared_prefix_fallbacks.refused_reason(base) or lm_head_refusal(base)

@@ -30,7 +30,7 @@ import torch
 
 from ._refusals import UnsupportedModelError
 from .hf.fsdp import fsdp1_refusal
-from .hf.pipeline import MULTIMODAL_KEYS, PackedForward, StockFallbacks, version_refusal
+from .hf.pipeline import PackedForward, StockFallbacks, version_refusal
 from .hf.registry import register, takes_plan
 from .hf.support import unsupported_config
 
@@ -60,7 +60,7 @@ def _ineligible(engine, mb, ti, tu) -> Optional[str]:
     why = fsdp1_refusal(engine.module)
     if why is not None:
         return why
-    if any(key in mb.keys() for key in MULTIMODAL_KEYS):
+    if "multi_modal_inputs" in mb.keys():
         return "multimodal inputs"
     if isinstance(mb["temperature"], torch.Tensor) and mb["temperature"].numel() > 1:
         return "per-sample temperatures"

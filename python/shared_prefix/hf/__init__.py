@@ -16,7 +16,8 @@ from typing import Hashable, Optional, Sequence, Union
 
 import torch
 
-from .._logprobs import check_linear_head
+from .._logprobs import check_linear_head, check_token_ids
+from .._plan import Plan
 from .._refusals import UnsupportedModelError
 from .checkpointing import checkpointing_on, enable_checkpointing
 from .fsdp import unsharded_lm_head
@@ -57,16 +58,21 @@ def completion_logprobs(
         isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
     ):
         raise ValueError(f"temperature: must be a finite positive number, got {temperature!r}")
-    head = model.get_output_embeddings()
-    if head is None:
-        raise TypeError(f"model: {type(model).__name__} has no output embeddings (LM head)")
-    check_linear_head(head)
+
+    def validate(p: Plan) -> None:  # bad input is the caller's error, before any refusal of the model
+        for name, ids in (("prompt_ids", prompt_ids), ("completion_ids", completion_ids)):
+            if ids.dtype not in (torch.int64, torch.int32):  # the planner takes narrower ids; embeddings do not
+                raise TypeError(f"{name}: the model's embeddings take int64 or int32 token ids, got {ids.dtype}")
+        embeddings = model.get_input_embeddings()
+        if isinstance(embeddings, torch.nn.Embedding):  # the valid tokens only: ids at padding are never read
+            check_token_ids(p.input_ids, embeddings.num_embeddings, "prompt_ids, completion_ids")
+        head = model.get_output_embeddings()
+        if head is None:
+            raise TypeError(f"model: {type(model).__name__} has no output embeddings (LM head)")
+        check_linear_head(head)
+
     forward = PackedForward.prepare(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                    group_sizes=group_sizes, group_ids=group_ids)
-    for name, ids in (("prompt_ids", prompt_ids), ("completion_ids", completion_ids)):
-        if ids.dtype not in (torch.int64, torch.int32):  # the planner takes narrower ids; embeddings do not
-            raise TypeError(f"{name}: the model's embeddings take int64 or int32 token ids, got {ids.dtype}")
-    forward.check_token_ids("prompt_ids, completion_ids")
+                                    group_sizes=group_sizes, group_ids=group_ids, validate=validate)
     hidden = forward.run()
     logprobs, entropy = forward.logprobs(hidden, temperature, entropy=return_entropy, chunk_size=chunk_size)
     return (logprobs, entropy) if return_entropy else logprobs

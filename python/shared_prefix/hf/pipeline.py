@@ -22,7 +22,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .._logprobs import check_token_ids, linear_logprobs
+from .._logprobs import linear_logprobs
 from .._plan import Plan, plan as make_plan
 from .._refusals import UnsupportedModelError
 from .fsdp import is_fsdp2, unsharded_lm_head
@@ -38,7 +38,8 @@ Head = Callable[..., "tuple[torch.Tensor, Optional[torch.Tensor]]"]
 
 class PackedForward:
     """One forward of a planned micro-batch through ``model`` (a transformers causal LM, unwrapped), and what its
-    attention layers reported. Pass it as ``shared_prefix_plan=`` (``inputs()`` does).
+    attention layers reported. Pass it as ``shared_prefix_plan=`` (``inputs()`` does). Make it with
+    :meth:`prepare`, which runs the support checks; constructed directly, those checks are the caller's.
 
     ``root``: the module that holds the LM head for FSDP2 (the model itself, or a wrapper such as a PEFT model).
     ``defer_refusals``: a layer that cannot take the plan records why and the forward goes on (for callers that
@@ -70,25 +71,32 @@ class PackedForward:
         root: Optional[torch.nn.Module] = None,
         defer_refusals: bool = False,
         plan: Optional[Plan] = None,
+        validate: Optional[Callable[[Plan], None]] = None,
         **grouping,
     ) -> "PackedForward":
-        """Plan the micro-batch for ``model`` (``grouping``: :func:`shared_prefix.plan`'s ``group_sizes`` or
-        ``group_ids``; ``plan``: one made earlier for these very tensors with the model's windows, reused) and check
-        everything that can be checked before a forward. Raises
-        :class:`UnsupportedModelError` (``per_batch`` when the reason is the micro-batch's lengths), or the
-        planner's ``ValueError``/``TypeError`` for bad input. ``stock_seq_len``: the sequence length the stock
+        """Plan the micro-batch for ``model`` and check everything that can be checked before a forward: the
+        config, the plan (the planner's ``ValueError``/``TypeError`` for bad input), ``validate(plan)`` (the
+        caller's own input checks), the LM head, and what depends on the micro-batch's lengths. Refusals raise
+        :class:`UnsupportedModelError` (``per_batch`` for the lengths).
+
+        ``grouping``: :func:`shared_prefix.plan`'s ``group_sizes`` or ``group_ids``. ``plan``: one made earlier for
+        these very tensors with the model's windows, reused. ``stock_seq_len``: the sequence length the stock
         forward's RoPE sees: TRL's padded width, ``"longest"`` for a batch as long as its longest row (verl's), or
         None when each row is its own forward."""
-        why = unsupported_config(text_config(model)) or lm_head_refusal(model)
+        why = unsupported_config(text_config(model))
         if why is not None:
             raise UnsupportedModelError(f"shared_prefix: {why}, which is not supported")
         windows = model_windows(model)
         if plan is None:
             p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, windows=windows, **grouping)
-        elif isinstance(plan, Plan) and plan.windows == [w for w in sorted(set(windows)) if w < plan.max_seqlen]:
-            p = plan
         else:
-            raise ValueError("plan: not a plan made for this model's sliding windows")
+            _check_reused(plan, windows, prompt_ids, completion_ids)
+            p = plan
+        if validate is not None:
+            validate(p)
+        why = lm_head_refusal(model)
+        if why is not None:
+            raise UnsupportedModelError(f"shared_prefix: {why}, which is not supported")
         why = unsupported_for(model, p, p.max_seqlen if stock_seq_len == "longest" else stock_seq_len)
         if why is not None:
             raise UnsupportedModelError(f"shared_prefix: {why}, which is not supported", per_batch=True)
@@ -125,7 +133,7 @@ class PackedForward:
                                              attention_mask=p.attention_mask, use_cache=False,
                                              **{PLAN_KWARG: self}).last_hidden_state
             else:
-                hidden = (call or model)(**self.inputs(), use_cache=False).hidden_states[-1]
+                hidden = (model if call is None else call)(**self.inputs(), use_cache=False).hidden_states[-1]
         self.check()
         return hidden
 
@@ -159,12 +167,16 @@ class PackedForward:
                                entropy, chunk_size)
         return p.unpack_completions(picked), (p.unpack_completions(ent) if entropy else None)
 
-    def check_token_ids(self, name: str) -> None:
-        """The packed tokens lie in the input embeddings' vocabulary (a ValueError naming ``name`` on CPU, an
-        asynchronous device assert on CUDA)."""
-        embeddings = self.model.get_input_embeddings()
-        if isinstance(embeddings, torch.nn.Embedding):  # the valid tokens only: ids at padding are never read
-            check_token_ids(self.plan.input_ids, embeddings.num_embeddings, name)
+
+def _check_reused(plan, windows, prompt_ids, completion_ids) -> None:
+    """A plan handed to ``prepare`` must have been made for tensors of these shapes and for these windows."""
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan: expected a shared_prefix.Plan, got {type(plan).__name__}")
+    if plan.windows != [w for w in sorted(set(windows)) if w < plan.max_seqlen]:
+        raise ValueError("plan: not a plan made for this model's sliding windows")
+    if plan.input_shapes != (tuple(prompt_ids.shape), tuple(completion_ids.shape)):
+        raise ValueError(f"plan: made for prompts and completions of shapes {plan.input_shapes}, not "
+                         f"{tuple(prompt_ids.shape)} and {tuple(completion_ids.shape)}")
 
 
 class StockFallbacks:
@@ -201,9 +213,3 @@ def version_refusal(package: str, version: str, supported: "tuple[str, str]") ->
         return None
     return f"{package} {version} is outside the supported {','.join(supported)}"
 
-
-# Batch keys of multimodal inputs (TRL's keyword arguments, verl's micro-batch keys): the packed stream has no
-# place for them.
-MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
-                   "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
-                   "multi_modal_inputs")

@@ -158,17 +158,19 @@ def layer_window(module: torch.nn.Module, p: Plan, kwargs: dict) -> Optional[int
 def layer_refusal(module: Optional[torch.nn.Module], p: Plan, dropout: float,
                   kwargs: dict) -> "tuple[Optional[str], bool]":
     """Why this attention layer cannot take the plan exactly, with the window, softcap and dropout it actually
-    applies, and whether the reason is this micro-batch's length (rather than the model as configured)."""
-    why, per_batch = attention_refusal(p, window=layer_window(module, p, kwargs), softcap=kwargs.get("softcap"),
-                                       dropout=dropout)
-    if why is None and "sliding_window" not in kwargs and not hasattr(module, "sliding_window"):
+    applies, and whether the reason is this forward (its micro-batch's lengths, the model's mode) rather than the
+    model as configured."""
+    why, per_batch = attention_refusal(p, window=layer_window(module, p, kwargs))
+    if why is not None:
+        return why, per_batch
+    if "sliding_window" not in kwargs and not hasattr(module, "sliding_window"):
         # The layer does not say which window it applies, yet its config has one: its model may apply it through
         # the mask alone (PhiMoE does), which the plan never builds. Refuse rather than attend past it.
         cut = [w for w in config_windows(getattr(module, "config", None)) if window_cuts(w, p)]
         if cut:
             return (f"the config's sliding_window={cut[0]} is shorter than the longest sequence ({p.max_seqlen} "
                     "tokens) and the attention layer does not say whether it applies it"), True
-    return why, per_batch
+    return attention_refusal(p, softcap=kwargs.get("softcap"), dropout=dropout)
 
 
 def lm_head_refusal(model: torch.nn.Module) -> Optional[str]:
