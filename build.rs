@@ -1,4 +1,6 @@
-//! Compiles the C++ shim (csrc/shim.cpp) against the headers of the installed torch.
+//! Compiles the C++ shim (csrc/shim.cpp) against the headers of the torch installed for the building Python, and
+//! records that torch's version (`SP_TORCH_VERSION`) for the extension to report.
+use std::path::PathBuf;
 use std::process::Command;
 
 fn python() -> String {
@@ -7,8 +9,19 @@ fn python() -> String {
     })
 }
 
+/// `csrc/shim.cpp` of the repository: the build script serves every manifest of the extension (one per tch line),
+/// so it is found from the manifest's directory upwards.
+fn shim() -> PathBuf {
+    let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    dir.ancestors()
+        .map(|d| d.join("csrc/shim.cpp"))
+        .find(|p| p.exists())
+        .expect("csrc/shim.cpp above the manifest")
+}
+
 fn main() {
-    println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    let shim = shim();
+    println!("cargo:rerun-if-changed={}", shim.display());
     println!("cargo:rerun-if-env-changed=PYTHON_SYS_EXECUTABLE");
     println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
     let py = python();
@@ -16,6 +29,7 @@ fn main() {
         .args([
             "-c",
             "import torch\nfrom torch.utils.cpp_extension import include_paths\n\
+             print(torch.__version__.split('+')[0])\n\
              print(int(torch._C._GLIBCXX_USE_CXX11_ABI))\nprint('\\n'.join(include_paths()))",
         ])
         .output()
@@ -23,9 +37,12 @@ fn main() {
     assert!(out.status.success(), "{py} could not import torch: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).expect("utf-8 paths");
     let mut lines = text.lines();
+    let version = lines.next().expect("torch version");
+    println!("cargo:rustc-env=SP_TORCH_VERSION={version}");
     let abi = lines.next().expect("cxx11 abi flag");
     let mut build = cc::Build::new();
-    build.cpp(true).file("csrc/shim.cpp").std("c++17").define("_GLIBCXX_USE_CXX11_ABI", abi).warnings(false);
+    // C++20: torch 2.14's headers require it, and the shim compiles under it against every supported torch.
+    build.cpp(true).file(&shim).std("c++20").define("_GLIBCXX_USE_CXX11_ABI", abi).warnings(false);
     for inc in lines.filter(|l| !l.is_empty()) {
         build.include(inc);
     }

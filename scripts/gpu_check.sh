@@ -37,7 +37,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
 # The freshest Python sources from the tree, with the extension from the wheel.
-cp /tmp/site/shared_prefix/_core.abi3.so python/shared_prefix/
+cp /tmp/site/shared_prefix/_core.abi3.so /tmp/site/shared_prefix/_build_info.py python/shared_prefix/
 export PYTHONPATH="$PWD/python:/tmp/site"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, shared_prefix; print('torch', torch.__version__, 'transformers', \

@@ -26,6 +26,8 @@ use pyo3::prelude::*;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The torch this extension was built against (major.minor.patch), as build.rs found it.
+    m.add("TORCH_VERSION", env!("SP_TORCH_VERSION"))?;
     py_plan::register(m)?;
     py_attention::register(m)
 }

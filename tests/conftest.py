@@ -24,7 +24,10 @@ def uninitialized_memory_is_nan():
 def pytest_report_header(config):
     import transformers
 
-    return f"torch {torch.__version__}, transformers {transformers.__version__} ({transformers.__file__})"
+    import shared_prefix
+
+    return (f"torch {torch.__version__}, transformers {transformers.__version__} ({transformers.__file__}), "
+            f"shared_prefix from {shared_prefix.__file__}")
 
 
 def pytest_configure(config):
@@ -36,6 +39,10 @@ def pytest_configure(config):
         if transformers.__version__ != expected:
             raise pytest.UsageError(f"expected transformers {expected} first on the path, got "
                                     f"{transformers.__version__} from {transformers.__file__}")
+    # `make test-torch` runs the core tests under another torch: fail rather than test the wrong one.
+    expected = os.environ.get("SHARED_PREFIX_EXPECT_TORCH")
+    if expected and torch.__version__.split("+")[0] != expected:
+        raise pytest.UsageError(f"expected torch {expected}, got {torch.__version__}")
 
 
 def pytest_collection_modifyitems(config, items):

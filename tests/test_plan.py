@@ -263,3 +263,30 @@ def test_cudnn_after_rejects_bad_values_and_restores():
         assert sp._core.set_cudnn_after(8) == 8
     finally:
         sp._core.set_cudnn_after(before)
+
+
+def test_import_refuses_an_extension_built_for_another_torch():
+    """The build records its torch; importing the package under another torch minor version raises ImportError
+    naming both and the rebuild command, before the extension is loaded (which could fail on missing symbols or
+    crash). A fresh process where the record says 2.99."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, types, torch\n"
+        "record = types.ModuleType('shared_prefix._build_info'); record.TORCH_VERSION = '2.99'\n"
+        "sys.modules['shared_prefix._build_info'] = record\n"
+        "try:\n"
+        "    import shared_prefix\n"
+        "except ImportError as e:\n"
+        "    assert 'shared_prefix._core' not in sys.modules\n"
+        "    print(e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "built for torch 2.99" in proc.stdout and torch.__version__ in proc.stdout, proc.stdout
+    assert "pip install --no-build-isolation" in proc.stdout
+    import shared_prefix
+    from shared_prefix import _core
+
+    assert shared_prefix._torch_check.minor(_core.TORCH_VERSION) == shared_prefix._torch_check.built_for()

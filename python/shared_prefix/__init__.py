@@ -5,10 +5,17 @@ Import order matters: torch first, so the Rust extension links against the libto
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from ._attention import attention
-from ._kernels import cudnn_after, cudnn_bucket
-from ._plan import Plan, plan
-from ._refusals import UnsupportedModelError
+from ._torch_check import check_extension, check_torch
+
+check_torch()  # before the extension loads: one built for another torch would fail there, or worse
+
+from . import _core  # noqa: E402
+from ._attention import attention  # noqa: E402
+from ._kernels import cudnn_after, cudnn_bucket  # noqa: E402
+from ._plan import Plan, plan  # noqa: E402
+from ._refusals import UnsupportedModelError  # noqa: E402
+
+check_extension(_core.TORCH_VERSION)
 
 __all__ = ["Plan", "plan", "attention", "cudnn_after", "cudnn_bucket",
            "register", "completion_logprobs", "UnsupportedModelError"]
