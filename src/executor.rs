@@ -1,19 +1,34 @@
-//! Shared-prefix attention on packed q/k/v `[T, H, D]`: DESIGN's three calls (or the two causal ones as one),
-//! the log-sum-exp merge and the exact backward, on any backend behind the seam (`seam::Kernels`).
+//! Shared-prefix attention on packed q/k/v `[T, H, D]`: every node over itself causally (one call, or one per
+//! level), every node over each of its ancestors (one call per pair of levels), the log-sum-exp merge and the exact
+//! backward, on any backend behind the seam (`seam::Kernels`). A one-level plan runs DESIGN's three calls.
 
 use crate::device_plan::{Call, DevicePlan, WindowTables};
 use crate::seam::{contiguous_if, Kernels, Result, Saved};
 use tch::{Kind, Tensor};
 
-/// The calls a full-attention layer runs, in order: the prefixes' and the completions' causal calls apart
-/// (`split`) or as one, and the completions against their group's prefix where there are completions.
-pub fn calls(p: &DevicePlan, split: bool) -> &'static [Call] {
-    match (split, p.has_completions()) {
-        (true, true) => &[Call::Prefix, Call::Group, Call::Completion],
-        (false, true) => &[Call::SelfCalls, Call::Group],
-        (true, false) => &[Call::Prefix],
-        (false, false) => &[Call::SelfCalls],
+/// The calls a full-attention layer runs, in order: the self calls (by level when `split`, else as one), and for
+/// each query level with tokens the cross calls over each of its ancestor levels. A one-level plan runs
+/// `[prefix, completions_x_prefix, completions]` split, or `[prefix+completions, completions_x_prefix]`.
+pub fn calls(p: &DevicePlan, split: bool) -> Vec<Call> {
+    let mut out = Vec::new();
+    if !split {
+        out.push(Call::SelfCalls);
     }
+    for d in 0..p.levels() {
+        if p.level(d).1 == 0 {
+            continue;
+        }
+        out.extend((0..d).map(|a| Call::Cross { k: a as u16, q: d as u16 }));
+        if split {
+            out.push(Call::Level(d as u16));
+        }
+    }
+    out
+}
+
+/// Whether level 1 (a one-level plan's completions) has tokens.
+fn has_level1(p: &DevicePlan) -> bool {
+    p.levels() > 1 && p.level(1).1 > 0
 }
 
 /// `x` itself, or a token-major contiguous copy when the kernels need one layout for every operand or when its
@@ -58,6 +73,10 @@ fn split_at(x: &Tensor, n_prefix: i64) -> Result<(Tensor, Tensor)> {
     Ok((x.f_narrow(0, 0, n_prefix)?, x.f_narrow(0, n_prefix, total - n_prefix)?))
 }
 
+fn rows(x: &Tensor, (start, len): (i64, i64)) -> Result<Tensor> {
+    x.f_narrow(0, start, len)
+}
+
 /// The plan's key tables for `window` (callers check that it has them).
 fn tables(p: &DevicePlan, window: usize) -> Result<&WindowTables> {
     p.window_tables(window)
@@ -65,47 +84,68 @@ fn tables(p: &DevicePlan, window: usize) -> Result<&WindowTables> {
 }
 
 /// Forward: returns `out [T, Hq, D]` and `lse [T, Hq]` (what backward needs). `window`: a sliding-window layer
-/// (one the plan holds key tables for); otherwise the layer runs `calls(p, split)`.
+/// (one the plan holds key tables for); otherwise the layer runs `calls(p, split)`: each query row's self call,
+/// merged by log-sum-exp with its cross calls.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(kern: &dyn Kernels, p: &DevicePlan, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64,
                window: Option<usize>, split: bool) -> Result<(Tensor, Tensor)> {
-    let np = p.host.prefix_tokens as i64;
     let (q, k, v) = (laid_out(kern, q)?, laid_out(kern, k)?, laid_out(kern, v)?);
     if let Some(w) = window {
         return forward_window(kern, p, &q, &k, &v, scale, tables(p, w)?);
     }
-    let ((qp, qc), (kp, kc), (vp, vc)) = (split_at(&q, np)?, split_at(&k, np)?, split_at(&v, np)?);
     let acc = accum_kind(q.kind());
-    match calls(p, split) {
-        [Call::SelfCalls, rest @ ..] => {
-            // The prefix rows' results are final; the group call is merged into the completion rows in place.
-            let (out, lse) = kern.forward(&q, &k, &v, &p.segments(Call::SelfCalls), true, scale)?;
-            let lse = lse.f_to_kind(acc)?;
-            if let [Call::Group] = rest {
-                let (o2, l2) = kern.forward(&qc, &kp, &vp, &p.segments(Call::Group), false, scale)?;
-                let ((_, oc), (_, lc)) = (split_at(&out, np)?, split_at(&lse, np)?);
-                merge_into(&o2, &l2, &oc, &lc, &oc, &lc)?;
+    let calls = calls(p, split);
+    let cross = |call: Call| -> Result<(Tensor, Tensor, (i64, i64))> {
+        let (qs, ks) = p.operands(call);
+        let (o, l) = kern.forward(&rows(&q, qs)?, &rows(&k, ks)?, &rows(&v, ks)?, &p.segments(call), false, scale)?;
+        Ok((o, l, qs))
+    };
+    if !split {
+        // The self call's output is final for rows without cross calls; the others are merged into it in place.
+        let (out, lse) = kern.forward(&q, &k, &v, &p.segments(Call::SelfCalls), true, scale)?;
+        let lse = lse.f_to_kind(acc)?;
+        for &call in &calls[1..] {
+            let (o2, l2, qs) = cross(call)?;
+            let (o, l) = (rows(&out, qs)?, rows(&lse, qs)?);
+            merge_into(&o2, &l2, &o, &l, &o, &l)?;
+        }
+        return Ok((out, lse));
+    }
+    if let [Call::Level(0)] = calls[..] {
+        let (o1, l1) = kern.forward(&q, &k, &v, &p.segments(Call::Level(0)), true, scale)?;
+        return Ok((o1, l1.f_to_kind(acc)?));
+    }
+    // One [T, Hq, D] output and one [T, Hq] lse; each level's rows are its self call's, merged with its cross
+    // calls' (the first merge writes into place, the others merge in place).
+    let (t, hq) = (q.size()[0], q.size()[1]);
+    let out = Tensor::f_empty([t, hq, v.size()[2]], (q.kind(), q.device()))?;
+    let lse = Tensor::f_empty([t, hq], (acc, q.device()))?;
+    let mut pending: Vec<(Tensor, Tensor)> = Vec::new();
+    for &call in &calls {
+        match call {
+            Call::Cross { .. } => {
+                let (o2, l2, _) = cross(call)?;
+                pending.push((o2, l2));
             }
-            Ok((out, lse))
-        }
-        [Call::Prefix] => {
-            let (o1, l1) = kern.forward(&qp, &kp, &vp, &p.segments(Call::Prefix), true, scale)?;
-            Ok((o1, l1.f_to_kind(acc)?))
-        }
-        _ => {
-            let (o1, l1) = kern.forward(&qp, &kp, &vp, &p.segments(Call::Prefix), true, scale)?;
-            let (o2, l2) = kern.forward(&qc, &kp, &vp, &p.segments(Call::Group), false, scale)?;
-            let (o3, l3) = kern.forward(&qc, &kc, &vc, &p.segments(Call::Completion), true, scale)?;
-            // One [T, Hq, D] output and one [T, Hq] lse: prefix rows copied in, completion rows merged in place.
-            let (t, hq) = (q.size()[0], q.size()[1]);
-            let out = Tensor::f_empty([t, hq, v.size()[2]], (o1.kind(), o1.device()))?;
-            let lse = Tensor::f_empty([t, hq], (acc, o1.device()))?;
-            out.f_narrow(0, 0, np)?.f_copy_(&o1)?;
-            lse.f_narrow(0, 0, np)?.f_copy_(&l1)?;
-            merge_into(&o2, &l2, &o3, &l3, &out.f_narrow(0, np, t - np)?, &lse.f_narrow(0, np, t - np)?)?;
-            Ok((out, lse))
+            _ => {
+                let d = p.operands(call).0;
+                let (o, l) = kern.forward(&rows(&q, d)?, &rows(&k, d)?, &rows(&v, d)?, &p.segments(call), true, scale)?;
+                let (out_d, lse_d) = (rows(&out, d)?, rows(&lse, d)?);
+                let mut crosses = pending.drain(..);
+                match crosses.next() {
+                    None => {
+                        out_d.shallow_clone().f_copy_(&o)?;
+                        lse_d.shallow_clone().f_copy_(&l)?;
+                    }
+                    Some((o2, l2)) => merge_into(&o2, &l2, &o, &l, &out_d, &lse_d)?,
+                }
+                for (o2, l2) in crosses {
+                    merge_into(&o2, &l2, &out_d, &lse_d, &out_d, &lse_d)?;
+                }
+            }
         }
     }
+    Ok((out, lse))
 }
 
 /// Exact backward: each call's kernel backward runs with the merged `out`/`lse` of the rows it served, then the
@@ -124,46 +164,45 @@ pub fn backward(
     window: Option<usize>,
     split: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let np = p.host.prefix_tokens as i64;
     let (q, k, v) = (laid_out(kern, q)?, laid_out(kern, k)?, laid_out(kern, v)?);
     let (dout, out) = (laid_out(kern, dout)?, laid_out(kern, out)?);
     if let Some(w) = window {
         return backward_window(kern, p, &dout, &q, &k, &v, &out, lse, scale, tables(p, w)?);
     }
-    let ((qp, qc), (kp, kc), (vp, vc)) = (split_at(&q, np)?, split_at(&k, np)?, split_at(&v, np)?);
-    let ((dop, doc), (op, oc), (lp, lc)) = (split_at(&dout, np)?, split_at(&out, np)?, split_at(lse, np)?);
-    // The group call and the completions' own call serve the same completion rows: both see their merged out/lse.
-    let group = Saved { dout: &doc, q: &qc, k: &kp, v: &vp, out: &oc, lse: &lc };
-    match calls(p, split) {
-        [Call::SelfCalls, rest @ ..] => {
-            let all = Saved { dout: &dout, q: &q, k: &k, v: &v, out: &out, lse };
-            let (dq, dk, dv) = kern.backward(&all, &p.segments(Call::SelfCalls), true, scale)?;
-            if let [Call::Group] = rest {
-                // Added onto the fresh gradients in place.
-                let (dq2, dk2, dv2) = kern.backward(&group, &p.segments(Call::Group), false, scale)?;
-                let _ = split_at(&dq, np)?.1.f_add_(&dq2)?;
-                let _ = split_at(&dk, np)?.0.f_add_(&dk2)?;
-                let _ = split_at(&dv, np)?.0.f_add_(&dv2)?;
+    let calls = calls(p, split);
+    // A call's backward sees the merged out/lse (and dO) of its query rows.
+    let saved = |call: Call| -> Result<[Tensor; 6]> {
+        let (qs, ks) = p.operands(call);
+        Ok([rows(&dout, qs)?, rows(&q, qs)?, rows(&k, ks)?, rows(&v, ks)?, rows(&out, qs)?, rows(lse, qs)?])
+    };
+    let run = |call: Call| -> Result<(Tensor, Tensor, Tensor)> {
+        let [dout, q, k, v, out, lse] = saved(call)?;
+        let s = Saved { dout: &dout, q: &q, k: &k, v: &v, out: &out, lse: &lse };
+        kern.backward(&s, &p.segments(call), call.is_self(), scale)
+    };
+    let self_calls: Vec<Call> = calls.iter().copied().filter(|c| c.is_self()).collect();
+    let (dq, dk, dv) = match &self_calls[..] {
+        [one] => run(*one)?,
+        levels => {
+            let mut parts = (Vec::new(), Vec::new(), Vec::new());
+            for &call in levels {
+                let (dq, dk, dv) = run(call)?;
+                parts.0.push(dq);
+                parts.1.push(dk);
+                parts.2.push(dv);
             }
-            Ok((dq, dk, dv))
+            (Tensor::f_cat(&parts.0, 0)?, Tensor::f_cat(&parts.1, 0)?, Tensor::f_cat(&parts.2, 0)?)
         }
-        [Call::Prefix] => {
-            let prefix = Saved { dout: &dop, q: &qp, k: &kp, v: &vp, out: &op, lse: &lp };
-            kern.backward(&prefix, &p.segments(Call::Prefix), true, scale)
-        }
-        _ => {
-            let prefix = Saved { dout: &dop, q: &qp, k: &kp, v: &vp, out: &op, lse: &lp };
-            let own = Saved { k: &kc, v: &vc, ..group };
-            let (dq1, dk1, dv1) = kern.backward(&prefix, &p.segments(Call::Prefix), true, scale)?;
-            let (dq2, dk2, dv2) = kern.backward(&group, &p.segments(Call::Group), false, scale)?;
-            let (dq3, dk3, dv3) = kern.backward(&own, &p.segments(Call::Completion), true, scale)?;
-            Ok((
-                Tensor::f_cat(&[dq1, dq2.f_add(&dq3)?], 0)?,
-                Tensor::f_cat(&[dk1.f_add(&dk2)?, dk3], 0)?,
-                Tensor::f_cat(&[dv1.f_add(&dv2)?, dv3], 0)?,
-            ))
-        }
+    };
+    // The cross calls' gradients, added onto the fresh ones in place.
+    for &call in calls.iter().filter(|c| !c.is_self()) {
+        let (dq2, dk2, dv2) = run(call)?;
+        let (qs, ks) = p.operands(call);
+        let _ = rows(&dq, qs)?.f_add_(&dq2)?;
+        let _ = rows(&dk, ks)?.f_add_(&dk2)?;
+        let _ = rows(&dv, ks)?.f_add_(&dv2)?;
     }
+    Ok((dq, dk, dv))
 }
 
 /// A sliding-window layer in two calls and no merge: each prefix causally within the window, and each completion
@@ -171,11 +210,11 @@ pub fn backward(
 /// see `planner::WindowKeys`), aligned bottom-right so that its token j sees stock positions P+j-w+1 ..= P+j.
 fn forward_window(kern: &dyn Kernels, p: &DevicePlan, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64,
                   w: &WindowTables) -> Result<(Tensor, Tensor)> {
-    let np = p.host.prefix_tokens as i64;
+    let np = p.level(0).1;
     let acc = accum_kind(q.kind());
     let ((qp, qc), (kp, _), (vp, _)) = (split_at(q, np)?, split_at(k, np)?, split_at(v, np)?);
     let (o1, l1) = kern.forward(&qp, &kp, &vp, &p.prefix_window(w.window), true, scale)?;
-    if !p.has_completions() {
+    if !has_level1(p) {
         return Ok((o1, l1.f_to_kind(acc)?));
     }
     let (kw, vw) = (k.f_index_select(0, &w.gather)?, v.f_index_select(0, &w.gather)?);
@@ -189,12 +228,12 @@ fn forward_window(kern: &dyn Kernels, p: &DevicePlan, q: &Tensor, k: &Tensor, v:
 #[allow(clippy::too_many_arguments)]
 fn backward_window(kern: &dyn Kernels, p: &DevicePlan, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor,
                    out: &Tensor, lse: &Tensor, scale: f64, w: &WindowTables) -> Result<(Tensor, Tensor, Tensor)> {
-    let np = p.host.prefix_tokens as i64;
+    let np = p.level(0).1;
     let ((qp, qc), (kp, _), (vp, _)) = (split_at(q, np)?, split_at(k, np)?, split_at(v, np)?);
     let ((dop, doc), (op, oc), (lp, lc)) = (split_at(dout, np)?, split_at(out, np)?, split_at(lse, np)?);
     let call1 = Saved { dout: &dop, q: &qp, k: &kp, v: &vp, out: &op, lse: &lp };
     let (dq1, dk1, dv1) = kern.backward(&call1, &p.prefix_window(w.window), true, scale)?;
-    if !p.has_completions() {
+    if !has_level1(p) {
         return Ok((dq1, dk1, dv1));
     }
     let (kw, vw) = (k.f_index_select(0, &w.gather)?, v.f_index_select(0, &w.gather)?);

@@ -125,23 +125,25 @@ fn recurring(device: Device, call: Call, runs: &[planner::Run], padding: Padding
 pub fn observe(plan: &DevicePlan) -> Tuning {
     let padding = Padding { multiple: CUDNN_BUCKET.load(Ordering::Relaxed), min_keys: PAD_MIN_KEYS.load(Ordering::Relaxed) };
     let after = CUDNN_AFTER.load(Ordering::Relaxed);
-    let mut recurring_calls = [false; 4];
-    for call in Call::ALL {
-        // The group call is never padded: its keys would be seen.
-        let rounding = if call.is_self() { padding } else { Padding::NONE };
-        recurring_calls[call as usize] = recurring(plan.device, call, plan.runs(call), rounding, after);
-    }
+    let recurring_calls = plan
+        .all_calls()
+        .map(|call| {
+            // Cross calls are never padded: their keys would be seen.
+            let rounding = if call.is_self() { padding } else { Padding::NONE };
+            recurring(plan.device, call, plan.runs(call), rounding, after)
+        })
+        .collect();
     Tuning { recurring: recurring_calls, padding }
 }
 
 // -- choices --------------------------------------------------------------------------------------------------
 
-/// Whether the prefixes' and the completions' causal calls run apart for `kern` on `plan`.
+/// Whether the levels' causal calls run apart (one per level) for `kern` on `plan`, rather than as one.
 pub fn split_self_calls(kern: &dyn Kernels, plan: &DevicePlan) -> bool {
     match SELF_CALLS.load(Ordering::Relaxed) {
         1 => true,
         2 => false,
-        _ => kern.prefix_alone(&plan.segments(Call::Prefix)),
+        _ => kern.prefix_alone(&plan.segments(Call::Level(0))),
     }
 }
 
@@ -184,10 +186,10 @@ impl Kernels for Auto {
 
 /// `(call, "cudnn" | "flash")` for each full-attention call `Auto` runs on `plan`, in the executor's order, under
 /// the current self-call mode.
-pub fn auto_kernels(plan: &DevicePlan) -> Vec<(&'static str, &'static str)> {
+pub fn auto_kernels(plan: &DevicePlan) -> Vec<(String, &'static str)> {
     executor::calls(plan, split_self_calls(&AUTO, plan))
-        .iter()
-        .map(|&call| (call.name(), if Auto::cudnn(&plan.segments(call)) { "cudnn" } else { "flash" }))
+        .into_iter()
+        .map(|call| (call.name(), if Auto::cudnn(&plan.segments(call)) { "cudnn" } else { "flash" }))
         .collect()
 }
 

@@ -140,7 +140,7 @@ fn attention_backward(
 
 /// `(call, "cudnn" | "flash")` for each full-attention call of `plan` under the CUDA fp16/bf16 default, in order.
 #[pyfunction]
-fn auto_kernels(plan: &CorePlan) -> Vec<(&'static str, &'static str)> {
+fn auto_kernels(plan: &CorePlan) -> Vec<(String, &'static str)> {
     policy::auto_kernels(&plan.inner)
 }
 

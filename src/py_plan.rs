@@ -32,12 +32,16 @@ impl CorePlan {
 /// The plan on `device` with the Python-facing index tensors in the same host→device copy, tuned by the policy.
 fn on_device<'py>(py: Python<'py>, mut host: planner::Plan, device: Device, windows: &[usize], extra: &[&[i64]])
     -> PyResult<(CorePlan, Bound<'py, PyDict>, Vec<Tensor>)> {
+    let scored_tail = host.scored_tail();
     // The per-token maps only Python uses move out of the plan the layers keep.
+    const MAPS: [&str; 6] = ["src_index", "position_ids", "scored", "predictor", "completion_flat", "entry_scored"];
     let maps = [
         std::mem::take(&mut host.src_index),
         std::mem::take(&mut host.position_ids),
+        std::mem::take(&mut host.scored),
         std::mem::take(&mut host.predictor),
         std::mem::take(&mut host.completion_flat),
+        std::mem::take(&mut host.entry_scored),
     ];
     let all: Vec<&[i64]> = maps.iter().map(Vec::as_slice).chain(extra.iter().copied()).collect();
     let info = PyDict::new(py);
@@ -45,8 +49,15 @@ fn on_device<'py>(py: Python<'py>, mut host: planner::Plan, device: Device, wind
     info.set_item("rows", h.rows)?;
     info.set_item("prompt_width", h.prompt_width)?;
     info.set_item("completion_width", h.completion_width)?;
-    info.set_item("prefix_tokens", h.prefix_tokens)?;
-    info.set_item("completion_tokens", h.completion_tokens)?;
+    // Tokens from completions (all of them scored), and whether the prompts' tokens lead the stream (then packing
+    // per-token inputs is two gathers and a concatenation).
+    let from_prompts = h.rows * h.prompt_width;
+    let prompt_tokens = maps[0].iter().filter(|&&s| (s as usize) < from_prompts).count();
+    info.set_item("prefix_tokens", prompt_tokens)?;
+    info.set_item("completion_tokens", h.num_tokens() - prompt_tokens)?;
+    info.set_item("prompts_first", maps[0][..prompt_tokens].iter().all(|&s| (s as usize) < from_prompts))?;
+    info.set_item("scored_tail", scored_tail)?;
+    info.set_item("levels", h.layout.levels())?;
     info.set_item("stock_tokens", h.stock_tokens())?;
     info.set_item("max_seqlen", h.max_seqlen())?;
     info.set_item("min_seqlen", h.min_seqlen())?;
@@ -56,7 +67,7 @@ fn on_device<'py>(py: Python<'py>, mut host: planner::Plan, device: Device, wind
     plan.tuning = policy::observe(&plan);
     info.set_item("windows", plan.windows())?;
     let rest = tensors.split_off(maps.len());
-    for (name, t) in ["src_index", "position_ids", "predictor", "completion_flat"].into_iter().zip(tensors) {
+    for (name, t) in MAPS.into_iter().zip(tensors) {
         info.set_item(name, PyTensor(t))?;
     }
     Ok((CorePlan { inner: plan }, info, rest))
@@ -103,16 +114,24 @@ fn dense_labels(py: Python<'_>, ids: &Bound<'_, PyAny>, rows: usize) -> PyResult
 
 /// Plan a micro-batch: `(CorePlan, info)`. Shapes and dtypes are checked by the Python wrapper; the planner
 /// re-checks lengths.
+///
+/// `tree`: `(max_depth, min_node)` to share every common prefix (`planner::Sharing::Tree`), None for whole
+/// prompts. A tree deeper than two levels is replanned by prompts when a sliding window cuts its rows (window key
+/// runs need two levels).
 #[pyfunction]
-#[pyo3(signature = (prompt_ids, prompt_mask, completion_mask, group_sizes=None, group_ids=None, windows=None))]
+#[pyo3(signature = (prompt_ids, prompt_mask, completion_ids, completion_mask, group_sizes=None, group_ids=None,
+                    windows=None, tree=None))]
+#[allow(clippy::too_many_arguments)]
 fn make_plan<'py>(
     py: Python<'py>,
     prompt_ids: PyTensor,
     prompt_mask: PyTensor,
+    completion_ids: PyTensor,
     completion_mask: PyTensor,
     group_sizes: Option<Vec<usize>>,
     group_ids: Option<Bound<'py, PyAny>>,
     windows: Option<Vec<usize>>,
+    tree: Option<(usize, usize)>,
 ) -> PyResult<(CorePlan, Bound<'py, PyDict>)> {
     let windows = windows.unwrap_or_default();
     if windows.contains(&0) {
@@ -124,16 +143,21 @@ fn make_plan<'py>(
     }
     let (b, lp, lc) = (ps[0] as usize, ps[1] as usize, cs[1] as usize);
     let device = prompt_ids.device();
-    // The one device→host transfer: ids and both masks in one buffer.
+    if completion_ids.size() != cs {
+        return Err(PyValueError::new_err("completion_ids and completion_mask must have one shape"));
+    }
+    // The one device→host transfer: ids and masks in one buffer (completion ids only for a tree).
     let flat = |t: &Tensor| -> Result<Tensor, tch::TchError> { t.f_reshape([-1])?.f_to_kind(Kind::Int64) };
-    let host = Tensor::f_cat(
-        &[flat(&prompt_ids).map_err(torch_err)?, flat(&prompt_mask).map_err(torch_err)?, flat(&completion_mask).map_err(torch_err)?],
-        0,
-    )
-    .map_err(torch_err)?;
+    let mut parts = vec![flat(&prompt_ids).map_err(torch_err)?, flat(&prompt_mask).map_err(torch_err)?,
+                         flat(&completion_mask).map_err(torch_err)?];
+    if tree.is_some() {
+        parts.push(flat(&completion_ids).map_err(torch_err)?);
+    }
+    let host = Tensor::f_cat(&parts, 0).map_err(torch_err)?;
     let host = host_i64(&host)?;
     let (ids, rest) = host.split_at(b * lp);
-    let (pm, cm) = rest.split_at((b * lp).min(rest.len()));
+    let (pm, rest) = rest.split_at((b * lp).min(rest.len()));
+    let (cm, cids) = rest.split_at((b * lc).min(rest.len()));
     let pmask: Vec<bool> = pm.iter().map(|&x| x != 0).collect();
     let cmask: Vec<bool> = cm.iter().map(|&x| x != 0).collect();
     let labels = group_ids.as_ref().map(|g| dense_labels(py, g, b)).transpose()?;
@@ -149,9 +173,21 @@ fn make_plan<'py>(
         completion_width: lc,
         prompt_ids: ids,
         prompt_mask: &pmask,
+        completion_ids: tree.map(|_| cids),
         completion_mask: &cmask,
     };
-    let host_plan = py.allow_threads(|| planner::plan(&batch, grouping)).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let sharing = match tree {
+        Some((max_depth, min_node)) => planner::Sharing::Tree { max_depth, min_node },
+        None => planner::Sharing::Prompts,
+    };
+    let planned = py.allow_threads(|| {
+        let p = planner::plan(&batch, grouping, sharing)?;
+        if p.layout.levels() > 2 && windows.iter().any(|&w| w < p.max_seqlen()) {
+            return planner::plan(&batch, grouping, planner::Sharing::Prompts);
+        }
+        Ok(p)
+    });
+    let host_plan = planned.map_err(|e| PyValueError::new_err(e.to_string()))?;
     let (plan, info, _) = on_device(py, host_plan, device, &windows, &[])?;
     Ok((plan, info))
 }

@@ -21,6 +21,19 @@ def uninitialized_memory_is_nan():
         torch.use_deterministic_algorithms(before)
 
 
+@pytest.fixture
+def prompts_only():
+    """Plans made in the test share whole prompts only (``max_depth=1``): for tests of the one-level layout
+    (``[prompts | completions]``) and its three attention calls. Prefix trees have their own tests."""
+    import shared_prefix
+
+    before = shared_prefix.set_prefix_tree(max_depth=1)
+    try:
+        yield
+    finally:
+        shared_prefix.set_prefix_tree(**before)
+
+
 def pytest_report_header(config):
     import transformers
 

@@ -17,7 +17,9 @@ from shared_prefix._kernels import cudnn_bucket, self_calls
 
 
 # Fresh empty tensors are NaN-filled in every test here (conftest.py), so unwritten elements cannot pass by luck.
-pytestmark = pytest.mark.usefixtures("uninitialized_memory_is_nan")
+# The references here split the packed stream as [prompts | completions]: plans share whole prompts (test_tree.py
+# tests prefix trees).
+pytestmark = pytest.mark.usefixtures("uninitialized_memory_is_nan", "prompts_only")
 
 
 def build_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle):

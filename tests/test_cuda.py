@@ -15,7 +15,8 @@ from shared_prefix._kernels import self_calls
 from test_attention import build_case, leaves, reference
 from test_hf import make_batch, stock_logprobs, tiny_model
 
-pytestmark = pytest.mark.cuda
+# The references split the packed stream as [prompts | completions] (one-level plans); see test_tree.py for trees.
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("prompts_only")]
 DEV = torch.device("cuda")
 
 

@@ -8,6 +8,9 @@ import torch
 
 import shared_prefix as sp
 
+# The one-level layout, [prompts | completions]; test_tree.py tests prefix trees.
+pytestmark = pytest.mark.usefixtures("prompts_only")
+
 
 def batch():
     # Rows 0 and 2 share a prompt (left-padded differently); row 1 has its own; row 3 has an empty completion.

@@ -12,12 +12,12 @@ check_torch()  # before the extension loads: one built for another torch would f
 from . import _core  # noqa: E402
 from ._attention import attention  # noqa: E402
 from ._kernels import cudnn_after, cudnn_bucket  # noqa: E402
-from ._plan import Plan, plan  # noqa: E402
+from ._plan import Plan, plan, set_prefix_tree  # noqa: E402
 from ._refusals import UnsupportedModelError  # noqa: E402
 
 check_extension(_core.TORCH_VERSION)
 
-__all__ = ["Plan", "plan", "attention", "cudnn_after", "cudnn_bucket",
+__all__ = ["Plan", "plan", "set_prefix_tree", "attention", "cudnn_after", "cudnn_bucket",
            "register", "completion_logprobs", "UnsupportedModelError"]
 __version__ = "0.1.0"
 

@@ -11,10 +11,12 @@ class CorePlan:
 def make_plan(
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     group_sizes: Optional[Sequence[int]] = None,
     group_ids: Optional[Union[torch.Tensor, Sequence[Hashable]]] = None,
     windows: Optional[Sequence[int]] = None,
+    tree: Optional[Tuple[int, int]] = None,
 ) -> Tuple[CorePlan, dict[str, Any]]: ...
 def make_compat_plan(
     prefix_lens: Sequence[int],

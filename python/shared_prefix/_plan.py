@@ -42,23 +42,55 @@ def _check_mask(name: str, t: object, like: torch.Tensor, like_name: str) -> tor
     return t
 
 
+# The prefix tree's defaults (see :func:`set_prefix_tree`).
+_TREE = {"max_depth": 4, "min_node_tokens": 64}
+
+
+def set_prefix_tree(*, max_depth: Optional[int] = None, min_node_tokens: Optional[int] = None) -> dict:
+    """Set how plans made afterwards share prefixes when their caller does not say; returns the previous settings.
+
+    ``max_depth``: levels of shared nodes a row's path may cross below its first; 1 shares whole prompts only (one
+    node per prompt group, then each row's completion), larger values share every common prefix of whole rows
+    (system prompts, tree rollouts, earlier turns) up to that depth. ``min_node_tokens``: a shared run shorter than
+    this is not a node of its own: its tokens go to each of its children, so that a short common header costs no
+    attention calls."""
+    previous = dict(_TREE)
+    if max_depth is not None:
+        _TREE["max_depth"] = _positive("max_depth", max_depth)
+    if min_node_tokens is not None:
+        _TREE["min_node_tokens"] = _positive("min_node_tokens", min_node_tokens)
+    return previous
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
+
+
 class Plan:
-    """One micro-batch packed as ``[prefix_0 | … | prefix_{n-1} | completions of group 0 | …]``.
+    """One micro-batch packed as a stream of shared nodes, level by level: with whole prompts shared,
+    ``[prompt_0 | … | prompt_{n-1} | completions of group 0 | …]``; with a prefix tree, every common prefix once.
 
     Make it with :func:`shared_prefix.plan`. A value: immutable, with no state of any forward, so one plan serves
     every layer, forward and backward, and every forward of its micro-batch (policy, old and reference log-probs).
     """
 
-    __slots__ = ("core", "_rows", "_lp", "_lc", "_src_prompt", "_src_completion", "_predictor", "_completion_flat",
-                 "num_tokens", "stock_tokens", "prefix_tokens", "completion_tokens", "max_seqlen", "min_seqlen",
-                 "_windows", "_group_sizes", "_row_group", "position_ids", "input_ids", "attention_mask")
+    __slots__ = ("core", "_rows", "_lp", "_lc", "_src", "_scored", "_scored_tail", "_predictor", "_completion_flat",
+                 "_entry_scored", "num_tokens", "stock_tokens", "prefix_tokens", "completion_tokens", "max_seqlen",
+                 "min_seqlen", "levels", "_windows", "_group_sizes", "_row_group", "position_ids", "input_ids",
+                 "attention_mask")
 
-    #: Tokens in the packed stream: one copy of each prompt plus every completion token.
+    #: Tokens in the packed stream: each shared prefix once, then every token no other row shares.
     num_tokens: int
     #: Tokens the stock per-row computation forwards (each row's prompt and completion).
     stock_tokens: int
+    #: Packed tokens taken from the prompts and from the completions. Every completion token is some row's scored
+    #: token; with whole prompts shared they are the stream's last ``completion_tokens``.
     prefix_tokens: int
     completion_tokens: int
+    #: Levels of nodes: 2 when whole prompts are shared (prompts, then completions), up to ``max_depth + 1``.
+    levels: int
     #: Longest and shortest per-row sequence (prompt + completion) of the stock computation.
     max_seqlen: int
     min_seqlen: int
@@ -77,16 +109,21 @@ class Plan:
         put("_rows", info["rows"])
         put("_lp", info["prompt_width"])
         put("_lc", info["completion_width"])
-        for name in ("stock_tokens", "prefix_tokens", "completion_tokens", "max_seqlen", "min_seqlen"):
+        for name in ("stock_tokens", "prefix_tokens", "completion_tokens", "max_seqlen", "min_seqlen", "levels"):
             put(name, info[name])
         put("num_tokens", self.prefix_tokens + self.completion_tokens)
         for name in ("windows", "group_sizes", "row_group"):
             put("_" + name, tuple(info[name]))
         src = info["src_index"]
-        put("_src_prompt", src[: self.prefix_tokens])
-        put("_src_completion", src[self.prefix_tokens:] - self._rows * self._lp)
+        if info["prompts_first"]:  # two gathers and a concatenation
+            put("_src", (src[: self.prefix_tokens], src[self.prefix_tokens:] - self._rows * self._lp))
+        else:  # one gather from both
+            put("_src", (src,))
+        put("_scored", info["scored"])
+        put("_scored_tail", info["scored_tail"])
         put("_predictor", info["predictor"])
         put("_completion_flat", info["completion_flat"])
+        put("_entry_scored", info["entry_scored"] if info["entry_scored"].numel() else None)
         put("position_ids", info["position_ids"].unsqueeze(0))
         packed = None if input_ids is None else self.pack(input_ids[0], input_ids[1])
         put("input_ids", packed)
@@ -151,30 +188,45 @@ class Plan:
                 f"{tuple(prompt_x.shape[2:])}"
             )
         rest = prompt_x.shape[2:]
-        prefix = prompt_x.reshape(b * lp, *rest).index_select(0, self._src_prompt)
-        completions = completion_x.reshape(b * lc, *rest).index_select(0, self._src_completion)
-        return torch.cat([prefix, completions]).unsqueeze(0)  # promoted as torch.cat promotes, nothing rounded
+        prompts, completions = prompt_x.reshape(b * lp, *rest), completion_x.reshape(b * lc, *rest)
+        if len(self._src) == 2:
+            packed = torch.cat([prompts.index_select(0, self._src[0]), completions.index_select(0, self._src[1])])
+        else:
+            packed = torch.cat([prompts, completions]).index_select(0, self._src[0])
+        return packed.unsqueeze(0)  # promoted as torch.cat promotes, nothing rounded
+
+    def _packed_rows(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        h = x[0] if x.dim() >= 2 and x.shape[0] == 1 and x.shape[1] == self.num_tokens else x
+        if h.shape[0] != self.num_tokens:
+            raise ValueError(f"{name}: expected {self.num_tokens} packed rows, got shape {tuple(x.shape)}")
+        return h
+
+    def scored_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows of a packed per-token tensor (``[1, T, ...]`` or ``[T, ...]``) at the completion tokens, in
+        packed order: ``[Nc, ...]``, what :meth:`unpack_completions` takes."""
+        h = self._packed_rows(x, "x")
+        return h[self._scored_tail:] if self._scored_tail is not None else h.index_select(0, self._scored)
 
     def predictor_rows(self, hidden: torch.Tensor) -> torch.Tensor:
         """For each completion token in packed order, the row of ``hidden`` that predicts it: ``[Nc, ...]``."""
-        h = hidden[0] if hidden.dim() >= 2 and hidden.shape[0] == 1 and hidden.shape[1] == self.num_tokens else hidden
-        if h.shape[0] != self.num_tokens:
-            raise ValueError(f"hidden: expected {self.num_tokens} packed rows, got shape {tuple(hidden.shape)}")
-        return h.index_select(0, self._predictor)
+        return self._packed_rows(hidden, "hidden").index_select(0, self._predictor)
 
     def unpack_completions(self, values: torch.Tensor) -> torch.Tensor:
-        """Scatter per-completion-token values ``[Nc, ...]`` (packed order) to ``[B, Lc, ...]``, 0 at padding."""
+        """Per-completion-token values ``[Nc, ...]`` (packed order) as ``[B, Lc, ...]``, 0 at padding. A token
+        that several rows share gives each of them its value (and, in backward, the sum of their gradients)."""
+        if self._entry_scored is not None:
+            values = values.index_select(0, self._entry_scored)
         out = values.new_zeros((self._rows * self._lc, *values.shape[1:]))
         return out.index_copy(0, self._completion_flat, values).view(self._rows, self._lc, *values.shape[1:])
 
     def predictors(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[B, Lc, ...]``: for every completion token, the row of ``hidden`` (``[1, T, ...]`` or ``[T, ...]``)
-        that predicts it (the previous completion token, or the group's last prompt token). 0 at padding."""
+        that predicts it (the previous token on its row). 0 at padding."""
         return self.unpack_completions(self.predictor_rows(hidden))
 
     def completion_targets(self) -> torch.Tensor:
         """Token ids of the completion tokens in packed order ``[Nc]``."""
-        return self.input_ids[0, self.prefix_tokens :]
+        return self.scored_rows(self.input_ids)
 
     def __repr__(self) -> str:
         return (
@@ -192,11 +244,17 @@ def plan(
     group_sizes: Optional[Union[int, Sequence[int]]] = None,
     group_ids: Optional[Union[torch.Tensor, Sequence[Hashable]]] = None,
     windows: Optional[Sequence[int]] = None,
+    max_depth: Optional[int] = None,
+    min_node_tokens: Optional[int] = None,
 ) -> Plan:
     """Plan one micro-batch. See the README for the grouping rules.
 
     ``windows``: the sliding windows of the model's attention layers (transformers' ``sliding_window``), whose key
-    tables the plan then holds (for windows shorter than its longest row; longer ones cut nothing)."""
+    tables the plan then holds (for windows shorter than its longest row; longer ones cut nothing). A window that
+    cuts a row limits the plan to whole prompts (``max_depth=1``).
+
+    ``max_depth``, ``min_node_tokens``: how far prefixes are shared (:func:`set_prefix_tree`, whose settings they
+    default to)."""
     _check_ids("prompt_ids", prompt_ids)
     _check_mask("prompt_mask", prompt_mask, prompt_ids, "prompt_ids")
     _check_ids("completion_ids", completion_ids)
@@ -240,5 +298,9 @@ def plan(
             raise ValueError(f"windows: expected a list of positive ints (sliding windows in tokens), got {windows!r}")
         # Windows beyond any sequence the segment tables can hold cut nothing: clamp them into the planner's range.
         windows = [min(int(w), 2**31 - 1) for w in windows]
-    core, info = _core.make_plan(prompt_ids, prompt_mask, completion_mask, sizes, group_ids, windows)
+    depth = _TREE["max_depth"] if max_depth is None else _positive("max_depth", max_depth)
+    min_node = _TREE["min_node_tokens"] if min_node_tokens is None else _positive("min_node_tokens", min_node_tokens)
+    tree = None if depth == 1 else (depth, min_node)
+    core, info = _core.make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, sizes, group_ids, windows,
+                                 tree)
     return Plan(core, info, (prompt_ids, completion_ids))

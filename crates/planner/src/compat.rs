@@ -5,7 +5,7 @@
 //! that is exactly the row-major order of the grouped layout's prefix positions followed by its suffix positions.
 //! So one index vector maps packed rows to grouped positions, and the plan for attention is the ordinary one.
 
-use crate::{plan, Batch, Grouping, Plan, PlanError};
+use crate::{plan, Batch, Grouping, Plan, PlanError, Sharing};
 
 /// How the grouped rows are padded.
 #[derive(Debug, Clone, Copy)]
@@ -147,9 +147,10 @@ pub fn compat_layout(
         completion_width: comp_width,
         prompt_ids: &ids,
         prompt_mask: &prompt_mask,
+        completion_ids: None,
         completion_mask: &completion_mask,
     };
-    let plan = plan(&batch, Grouping::Sizes(group_sizes))?;
+    let plan = plan(&batch, Grouping::Sizes(group_sizes), Sharing::Prompts)?;
     Ok((
         CompatLayout {
             groups,

@@ -1,20 +1,24 @@
 //! Host-side planner for shared-prefix packing. Pure Rust, no torch.
 //!
 //! Input: a micro-batch of `B` rows, each a (possibly padded) prompt and completion, plus how rows group.
-//! Output: every index the device side needs, computed in one pass over the tokens:
+//! Output: every index the device side needs, computed in one pass over the tokens: the packed stream as nodes of
+//! shared tokens, level-major (see `layout`), with positions, segment tables and the predictor map. Sharing whole
+//! prompts gives
 //!
 //! ```text
-//! packed = [prefix_0 | prefix_1 | … | prefix_{n-1} | completions of group 0 | completions of group 1 | …]
+//! packed = [prompt_0 | prompt_1 | … | prompt_{n-1} | completions of group 0 | completions of group 1 | …]
 //! ```
 //!
-//! All prefix tokens are contiguous, all completion tokens are contiguous, and each group's completions are
-//! contiguous, so every attention call works on plain slices of the packed q/k/v.
+//! and a prefix tree (`tree`) shares every common prefix of whole rows (a system prompt, tree rollouts) as well.
 
 use std::collections::HashMap;
 use std::fmt;
 
 pub mod compat;
+mod layout;
 mod segment_runs;
+mod tree;
+pub use layout::{max_segment, Layout, NO_PARENT};
 pub use segment_runs::{runs_from_lengths, Run};
 
 /// How rows form groups.
@@ -28,6 +32,16 @@ pub enum Grouping<'a> {
     Labels(&'a [u64]),
 }
 
+/// What the packed stream shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// Each prompt group's prompt, once (two levels: prompts, then every row's completion).
+    Prompts,
+    /// Every common prefix of whole rows (see `tree`): at most `max_depth + 1` levels of nodes, shared nodes of at
+    /// least `min_node` tokens.
+    Tree { max_depth: usize, min_node: usize },
+}
+
 /// One micro-batch, row-major, as flat host slices.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
@@ -36,6 +50,8 @@ pub struct Batch<'a> {
     pub completion_width: usize,
     pub prompt_ids: &'a [i64],
     pub prompt_mask: &'a [bool],
+    /// Needed for `Sharing::Tree` only.
+    pub completion_ids: Option<&'a [i64]>,
     pub completion_mask: &'a [bool],
 }
 
@@ -70,123 +86,104 @@ impl fmt::Display for PlanError {
 impl std::error::Error for PlanError {}
 
 /// Everything the device side needs, as host vectors. Packed indices are `i64` (gather indices), segment tables
-/// `i32` (the flash-attention convention). Offsets in `cu_*` are relative to their region (prefix or completion).
+/// `i32` (the flash-attention convention).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub rows: usize,
     pub prompt_width: usize,
     pub completion_width: usize,
-    /// Group sizes in plan order.
+    /// Prompt groups (rows with one prompt) in plan order: their sizes, each input row's group, and the input rows
+    /// group by group.
     pub group_sizes: Vec<usize>,
-    /// Plan-order group of each input row.
     pub row_group: Vec<i64>,
-    /// Input rows in plan order (group by group); `group_sizes` splits it.
     pub rows_in_order: Vec<usize>,
-    pub prefix_tokens: usize,
-    pub completion_tokens: usize,
+    /// Each input row's sequence (prompt + completion) as the stock computation sees it.
+    pub row_lens: Vec<usize>,
+    /// The nodes of the packed stream and how they nest.
+    pub layout: Layout,
     /// For each packed token, the flat index into `cat(prompt.flatten(), completion.flatten())`.
     pub src_index: Vec<i64>,
-    /// Position id of each packed token.
+    /// Position id of each packed token: its position on its rows' paths.
     pub position_ids: Vec<i64>,
-    /// Segment tables: one per prefix; one per group's completion block; one per completion (plan order).
-    pub cu_prefix: Vec<i32>,
-    pub cu_group_completions: Vec<i32>,
-    pub cu_completions: Vec<i32>,
-    pub max_prefix: usize,
-    pub max_group_completions: usize,
-    pub max_completion: usize,
-    /// For each completion-region token (packed order): the packed row that predicts it.
+    /// The packed tokens some row scores (completion tokens), ascending, and for each the packed token before it on
+    /// its path (the row of the hidden state that predicts it).
+    pub scored: Vec<i64>,
     pub predictor: Vec<i64>,
-    /// For each completion-region token (packed order): its flat index into `[B, Lc]`.
+    /// One entry per valid completion position of a row (plan order): its flat index into `[B, Lc]`, and which
+    /// scored token it is (`entry_scored`; empty when the entries are the scored tokens themselves, in order).
     pub completion_flat: Vec<i64>,
+    pub entry_scored: Vec<i64>,
 }
 
 impl Plan {
     pub fn num_tokens(&self) -> usize {
-        self.prefix_tokens + self.completion_tokens
-    }
-
-    /// Each row's sequence (prompt + completion) as the stock computation would see it, in plan order.
-    pub fn seqlens(&self) -> impl Iterator<Item = usize> + '_ {
-        self.group_sizes.iter().enumerate().scan(0, move |c, (g, &size)| {
-            let first = *c;
-            *c += size;
-            let p = (self.cu_prefix[g + 1] - self.cu_prefix[g]) as usize;
-            Some((first..first + size).map(move |i| p + (self.cu_completions[i + 1] - self.cu_completions[i]) as usize))
-        })
-        .flatten()
+        self.layout.num_tokens()
     }
 
     /// Longest per-row sequence (prompt + completion) the stock computation would see.
     pub fn max_seqlen(&self) -> usize {
-        self.seqlens().max().unwrap_or(0)
+        self.row_lens.iter().copied().max().unwrap_or(0)
     }
 
     /// Shortest per-row sequence (prompt + completion) the stock computation would see.
     pub fn min_seqlen(&self) -> usize {
-        self.seqlens().min().unwrap_or(0)
-    }
-
-    /// One segment table over the whole packed stream for the two causal self-attention calls (each prefix
-    /// over itself, each completion over itself): the prefix segments, then the completion segments offset by
-    /// `prefix_tokens`. Both calls are plain causal attention within a segment, so a varlen kernel serves them in
-    /// one call on the full q/k/v instead of two.
-    pub fn cu_self(&self) -> Vec<i32> {
-        let np = self.prefix_tokens as i32;
-        let mut cu = self.cu_prefix.clone();
-        cu.extend(self.cu_completions[1..].iter().map(|&c| np + c));
-        cu
+        self.row_lens.iter().copied().min().unwrap_or(0)
     }
 
     /// Tokens the stock per-row computation would forward: each row's prompt plus its completion.
     pub fn stock_tokens(&self) -> usize {
-        let mut total = self.completion_tokens;
-        for (g, &size) in self.group_sizes.iter().enumerate() {
-            total += size * (self.cu_prefix[g + 1] - self.cu_prefix[g]) as usize;
-        }
-        total
+        self.row_lens.iter().sum()
+    }
+
+    /// Where the scored tokens are exactly the packed stream's tail `[start, T)`, `start` (a slice, not a gather).
+    pub fn scored_tail(&self) -> Option<usize> {
+        let t = self.num_tokens();
+        let start = t - self.scored.len();
+        let tail = self.scored.first().is_none_or(|&s| s as usize == start)
+            && self.scored.last().is_none_or(|&s| s as usize == t - 1);
+        tail.then_some(start)  // ascending and unique, so first and last fix the range
     }
 }
 
-/// The keys of the completions' attention call in a sliding-window layer (window `window`: each token sees itself
-/// and the `window - 1` tokens before it). Each completion gets its own key run: the last `window - 1` tokens of
-/// its group's prompt (all of it if shorter) followed by the completion itself. With causal attention aligned
-/// bottom-right (as flash kernels align it) and a left window of `window - 1`, completion token `j` then sees
-/// exactly the stock row's keys, positions `P + j - window + 1 ..= P + j`; no merge with another call is needed.
-/// The prompt tail is gathered (at most `window - 1` rows per completion), so this suits windows short next to
-/// the prompt, which is when a window cuts at all.
+/// The keys of the level-1 nodes' attention call in a sliding-window layer of a two-level plan (window `window`:
+/// each token sees itself and the `window - 1` tokens before it). Each level-1 node (a completion, in a one-level
+/// plan) gets its own key run: the last `window - 1` tokens of its parent (all of it if shorter) followed by the
+/// node itself. With causal attention aligned bottom-right (as flash kernels align it) and a left window of
+/// `window - 1`, the node's token `j` then sees exactly the stock row's keys, positions `P + j - window + 1 ..=
+/// P + j`; no merge with another call is needed. The parent's tail is gathered (at most `window - 1` rows per
+/// node), so this suits windows short next to the prompt, which is when a window cuts at all.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WindowKeys {
     pub window: usize,
-    /// Packed rows (prefix region first, then the completion region) gathered into the key runs, run after run.
+    /// Packed rows gathered into the key runs, run after run.
     pub gather: Vec<i64>,
-    /// Key segment table: one segment per completion in plan order, aligned with `Plan::cu_completions`.
+    /// Key segment table: one segment per level-1 node, aligned with the layout's `level_table(1)`.
     pub cu_k: Vec<i32>,
     pub max_k: usize,
 }
 
 impl Plan {
-    /// Key runs for a sliding-window layer; see [`WindowKeys`]. Completions without tokens get no keys.
+    /// Key runs for a sliding-window layer of a plan of at most two levels; see [`WindowKeys`]. Level-1 nodes
+    /// without tokens get no keys.
     pub fn window_keys(&self, window: usize) -> WindowKeys {
+        let l = &self.layout;
+        assert!(l.levels() <= 2, "window keys need a plan of at most two levels, not {}", l.levels());
         let tail_max = window.saturating_sub(1);
         let mut gather = Vec::new();
-        let mut cu_k = Vec::with_capacity(self.cu_completions.len());
-        cu_k.push(0i32);
-        let mut c = 0; // completion index, plan order
-        for (g, &size) in self.group_sizes.iter().enumerate() {
-            let (p0, p1) = (self.cu_prefix[g] as usize, self.cu_prefix[g + 1] as usize);
-            for _ in 0..size {
-                let (c0, c1) = (self.cu_completions[c] as usize, self.cu_completions[c + 1] as usize);
+        let mut cu_k = vec![0i32];
+        if l.levels() == 2 {
+            for node in l.level_nodes[1]..l.level_nodes[2] {
+                let (c0, c1) = (l.cu_nodes[node] as usize, l.cu_nodes[node + 1] as usize);
                 if c1 > c0 {
+                    let p = l.parent[node] as usize;
+                    let (p0, p1) = (l.cu_nodes[p] as usize, l.cu_nodes[p + 1] as usize);
                     let tail = tail_max.min(p1 - p0);
-                    gather.extend((p1 - tail..p1).map(|r| r as i64));
-                    gather.extend((c0..c1).map(|r| (self.prefix_tokens + r) as i64));
+                    gather.extend((p1 - tail..p1).chain(c0..c1).map(|i| i as i64));
                 }
                 cu_k.push(gather.len() as i32);
-                c += 1;
             }
         }
-        let max_k = cu_k.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+        let max_k = max_segment(&cu_k);
         WindowKeys { window, gather, cu_k, max_k }
     }
 }
@@ -212,7 +209,7 @@ fn check_len(arg: &'static str, got: usize, want: usize, what: &str) -> Result<(
 }
 
 /// Build the plan. O(tokens) time; the only hashing is over whole prompts, one lookup per row.
-pub fn plan(batch: &Batch<'_>, grouping: Grouping<'_>) -> Result<Plan, PlanError> {
+pub fn plan(batch: &Batch<'_>, grouping: Grouping<'_>, sharing: Sharing) -> Result<Plan, PlanError> {
     let (b, lp, lc) = (batch.rows, batch.prompt_width, batch.completion_width);
     if b == 0 {
         return Err(PlanError::Shape { arg: "prompt_ids", detail: "the batch has no rows".into() });
@@ -311,9 +308,44 @@ pub fn plan(batch: &Batch<'_>, grouping: Grouping<'_>) -> Result<Plan, PlanError
         fill[g] += 1;
     }
 
-    // Region sizes and segment tables. The tables are i32 (the flash-attention convention): refuse what would wrap.
-    let packed: usize = (0..n).map(|g| prompt_run[group_first_row[g]].1).sum::<usize>()
-        + (0..b).map(|r| comp_run[r].1).sum::<usize>();
+    // The nodes: one per prompt group and one per row's completion, or the prefix tree.
+    let row_lens: Vec<usize> = (0..b).map(|r| prompt_run[r].1 + comp_run[r].1).collect();
+    let forest = match sharing {
+        Sharing::Prompts => {
+            let mut nodes: Vec<tree::Node> = (0..n)
+                .map(|g| {
+                    let r = group_first_row[g];
+                    tree::Node { rep: r as u32, start: 0, end: prompt_run[r].1 as u32, parent: NO_PARENT }
+                })
+                .collect();
+            let mut row_end = vec![0u32; b];
+            for &r in &rows_in_order {
+                row_end[r] = nodes.len() as u32;
+                let plen = prompt_run[r].1 as u32;
+                nodes.push(tree::Node { rep: r as u32, start: plen, end: row_lens[r] as u32, parent: row_group[r] as u32 });
+            }
+            tree::Forest { nodes, level_nodes: vec![0, n, n + b], row_end }
+        }
+        Sharing::Tree { max_depth, min_node } => {
+            let Some(comp_ids) = batch.completion_ids else {
+                return Err(PlanError::Shape { arg: "completion_ids", detail: "a prefix tree needs the completion ids".into() });
+            };
+            check_len("completion_ids", comp_ids.len(), b * lc, &format!("{b} rows x {lc} completion positions"))?;
+            // A row's token at path position i, keyed by its group from the prompt's last token on.
+            let key = |r: usize, i: usize| {
+                let ((ps, pl), (cs, _)) = (prompt_run[r], comp_run[r]);
+                let token = if i < pl { batch.prompt_ids[r * lp + ps + i] } else { comp_ids[r * lc + cs + i - pl] };
+                (token, if i + 1 >= pl { row_group[r] + 1 } else { 0 })
+            };
+            let prompt_lens: Vec<usize> = prompt_run.iter().map(|&(_, n)| n).collect();
+            tree::build(&rows_in_order, &row_lens, &prompt_lens, key, max_depth.max(1), min_node)
+        }
+    };
+    let tree::Forest { nodes, level_nodes, row_end } = forest;
+
+    // The packed stream: node after node. The segment tables are i32 (the flash-attention convention): refuse what
+    // would wrap.
+    let packed: usize = nodes.iter().map(|nd| (nd.end - nd.start) as usize).sum();
     if packed > i32::MAX as usize {
         return Err(PlanError::Shape {
             arg: "prompt_mask",
@@ -321,74 +353,98 @@ pub fn plan(batch: &Batch<'_>, grouping: Grouping<'_>) -> Result<Plan, PlanError
                             i32::MAX),
         });
     }
-    let mut cu_prefix = Vec::with_capacity(n + 1);
-    cu_prefix.push(0i32);
-    for g in 0..n {
-        cu_prefix.push(cu_prefix[g] + prompt_run[group_first_row[g]].1 as i32);
+    let mut cu_nodes = Vec::with_capacity(nodes.len() + 1);
+    cu_nodes.push(0i32);
+    let mut src_index = Vec::with_capacity(packed);
+    let mut position_ids = Vec::with_capacity(packed);
+    let comp_base = b * lp;
+    for nd in &nodes {
+        let r = nd.rep as usize;
+        let ((ps, pl), (cs, _)) = (prompt_run[r], comp_run[r]);
+        let (start, end) = (nd.start as usize, nd.end as usize);
+        let split = end.min(pl).max(start);
+        src_index.extend((start..split).map(|i| (r * lp + ps + i) as i64));
+        src_index.extend((split..end).map(|i| (comp_base + r * lc + cs + i - pl) as i64));
+        position_ids.extend(start as i64..end as i64);
+        cu_nodes.push(cu_nodes.last().unwrap() + (end - start) as i32);
     }
-    let mut cu_completions = Vec::with_capacity(b + 1);
-    cu_completions.push(0i32);
-    let mut cu_group_completions = Vec::with_capacity(n + 1);
-    cu_group_completions.push(0i32);
-    for g in 0..n {
-        for &r in &rows_in_order[group_start[g]..group_start[g + 1]] {
-            let last = *cu_completions.last().unwrap();
-            cu_completions.push(last + comp_run[r].1 as i32);
-        }
-        cu_group_completions.push(cu_completions[group_start[g + 1]]);
-    }
-    let prefix_tokens = cu_prefix[n] as usize;
-    let completion_tokens = cu_completions[b] as usize;
-    let total = prefix_tokens + completion_tokens;
-    let max_diff = |cu: &[i32]| cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+    let layout = Layout { cu_nodes, level_nodes, parent: nodes.iter().map(|nd| nd.parent).collect() };
 
-    // Per-token maps, in one pass.
-    let mut src_index = Vec::with_capacity(total);
-    let mut position_ids = Vec::with_capacity(total);
-    for g in 0..n {
-        let r = group_first_row[g];
-        let (s, len) = prompt_run[r];
-        src_index.extend((0..len).map(|j| (r * lp + s + j) as i64));
-        position_ids.extend(0..len as i64);
-    }
-    let comp_base = (b * lp) as i64;
-    let mut predictor = Vec::with_capacity(completion_tokens);
-    let mut completion_flat = Vec::with_capacity(completion_tokens);
-    for g in 0..n {
-        let prefix_len = (cu_prefix[g + 1] - cu_prefix[g]) as i64;
-        let last_prompt_row = cu_prefix[g + 1] as i64 - 1;
-        for &r in &rows_in_order[group_start[g]..group_start[g + 1]] {
-            let (s, len) = comp_run[r];
-            let first_packed = (prefix_tokens + predictor.len()) as i64;
-            for j in 0..len {
-                let flat = (r * lc + s + j) as i64;
-                completion_flat.push(flat);
-                src_index.push(comp_base + flat);
-                position_ids.push(prefix_len + j as i64);
-                predictor.push(if j == 0 { last_prompt_row } else { first_packed + j as i64 - 1 });
+    // Scoring: for each row's completion position, its packed token and the one before it on the row's path.
+    let mut predictor_of = vec![-1i64; packed];
+    let mut entries: Vec<(i64, usize)> = Vec::new(); // (flat [B, Lc] index, packed token)
+    let mut path: Vec<usize> = Vec::new();
+    for &r in &rows_in_order {
+        let ((_, pl), (cs, cl)) = (prompt_run[r], comp_run[r]);
+        if cl == 0 {
+            continue;
+        }
+        path.clear();
+        let mut node = row_end[r];
+        while node != NO_PARENT {
+            path.push(node as usize);
+            node = nodes[node as usize].parent;
+        }
+        // Packed index of the row's path position i, walking the path's nodes from the root.
+        let mut at = path.iter().rev().map(|&nd| (nodes[nd].start as usize, nodes[nd].end as usize, layout.cu_nodes[nd] as usize));
+        let mut cur = at.next().unwrap();
+        let mut packed_at = |i: usize| {
+            while i >= cur.1 {
+                cur = at.next().unwrap();
             }
+            cur.2 + i - cur.0
+        };
+        let mut prev = packed_at(pl - 1);
+        for j in 0..cl {
+            let t = packed_at(pl + j);
+            predictor_of[t] = prev as i64;
+            entries.push(((r * lc + cs + j) as i64, t));
+            prev = t;
         }
     }
+    let mut rank = vec![0i64; packed];
+    let mut scored = Vec::new();
+    let mut predictor = Vec::new();
+    for (t, &p) in predictor_of.iter().enumerate() {
+        if p >= 0 {
+            rank[t] = scored.len() as i64;
+            scored.push(t as i64);
+            predictor.push(p);
+        }
+    }
+    // Entries in packed order of their tokens (a counting sort; rows keep plan order), so that a plan where no two
+    // rows share a scored token needs no gather from scored tokens to entries.
+    let mut first = vec![0usize; packed + 1];
+    for &(_, t) in &entries {
+        first[t + 1] += 1;
+    }
+    for t in 0..packed {
+        first[t + 1] += first[t];
+    }
+    let mut completion_flat = vec![0i64; entries.len()];
+    let mut entry_scored = vec![0i64; entries.len()];
+    for &(flat, t) in &entries {
+        completion_flat[first[t]] = flat;
+        entry_scored[first[t]] = rank[t];
+        first[t] += 1;
+    }
+    let identity = entry_scored.iter().enumerate().all(|(i, &s)| s == i as i64);
 
     Ok(Plan {
         rows: b,
         prompt_width: lp,
         completion_width: lc,
-        max_prefix: max_diff(&cu_prefix),
-        max_group_completions: max_diff(&cu_group_completions),
-        max_completion: max_diff(&cu_completions),
         group_sizes,
         row_group,
         rows_in_order,
-        prefix_tokens,
-        completion_tokens,
+        row_lens,
+        layout,
         src_index,
         position_ids,
-        cu_prefix,
-        cu_group_completions,
-        cu_completions,
+        scored,
         predictor,
         completion_flat,
+        entry_scored: if identity { Vec::new() } else { entry_scored },
     })
 }
 

@@ -42,8 +42,10 @@ def completion_logprobs(
     group_ids: Optional[Union[torch.Tensor, Sequence[Hashable]]] = None,
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
+    max_depth: Optional[int] = None,
+    min_node_tokens: Optional[int] = None,
 ):
-    """Per-token log-probs of the completions, ``[B, Lc]``, computed with each prompt forwarded once per group.
+    """Per-token log-probs of the completions, ``[B, Lc]``, computed with each shared prefix forwarded once.
 
     Each value equals what the row gives alone through the stock model, ``log_softmax(logits / temperature)`` at
     the completion token, and 0 at completion padding. Gradients reach the model's parameters. Returns
@@ -51,6 +53,8 @@ def completion_logprobs(
 
     The LM head runs over slices of ``chunk_size`` vocabulary columns (``None``: picked from the row count and the
     vocabulary size) with an exact recomputing backward, so full-vocabulary logits never exist for all rows at once.
+
+    ``max_depth``, ``min_node_tokens``: how far prefixes are shared (see :func:`shared_prefix.set_prefix_tree`).
     """
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_decoder"):
         raise TypeError(f"model: expected a transformers causal LM, got {type(model).__name__}")
@@ -72,7 +76,8 @@ def completion_logprobs(
         check_linear_head(head)
 
     forward = PackedForward.prepare(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                    group_sizes=group_sizes, group_ids=group_ids, validate=validate)
+                                    group_sizes=group_sizes, group_ids=group_ids, max_depth=max_depth,
+                                    min_node_tokens=min_node_tokens, validate=validate)
     hidden = forward.run()
     logprobs, entropy = forward.logprobs(hidden, temperature, entropy=return_entropy, chunk_size=chunk_size)
     return (logprobs, entropy) if return_entropy else logprobs

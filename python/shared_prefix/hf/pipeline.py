@@ -72,23 +72,23 @@ class PackedForward:
         defer_refusals: bool = False,
         plan: Optional[Plan] = None,
         validate: Optional[Callable[[Plan], None]] = None,
-        **grouping,
+        **planning,
     ) -> "PackedForward":
         """Plan the micro-batch for ``model`` and check everything that can be checked before a forward: the
         config, the plan (the planner's ``ValueError``/``TypeError`` for bad input), ``validate(plan)`` (the
         caller's own input checks), the LM head, and what depends on the micro-batch's lengths. Refusals raise
         :class:`UnsupportedModelError` (``per_batch`` for the lengths).
 
-        ``grouping``: :func:`shared_prefix.plan`'s ``group_sizes`` or ``group_ids``. ``plan``: one made earlier for
-        these very tensors with the model's windows, reused. ``stock_seq_len``: the sequence length the stock
-        forward's RoPE sees: TRL's padded width, ``"longest"`` for a batch as long as its longest row (verl's), or
-        None when each row is its own forward."""
+        ``planning``: :func:`shared_prefix.plan`'s ``group_sizes``/``group_ids``, ``max_depth`` and
+        ``min_node_tokens``. ``plan``: one made earlier for these very tensors with the model's windows, reused.
+        ``stock_seq_len``: the sequence length the stock forward's RoPE sees: TRL's padded width, ``"longest"`` for a
+        batch as long as its longest row (verl's), or None when each row is its own forward."""
         why = unsupported_config(text_config(model))
         if why is not None:
             raise UnsupportedModelError(f"shared_prefix: {why}, which is not supported")
         windows = model_windows(model)
         if plan is None:
-            p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, windows=windows, **grouping)
+            p = make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, windows=windows, **planning)
         else:
             _check_reused(plan, windows, prompt_ids, completion_ids)
             p = plan

@@ -1,0 +1,178 @@
+"""Prefix trees: every common prefix of a micro-batch forwarded once, against each row run alone (fp64, values and
+gradients). Batches mix shared system prompts of varying length, shared prompts, completions that branch (tree
+rollouts), rows sharing nothing, rows identical end to end and empty completions."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import shared_prefix as sp
+from helpers import causal_attention, padded, rel
+from test_hf import VOCAB, param_grads, stock_logprobs, tiny_model
+
+pytestmark = pytest.mark.usefixtures("uninitialized_memory_is_nan")
+
+
+def tree_rows(seed: int, depth: int, n_rows: int = 9, vocab: int = VOCAB):
+    """Rows (prompt, completion) whose sharing reaches about ``depth`` levels: system prompts shared by some
+    prompts, prompts shared by several rows, completions that branch at random points, one row repeated end to
+    end, one empty completion, one row sharing nothing."""
+    rng = random.Random(seed)
+    tok = lambda n: [rng.randrange(1, vocab) for _ in range(n)]  # noqa: E731
+    systems = [tok(rng.randrange(3, 12)) for _ in range(2)]
+    prompts = [rng.choice(systems) + tok(rng.randrange(1, 6)) for _ in range(3)]
+    rows = []
+    for _ in range(n_rows - 3):
+        prompt = rng.choice(prompts)
+        completion = []
+        for _ in range(depth):  # a branch point per level: continue a sibling's completion, or start fresh
+            siblings = [c for p, c in rows if p == prompt and len(c) > len(completion)]
+            if siblings and rng.random() < 0.7:
+                completion = rng.choice(siblings)[: len(completion) + rng.randrange(1, 5)]
+            else:
+                break
+        rows.append((prompt, completion + tok(rng.randrange(0, 6))))
+    rows.append(rows[0])  # identical end to end
+    rows.append((rng.choice(prompts), []))  # an empty completion
+    rows.append((tok(rng.randrange(2, 8)), tok(rng.randrange(1, 5))))  # shares nothing
+    rng.shuffle(rows)
+    return [(torch.tensor(p), torch.tensor(c, dtype=torch.long)) for p, c in rows]
+
+
+def as_batch(rows, left_prompt=True, left_completion=False):
+    lp = max(p.shape[0] for p, _ in rows) + 1
+    lc = max(c.shape[0] for _, c in rows) + 1
+    pid, pmask = padded([p for p, _ in rows], lp, left_prompt)
+    cid, cmask = padded([c for _, c in rows], lc, left_completion)
+    return pid, pmask, cid, cmask
+
+
+# -- attention alone ----------------------------------------------------------------------------------------------
+
+def features(rows, hq, hkv, dim, seed):
+    """q/k/v for every token as a function of its whole prefix (what a model computes), so that rows sharing a
+    prefix have identical values there: one fp64 leaf per distinct prefix."""
+    g = torch.Generator().manual_seed(seed)
+    leaves = {}
+
+    def of(prefix, name, heads):
+        key = (prefix, name)
+        if key not in leaves:
+            leaves[key] = torch.randn(heads, dim, generator=g, dtype=torch.float64).requires_grad_()
+        return leaves[key]
+
+    per_row = []
+    for p, c in rows:
+        seq = tuple(torch.cat([p, c]).tolist())
+        per_row.append({n: torch.stack([of(seq[: i + 1], n, h) for i in range(len(seq))])
+                        for n, h in (("q", hq), ("k", hkv), ("v", hkv))})
+    return leaves, per_row
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6), depth=st.integers(1, 4), hkv=st.sampled_from([1, 2]),
+       ratio=st.sampled_from([1, 3]), min_node=st.sampled_from([1, 3]), left_prompt=st.booleans(),
+       left_completion=st.booleans(), kernels=st.sampled_from(["cpu_flash", "math"]),
+       mode=st.sampled_from(["auto", "split", "fused"]))
+def test_attention_matches_each_row_alone(seed, depth, hkv, ratio, min_node, left_prompt, left_completion, kernels,
+                                          mode):
+    from shared_prefix._kernels import self_calls
+
+    rows = tree_rows(seed, depth)
+    pid, pmask, cid, cmask = as_batch(rows, left_prompt, left_completion)
+    plan = sp.plan(pid, pmask, cid, cmask, max_depth=depth, min_node_tokens=min_node)
+    assert plan.levels <= depth + 1 and plan.num_tokens <= plan.stock_tokens
+    hq, dim, scale = hkv * ratio, 8, 0.3
+    leaves, per_row = features(rows, hq, hkv, dim, seed)
+    lp, lc = pid.shape[1], cid.shape[1]
+    packed = {}
+    for n in ("q", "k", "v"):
+        px, _ = padded([x[n][: p.shape[0]] for x, (p, _) in zip(per_row, rows)], lp, left_prompt)
+        cx, _ = padded([x[n][p.shape[0]:] for x, (p, _) in zip(per_row, rows)], lc, left_completion)
+        packed[n] = plan.pack(px, cx)[0]
+    with self_calls(mode):
+        out = sp.attention(packed["q"], packed["k"], packed["v"], plan, scale=scale, kernels=kernels)
+
+    # Every row alone; every packed token's output is its rows' (identical where they share it).
+    ref = [causal_attention(x["q"], x["k"], x["v"], scale) for x in per_row]
+    rp, _ = padded([r[: p.shape[0]] for r, (p, _) in zip(ref, rows)], lp, left_prompt)
+    rc, _ = padded([r[p.shape[0]:] for r, (p, _) in zip(ref, rows)], lc, left_completion)
+    assert rel(out, plan.pack(rp, rc)[0]) < 1e-12
+
+    # Gradients of a loss on every row's completion outputs, weighted per row: a token several rows share gets
+    # each row's weight.
+    w = torch.randn(cid.shape + (hq, dim), generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    ours = plan.unpack_completions(plan.scored_rows(out))
+    stock = rc
+    assert rel(ours[cmask], stock[cmask]) < 1e-12
+    mine = torch.autograd.grad((ours * w).sum(), list(leaves.values()), allow_unused=True)
+    theirs = torch.autograd.grad((stock * w).sum(), list(leaves.values()), allow_unused=True)
+    for a, b in zip(mine, theirs):
+        if b is None:
+            assert a is None or a.abs().max() == 0
+        else:
+            assert rel(a, b) < 1e-10
+
+
+def test_sharing_beyond_prompts():
+    sys_prompt = list(range(1, 41))
+    rows = [(torch.tensor(sys_prompt + [50 + i]), torch.tensor([7, 8, 9, 10 + j])) for i in range(4) for j in range(2)]
+    pid, pmask, cid, cmask = as_batch(rows)
+    by_prompt = sp.plan(pid, pmask, cid, cmask, max_depth=1)
+    tree = sp.plan(pid, pmask, cid, cmask, min_node_tokens=3)
+    assert by_prompt.levels == 2 and by_prompt.num_tokens == 4 * 41 + 8 * 4
+    # The system prompt once; each prompt's last token with its completions' shared start (7 8 9) once per prompt.
+    assert tree.num_tokens == 40 + 4 * (1 + 3) + 8 and tree.levels == 3
+    # A system prompt below the threshold goes to each prompt (no level of its own); a prompt's node stays.
+    short = sp.plan(pid, pmask, cid, cmask, min_node_tokens=41)
+    assert short.levels == 2 and short.num_tokens == 4 * (41 + 3) + 8
+
+
+def test_prefix_tree_settings():
+    before = sp.set_prefix_tree(max_depth=2, min_node_tokens=5)
+    try:
+        assert sp.set_prefix_tree() == {"max_depth": 2, "min_node_tokens": 5}
+        for bad in (0, -1, 1.5, True, "2"):
+            with pytest.raises(ValueError, match="max_depth"):
+                sp.set_prefix_tree(max_depth=bad)
+            with pytest.raises(ValueError, match="min_node_tokens"):
+                sp.plan(*as_batch(tree_rows(0, 2)), min_node_tokens=bad)
+    finally:
+        sp.set_prefix_tree(**before)
+
+
+def test_sliding_windows_plan_by_prompts():
+    rows = tree_rows(3, 4)
+    batch = as_batch(rows)
+    deep = sp.plan(*batch, min_node_tokens=1)
+    assert deep.levels > 2
+    assert sp.plan(*batch, min_node_tokens=1, windows=[3]).levels == 2  # the window cuts: prompts only
+    assert sp.plan(*batch, min_node_tokens=1, windows=[10**6]).levels == deep.levels  # it cuts nothing
+
+
+# -- through a model --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("depth", [2, 4])
+@pytest.mark.parametrize("left_prompt", [True, False])
+def test_completion_logprobs_match_each_row_alone(family, depth, left_prompt):
+    model = tiny_model(family)
+    rows = tree_rows(depth * 7 + left_prompt, depth)
+    pid, pmask, cid, cmask = as_batch(rows, left_prompt)
+    w = torch.randn(cid.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref, ref_ent = stock_logprobs(model, rows, cid.shape[1], 0.7)
+    ref_grads = param_grads(model, (ref * w).sum() + 0.1 * (ref_ent * w).sum())
+    lp, ent = sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0.7, return_entropy=True,
+                                     max_depth=depth, min_node_tokens=1)
+    assert (lp - ref).abs().max().item() <= 1e-9 and (ent - ref_ent).abs().max().item() <= 1e-9
+    grads = param_grads(model, (lp * w).sum() + 0.1 * (ent * w).sum())
+    assert grads.keys() == ref_grads.keys()
+    worst = max(rel(grads[n], ref_grads[n]) for n in grads)
+    assert worst <= 1e-6, worst
+    plan = sp.plan(pid, pmask, cid, cmask, max_depth=depth, min_node_tokens=1)
+    assert plan.levels > 2 and plan.num_tokens < sp.plan(pid, pmask, cid, cmask, max_depth=1).num_tokens
