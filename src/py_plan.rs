@@ -59,6 +59,7 @@ fn on_device<'py>(py: Python<'py>, mut host: planner::Plan, device: Device, wind
     info.set_item("scored_tail", scored_tail)?;
     info.set_item("levels", h.layout.levels())?;
     info.set_item("stock_tokens", h.stock_tokens())?;
+    info.set_item("by_prompt_tokens", h.by_prompt_tokens())?;
     info.set_item("max_seqlen", h.max_seqlen())?;
     info.set_item("min_seqlen", h.min_seqlen())?;
     info.set_item("group_sizes", h.group_sizes.clone())?;

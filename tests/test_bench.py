@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import shared_prefix as sp
 from shared_prefix.bench import baselines, demo, report, variants
 from shared_prefix.bench import cli as bench
 
@@ -42,6 +43,43 @@ def test_bench_writes_results(tmp_path):
     assert "| 48x6x3x2 | shared_prefix |" in table
     assert "| median s | first step s |" in table
     assert (out / "results.png").stat().st_size > 0
+
+
+def test_bench_with_a_shared_system_prompt(tmp_path, monkeypatch):
+    """--system: every prompt opens with one shared run; ours with its prefix tree forwards it once (and agrees),
+    ours by prompts forwards it once per prompt, the tree's limit proxy forwards as many tokens as ours. The tree
+    variants join the default set."""
+    out = tmp_path / "bench"
+    assert bench.main(["--config", "80x4x2x3", "--system", "70", "--out", str(out), "--threads", "1", "--variants",
+                       "baseline,packed_causal_tree,shared_prefix,shared_prefix_prompts"]) == 0
+    rows = {r["variant"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    for name in ("shared_prefix", "shared_prefix_prompts"):
+        assert rows[name]["grad_rel_l2"] < 1e-4 and rows[name]["max_abs_logp_diff"] < 1e-4
+        assert rows[name]["system"] == 70
+    assert rows["baseline"]["tokens"] == 6 * 84 and rows["shared_prefix_prompts"]["tokens"] == 3 * (80 + 8)
+    assert rows["shared_prefix"]["tokens"] == rows["packed_causal_tree"]["tokens"] == 70 + 3 * (10 + 8)
+    table = (out / "results.md").read_text()
+    assert "shared system prompt of 70 tokens" in table and "× packed_causal_tree" in table
+    seen = []
+    monkeypatch.setattr(bench, "run_config", lambda model, cfg, args, *a: seen.append(list(args.variants)) or [])
+    assert bench.main(["--config", "80x4x2x3", "--system", "70", "--out", str(out), "--threads", "1"]) == 0
+    assert {"packed_causal_tree", "shared_prefix_prompts"} <= set(seen[0])
+
+
+def test_bench_with_tree_rollouts(tmp_path):
+    """--branches: each group's completions branch once at half length; ours shares the trunks (and agrees)."""
+    out = tmp_path / "bench"
+    before = sp.set_prefix_tree(min_node_tokens=2)  # trunks of 4 tokens here, under the default threshold
+    try:
+        assert bench.main(["--config", "12x8x4x2", "--branches", "2", "--out", str(out), "--threads", "1",
+                           "--variants", "baseline,packed_causal_tree,shared_prefix,shared_prefix_prompts"]) == 0
+    finally:
+        sp.set_prefix_tree(**before)
+    rows = {r["variant"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert rows["shared_prefix"]["grad_rel_l2"] < 1e-4 and rows["shared_prefix"]["max_abs_logp_diff"] < 1e-4
+    # Per group: the prompt, 2 trunks of 4 and 4 tails of 4, against the prompt and 4 completions of 8.
+    assert rows["shared_prefix_prompts"]["tokens"] == 2 * (12 + 4 * 8)
+    assert rows["shared_prefix"]["tokens"] == rows["packed_causal_tree"]["tokens"] == 2 * (12 + 2 * 4 + 4 * 4)
 
 
 def test_bench_with_a_sliding_window(tmp_path):
@@ -117,14 +155,16 @@ def test_bench_default_variants_on_cpu(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(bench, "run_config", lambda model, cfg, args, *a: seen.append(list(args.variants)) or [])
     assert bench.main(["--config", "8x2x1x1", "--out", str(tmp_path), "--threads", "1"]) == 0
-    assert seen == [["baseline", "packed_causal", "packed_causal_fa2", "shared_prefix", "shared_prefix_fa2", "shared_prefix_cudnn",
+    assert seen == [["baseline", "packed_causal", "packed_causal_fa2", "shared_prefix", "shared_prefix_fa2",
+                     "shared_prefix_cudnn",
                      "shared_prefix_cudnn_views", "shared_prefix_full_head", "shared_prefix_fused", "flex",
                      "prefix_grouper"]]
 
 
 def test_bench_rejects_bad_arguments(tmp_path):
     for argv in (["--config", "12x3x2"], ["--config", "0x3x2x1"], ["--variants", "nope"], ["--steps", "2"],
-                 ["--window", "0"]):
+                 ["--window", "0"], ["--config", "12x3x2x1", "--system", "12"], ["--system", "-1"],
+                 ["--config", "12x3x2x1", "--branches", "3"], ["--config", "12x1x2x1", "--branches", "2"]):
         with pytest.raises(SystemExit):
             bench.main(argv + ["--out", str(tmp_path)])
 

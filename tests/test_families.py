@@ -78,6 +78,18 @@ def test_family_matches_stock(cls_name):
     assert_matches_stock(model, logp_tol=1e-8)
 
 
+@pytest.mark.parametrize("cls_name", sorted(FAMILIES))
+def test_family_matches_stock_over_a_prefix_tree(cls_name):
+    """A batch sharing a system prompt and branching completions, planned as a tree of several levels."""
+    from test_tree import as_batch, tree_rows
+
+    model = build(cls_name, FAMILIES[cls_name], attn="eager" if cls_name in EAGER else "sdpa")
+    rows = tree_rows(5, 3, vocab=COMMON["vocab_size"])
+    batch = (rows, *as_batch(rows))
+    assert sp.plan(*batch[1:], max_depth=3, min_node_tokens=1).levels > 2
+    assert_matches_stock(model, logp_tol=1e-8, batch=batch, max_depth=3, min_node_tokens=1)
+
+
 def _longrope(limit: int):
     # Phi-3's long-context RoPE: short factors up to `limit` (original_max_position_embeddings) tokens per forward,
     # long ones beyond; head_dim 8 has 4 frequencies.

@@ -79,13 +79,16 @@ def param_grads(model, loss):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_matches_stock(model, logp_tol=1e-9, grad_tol=1e-6):
-    """completion_logprobs (values, entropies, every parameter's gradient) against the rows run alone, fp64."""
-    rows, pid, pmask, cid, cmask = make_batch()
+def assert_matches_stock(model, logp_tol=1e-9, grad_tol=1e-6, batch=None, **planning):
+    """completion_logprobs (values, entropies, every parameter's gradient) against the rows run alone, fp64.
+    ``batch``: ``(rows, prompt_ids, prompt_mask, completion_ids, completion_mask)`` (default: ``make_batch()``);
+    ``planning``: how far prefixes are shared."""
+    rows, pid, pmask, cid, cmask = make_batch() if batch is None else batch
     w = torch.randn(cid.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     ref, ref_ent = stock_logprobs(model, rows, cid.shape[1], 0.7)
     ref_grads = param_grads(model, (ref * w).sum() + 0.1 * (ref_ent * w).sum())
-    lp, ent = sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0.7, return_entropy=True)
+    lp, ent = sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0.7, return_entropy=True,
+                                     **planning)
     assert (lp - ref).abs().max().item() <= logp_tol and (ent - ref_ent).abs().max().item() <= logp_tol
     grads = param_grads(model, (lp * w).sum() + 0.1 * (ent * w).sum())
     assert grads.keys() == ref_grads.keys()

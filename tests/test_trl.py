@@ -12,7 +12,8 @@ datasets = pytest.importorskip("datasets")
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from shared_prefix.trl import METRIC, SharedPrefixGRPOTrainer, patch_trainer  # noqa: E402
+import shared_prefix as sp  # noqa: E402
+from shared_prefix.trl import METRIC, TREE_METRIC, SharedPrefixGRPOTrainer, patch_trainer  # noqa: E402
 
 WORDS = ["<pad>", "<eos>"] + [f"w{i}" for i in range(60)]
 
@@ -75,19 +76,45 @@ def batch(left_pad=True):
     return ids, mask, lc
 
 
-def test_logps_entropies_and_grads_equal_stock(tmp_path):
+def system_prompt_batch():
+    """TRL-shaped inputs whose prompts open with one shared system prompt, and whose completions of a prompt share
+    their first tokens (a rollout branching), one completion empty."""
+    g = torch.Generator().manual_seed(4)
+    system = torch.randint(2, 60, (9,), generator=g)
+    prompts = [torch.cat([system, torch.randint(2, 60, (n,), generator=g)]) for n in (2, 4)]
+    trunks = [torch.randint(2, 60, (3,), generator=g) for _ in prompts]
+    rows = [(0, 3), (1, 6), (0, 6), (1, 0), (0, 5), (1, 4)]
+    lp, lc = 13, 6
+    ids = torch.zeros(len(rows), lp + lc, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, (pi, c) in enumerate(rows):
+        p = prompts[pi]
+        ids[r, lp - len(p) : lp] = p
+        mask[r, lp - len(p) : lp] = 1
+        comp = torch.cat([trunks[pi], torch.randint(2, 60, (3,), generator=g)])[:c]
+        ids[r, lp : lp + c] = comp
+        mask[r, lp : lp + c] = 1
+    return ids, mask, lc
+
+
+@pytest.mark.parametrize("shared", ["prompts", "system_prompt"])
+def test_logps_entropies_and_grads_equal_stock(tmp_path, shared):
     stock = trainer(trl.GRPOTrainer, tmp_path / "a")
     ours = trainer(SharedPrefixGRPOTrainer, tmp_path / "b")
-    ids, mask, lc = batch()
-    results = []
-    for t in (stock, ours):
-        m = t.model
-        m.train()  # as inside TRL's training step (no dropout in this config)
-        m.zero_grad(set_to_none=True)
-        logps, ent, _ = t._get_per_token_logps_and_entropies(m, ids, mask, lc, compute_entropy=True)
-        w = torch.randn(logps.shape, generator=torch.Generator().manual_seed(2))
-        ((logps * w).sum() + (ent * w).sum()).backward()
-        results.append((logps.detach(), ent.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    ids, mask, lc = batch() if shared == "prompts" else system_prompt_batch()
+    before = sp.set_prefix_tree(min_node_tokens=2)  # the batch's shared runs are short
+    try:
+        results = []
+        for t in (stock, ours):
+            m = t.model
+            m.train()  # as inside TRL's training step (no dropout in this config)
+            m.zero_grad(set_to_none=True)
+            logps, ent, _ = t._get_per_token_logps_and_entropies(m, ids, mask, lc, compute_entropy=True)
+            w = torch.randn(logps.shape, generator=torch.Generator().manual_seed(2))
+            ((logps * w).sum() + (ent * w).sum()).backward()
+            results.append((logps.detach(), ent.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    finally:
+        sp.set_prefix_tree(**before)
     (lp_s, ent_s, g_s), (lp_o, ent_o, g_o) = results
     cmask = mask[:, -lc:].bool()
     assert (lp_o - lp_s).abs().max().item() <= 1e-6
@@ -96,6 +123,8 @@ def test_logps_entropies_and_grads_equal_stock(tmp_path):
     for n in g_s:
         assert ((g_o[n] - g_s[n]).norm() / g_s[n].norm().clamp_min(1e-12)).item() <= 1e-5, n
     assert ours._metrics["train"][METRIC][-1] > 0
+    # The tree saves beyond whole prompts only where the batch shares more.
+    assert (ours._metrics["train"][TREE_METRIC][-1] > 0) == (shared == "system_prompt")
 
 
 def test_old_and_reference_logps_plan_once(tmp_path, monkeypatch):

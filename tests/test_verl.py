@@ -26,6 +26,7 @@ from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.workers.config import FSDPEngineConfig  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
 
+import shared_prefix as sp  # noqa: E402
 import shared_prefix.verl as spv  # noqa: E402
 from shared_prefix.hf import pipeline  # noqa: E402
 from helpers import ensure_gloo  # noqa: E402
@@ -59,11 +60,16 @@ def make_engine(tie_word_embeddings=False):
     return eng
 
 
-def micro_batch(remove_padding: bool, temperature=0.7, seed=1):
-    """Three uid groups (shuffled), ragged left-padded prompts, variable response lengths."""
+def micro_batch(remove_padding: bool, temperature=0.7, seed=1, system=False):
+    """Three uid groups (shuffled), ragged left-padded prompts, variable response lengths. ``system``: the prompts
+    open with one shared system prompt, and each group's responses with one shared trunk (a rollout branching)."""
     g = torch.Generator().manual_seed(seed)
     groups = {"a": torch.randint(1, 97, (6,), generator=g), "b": torch.randint(1, 97, (3,), generator=g),
               "c": torch.randint(1, 97, (9,), generator=g)}
+    trunks = {u: torch.randint(1, 97, (2,), generator=g) for u in groups}
+    if system:
+        head = torch.randint(1, 97, (5,), generator=g)
+        groups = {u: torch.cat([head, p[:4]]) for u, p in groups.items()}
     rows = [("a", 5), ("c", 2), ("a", 1), ("b", 6), ("c", 6), ("a", 3), ("b", 4)]
     B, P, R = len(rows), 9, 6
     prompts, responses = torch.zeros(B, P, dtype=torch.long), torch.zeros(B, R, dtype=torch.long)
@@ -73,6 +79,8 @@ def micro_batch(remove_padding: bool, temperature=0.7, seed=1):
         prompts[i, P - len(p):] = p
         pm[i, P - len(p):] = 1
         responses[i, :r] = torch.randint(1, 97, (r,), generator=g)
+        if system:
+            responses[i, : min(r, 2)] = trunks[u][: min(r, 2)]
         rm[i, :r] = 1
     attn = torch.cat([pm, rm], 1)
     dp = DataProto.from_single_dict(
@@ -113,12 +121,19 @@ def run(engine, td, enabled: bool, resp_lens):
     return out["model_output"], grads
 
 
+@pytest.mark.parametrize("system", [False, True], ids=["prompts", "system_prompt"])
 @pytest.mark.parametrize("remove_padding", [True, False])
-def test_plugin_matches_stock_engine(engine, remove_padding):
-    td, rmask = micro_batch(remove_padding)
+def test_plugin_matches_stock_engine(engine, remove_padding, system):
+    td, rmask = micro_batch(remove_padding, system=system)
     resp = rmask.sum(1)
-    stock, g_stock = run(engine, td, enabled=False, resp_lens=resp)
-    ours, g_ours = run(engine, td, enabled=True, resp_lens=resp)
+    before = sp.set_prefix_tree(min_node_tokens=2)  # the batch's shared runs are short
+    try:
+        stock, g_stock = run(engine, td, enabled=False, resp_lens=resp)
+        ours, g_ours = run(engine, td, enabled=True, resp_lens=resp)
+        _, output_args = engine.prepare_model_inputs(td)
+        assert (output_args[spv._KEY]["forward"].plan.levels > 2) == system  # the tree shares beyond prompts
+    finally:
+        sp.set_prefix_tree(**before)
     assert torch.equal(ours["log_probs"].offsets(), stock["log_probs"].offsets())
     pos = response_positions(stock["log_probs"].offsets(), resp)
     for key in ("log_probs", "entropy"):

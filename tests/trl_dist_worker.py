@@ -26,7 +26,7 @@ def main():
     if t.accelerator.is_main_process:
         params = torch.cat([p.detach().reshape(-1) for p in t.accelerator.unwrap_model(t.model).parameters()])
         losses = [h["loss"] for h in t.state.log_history if "loss" in h]
-        saved = [h[k] for h in t.state.log_history for k in h if k.startswith("shared_prefix/")]
+        saved = [h[k] for h in t.state.log_history for k in h if k == "shared_prefix/tokens_saved_frac"]
         torch.save({"params": params, "losses": losses, "saved": saved, "world": t.accelerator.num_processes}, out)
 
 

@@ -77,7 +77,7 @@ class Plan:
     """
 
     __slots__ = ("core", "_rows", "_lp", "_lc", "_src", "_scored", "_scored_tail", "_predictor", "_completion_flat",
-                 "_entry_scored", "num_tokens", "stock_tokens", "prefix_tokens", "completion_tokens", "max_seqlen",
+                 "_entry_scored", "num_tokens", "stock_tokens", "by_prompt_tokens", "prefix_tokens", "completion_tokens", "max_seqlen",
                  "min_seqlen", "levels", "_windows", "_group_sizes", "_row_group", "position_ids", "input_ids",
                  "attention_mask")
 
@@ -85,6 +85,8 @@ class Plan:
     num_tokens: int
     #: Tokens the stock per-row computation forwards (each row's prompt and completion).
     stock_tokens: int
+    #: Tokens a plan sharing whole prompts only (``max_depth=1``) packs: what the prefix tree saves beyond that.
+    by_prompt_tokens: int
     #: Packed tokens taken from the prompts and from the completions. Every completion token is some row's scored
     #: token; with whole prompts shared they are the stream's last ``completion_tokens``.
     prefix_tokens: int
@@ -109,7 +111,8 @@ class Plan:
         put("_rows", info["rows"])
         put("_lp", info["prompt_width"])
         put("_lc", info["completion_width"])
-        for name in ("stock_tokens", "prefix_tokens", "completion_tokens", "max_seqlen", "min_seqlen", "levels"):
+        for name in ("stock_tokens", "by_prompt_tokens", "prefix_tokens", "completion_tokens", "max_seqlen",
+                     "min_seqlen", "levels"):
             put(name, info[name])
         put("num_tokens", self.prefix_tokens + self.completion_tokens)
         for name in ("windows", "group_sizes", "row_group"):

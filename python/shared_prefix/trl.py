@@ -30,6 +30,8 @@ SUPPORTED_TRL = (">=1.16", "<1.17")
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 METRIC = "shared_prefix/tokens_saved_frac"
+# What the prefix tree saves beyond sharing whole prompts (0 where batches share nothing more).
+TREE_METRIC = "shared_prefix/tree_tokens_saved_frac"
 _EXPECTED_PARAMS = ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
                     "compute_aux_loss")
 
@@ -167,7 +169,7 @@ class SharedPrefixMixin:
             return str(e), None
         logps, entropies = forward.logprobs(hidden, self.temperature, entropy=compute_entropy,
                                             head=self._shared_prefix_head)
-        return (logps, entropies), forward.plan.num_tokens
+        return (logps, entropies), (forward.plan.num_tokens, forward.plan.by_prompt_tokens)
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -192,7 +194,7 @@ class SharedPrefixMixin:
         batch_size = batch_size or input_ids.size(0)
         plans = self._shared_prefix_plans.lookup(input_ids, attention_mask, logits_to_keep, batch_size)
         all_logps, all_entropies = [], []
-        forwarded = stock = 0
+        forwarded = stock = by_prompt = 0
         for start in range(0, input_ids.size(0), batch_size):
             ids = input_ids[start : start + batch_size]
             mask = attention_mask[start : start + batch_size]
@@ -203,16 +205,18 @@ class SharedPrefixMixin:
                 self.shared_prefix_fallbacks.say(result)
                 logps, entropies, _ = super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
                     model, ids, mask, logits_to_keep, ids.size(0), compute_entropy)
-                tokens = ids.numel()
+                tokens = (ids.numel(), ids.numel())
             else:
                 logps, entropies = result
-            forwarded += tokens
+            forwarded += tokens[0]
+            by_prompt += tokens[1]
             all_logps.append(logps)
             if compute_entropy:
                 all_entropies.append(entropies)
         mode = "train" if model.training else "eval"
         if stock:
             self._metrics[mode][METRIC].append(1.0 - forwarded / stock)
+            self._metrics[mode][TREE_METRIC].append(1.0 - forwarded / by_prompt)
         logps = torch.cat(all_logps)
         entropies = torch.cat(all_entropies) if compute_entropy else None
         return logps, entropies, None

@@ -97,8 +97,9 @@ pub struct Plan {
     pub group_sizes: Vec<usize>,
     pub row_group: Vec<i64>,
     pub rows_in_order: Vec<usize>,
-    /// Each input row's sequence (prompt + completion) as the stock computation sees it.
-    pub row_lens: Vec<usize>,
+    /// Each input row's valid prompt and completion tokens.
+    pub prompt_lens: Vec<usize>,
+    pub completion_lens: Vec<usize>,
     /// The nodes of the packed stream and how they nest.
     pub layout: Layout,
     /// For each packed token, the flat index into `cat(prompt.flatten(), completion.flatten())`.
@@ -120,19 +121,34 @@ impl Plan {
         self.layout.num_tokens()
     }
 
+    /// Each input row's sequence (prompt + completion) as the stock computation sees it.
+    pub fn row_lens(&self) -> impl Iterator<Item = usize> + '_ {
+        self.prompt_lens.iter().zip(&self.completion_lens).map(|(p, c)| p + c)
+    }
+
     /// Longest per-row sequence (prompt + completion) the stock computation would see.
     pub fn max_seqlen(&self) -> usize {
-        self.row_lens.iter().copied().max().unwrap_or(0)
+        self.row_lens().max().unwrap_or(0)
     }
 
     /// Shortest per-row sequence (prompt + completion) the stock computation would see.
     pub fn min_seqlen(&self) -> usize {
-        self.row_lens.iter().copied().min().unwrap_or(0)
+        self.row_lens().min().unwrap_or(0)
     }
 
     /// Tokens the stock per-row computation would forward: each row's prompt plus its completion.
     pub fn stock_tokens(&self) -> usize {
-        self.row_lens.iter().sum()
+        self.row_lens().sum()
+    }
+
+    /// Tokens a plan sharing whole prompts only packs: each group's prompt once, then every completion token.
+    pub fn by_prompt_tokens(&self) -> usize {
+        let (mut first, mut prompts) = (0, 0);
+        for &size in &self.group_sizes {
+            prompts += self.prompt_lens[self.rows_in_order[first]];
+            first += size;
+        }
+        prompts + self.completion_lens.iter().sum::<usize>()
     }
 
     /// Where the scored tokens are exactly the packed stream's tail `[start, T)`, `start` (a slice, not a gather).
@@ -309,7 +325,9 @@ pub fn plan(batch: &Batch<'_>, grouping: Grouping<'_>, sharing: Sharing) -> Resu
     }
 
     // The nodes: one per prompt group and one per row's completion, or the prefix tree.
-    let row_lens: Vec<usize> = (0..b).map(|r| prompt_run[r].1 + comp_run[r].1).collect();
+    let prompt_lens: Vec<usize> = prompt_run.iter().map(|&(_, n)| n).collect();
+    let completion_lens: Vec<usize> = comp_run.iter().map(|&(_, n)| n).collect();
+    let row_lens: Vec<usize> = (0..b).map(|r| prompt_lens[r] + completion_lens[r]).collect();
     let forest = match sharing {
         Sharing::Prompts => {
             let mut nodes: Vec<tree::Node> = (0..n)
@@ -337,7 +355,6 @@ pub fn plan(batch: &Batch<'_>, grouping: Grouping<'_>, sharing: Sharing) -> Resu
                 let token = if i < pl { batch.prompt_ids[r * lp + ps + i] } else { comp_ids[r * lc + cs + i - pl] };
                 (token, if i + 1 >= pl { row_group[r] + 1 } else { 0 })
             };
-            let prompt_lens: Vec<usize> = prompt_run.iter().map(|&(_, n)| n).collect();
             tree::build(&rows_in_order, &row_lens, &prompt_lens, key, max_depth.max(1), min_node)
         }
     };
@@ -437,7 +454,8 @@ pub fn plan(batch: &Batch<'_>, grouping: Grouping<'_>, sharing: Sharing) -> Resu
         group_sizes,
         row_group,
         rows_in_order,
-        row_lens,
+        prompt_lens,
+        completion_lens,
         layout,
         src_index,
         position_ids,

@@ -174,7 +174,8 @@ fn check_plan(rows: &Rows, p: &Plan) {
     // Each row's stock sequence: its valid prompt and completion tokens, counted from the masks.
     let stock_len = |r: usize| valid_prompt(rows, r).len() + (0..lc).filter(|&j| rows.cmask[r * lc + j]).count();
     let want: Vec<usize> = p.rows_in_order.iter().map(|&r| stock_len(r)).collect();
-    let got: Vec<usize> = p.rows_in_order.iter().map(|&r| p.row_lens[r]).collect();
+    let lens: Vec<usize> = p.row_lens().collect();
+    let got: Vec<usize> = p.rows_in_order.iter().map(|&r| lens[r]).collect();
     assert_eq!(got, want);
     assert_eq!(p.max_seqlen(), *want.iter().max().unwrap());
     assert_eq!(p.min_seqlen(), *want.iter().min().unwrap());
@@ -486,7 +487,7 @@ fn check_tree(rows: &Rows, p: &Plan, max_depth: usize, min_node: usize) {
         assert_eq!(p.entry_scored.len(), p.completion_flat.len());
     }
     let want: Vec<usize> = (0..b).map(|r| sequence(rows, r).len()).collect();
-    assert_eq!(p.row_lens, want);
+    assert_eq!(p.row_lens().collect::<Vec<_>>(), want);
     assert!(t <= p.stock_tokens());
 }
 
@@ -633,6 +634,8 @@ proptest! {
         let tree = tree_plan(&rows, Grouping::ByPrompt, usize::MAX, 1);
         let prompts = by_prompt(&rows, Grouping::ByPrompt).unwrap();
         prop_assert!(tree.num_tokens() <= prompts.num_tokens());
+        prop_assert_eq!(tree.by_prompt_tokens(), prompts.num_tokens());
+        prop_assert_eq!(prompts.by_prompt_tokens(), prompts.num_tokens());
     }
 
     #[test]

@@ -5,6 +5,8 @@
   completion; logits only at completion positions, as TRL computes them.
 - :func:`packed_causal_logprobs`: each group as one causal row ``[prompt, c_1 … c_G]`` (the limit proxy: our token
   count with plain causal attention, so its log-probs are wrong by design).
+- :func:`packed_causal_tree_logprobs`: the prefix tree's packed tokens as equal causal rows (the limit proxy at
+  the tree's token count, the LM head on the same predictor rows as ours; log-probs wrong by design).
 - :class:`FlexVariant`: FlexAttention with a shared-prefix block mask (CUDA).
 """
 
@@ -65,6 +67,24 @@ def packed_causal_logprobs(model, prompt_ids, completion_ids, g: int):
     ids, pos, pred = packed_rows(prompt_ids, completion_ids, g)
     # An all-ones mask keeps transformers from reading the restarting positions as packed sequences: plain causal.
     return packed_rows_logprobs(model, ids, pos, pred, completion_ids, torch.ones_like(ids))
+
+
+def packed_causal_tree_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows: int):
+    """The tokens a prefix-tree plan packs, cut into ``rows`` equal causal rows (the last row topped up with the
+    stream's first tokens), through the decoder; the LM head on the plan's predictor rows."""
+    import shared_prefix as sp
+
+    plan = sp.plan(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    t = plan.num_tokens
+    width = -(-t // rows)
+    ids = plan.input_ids[0]
+    ids = torch.cat([ids, ids[: rows * width - t]]).view(rows, width)
+    pos = torch.arange(width, device=ids.device).expand(rows, -1)
+    hidden = model.get_decoder()(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids),
+                                 use_cache=False).last_hidden_state
+    h = plan.predictor_rows(hidden.reshape(-1, hidden.shape[-1])[:t])
+    logp, _ = token_logprobs(model.get_output_embeddings()(h), plan.completion_targets(), 1.0, False)
+    return plan.unpack_completions(logp)
 
 
 class FlexVariant:

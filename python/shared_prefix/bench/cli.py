@@ -15,11 +15,13 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+import shared_prefix as sp
+
 import shared_prefix.bench as _package
 from shared_prefix.bench.measure import UNTIMED_STEPS, measure_methods
 from shared_prefix.bench.report import markdown, plot
-from shared_prefix.bench.variants import (MODELS, SAME_AS_OURS_ON_CPU, VARIANTS, VARY_STEP, Varying, build_model,
-                                          make_batch, variant_fns, variant_setup)
+from shared_prefix.bench.variants import (MODELS, SAME_AS_OURS_ON_CPU, TREE_VARIANTS, VARIANTS, VARY_STEP, Varying,
+                                          build_model, make_batch, variant_fns, variant_setup)
 
 PRESETS = {
     "cpu-small": dict(device="cpu", model="tiny", dtype="float32", grad_ckpt=False, steps=5,
@@ -59,7 +61,7 @@ def run_config(model, cfg, args, device, bar):
     """One result row per variant, the variants measured side by side (interleaved timed rounds)."""
     p, s, g, b = cfg
     vocab = model.config.vocab_size
-    batch = make_batch(p, s, g, b, vocab, device)
+    batch = make_batch(p, s, g, b, vocab, device, system=args.system, branches=args.branches)
     cmask = batch[3]
     adv = torch.randn(b * g, generator=torch.Generator().manual_seed(1)).to(device)
     # Fixed shapes: the steady state of a run repeating them, cuDNN's graphs built in the untimed steps.
@@ -71,17 +73,22 @@ def run_config(model, cfg, args, device, bar):
     fns = variant_fns(model, batch, g, device, args.variants)
     if args.vary:
         # One batch per step each variant takes: the untimed ones, the profiled one on CUDA, the timed rounds.
-        batches = [batch] + [make_batch(p + VARY_STEP * k, s, g, b, vocab, device, seed=k)
+        batches = [batch] + [make_batch(p + VARY_STEP * k, s, g, b, vocab, device, seed=k, system=args.system,
+                                        branches=args.branches)
                              for k in range(1, UNTIMED_STEPS + 1 + args.steps)]
         fns = {name: Varying(lambda bt, name=name: variant_fns(model, bt, g, device, [name])[name], batches)
                for name in fns}
     results = measure_methods(model, fns, adv, cmask, device, args.steps, bar, setup)
     model.set_attn_implementation("sdpa")
     rows = []
+    # Tokens forwarded: every row [prompt, completion] for the baseline; one prompt per group for the others, and
+    # each common prefix once for ours with its prefix tree.
+    tree_tokens = sp.plan(*batch).num_tokens
     for name, stats in results.items():
-        # Tokens forwarded: every row [prompt, completion] for the baseline; one prompt per group otherwise.
-        row = dict(config="x".join(map(str, cfg)), variant=name,
-                   tokens=b * g * (p + s) if name == "baseline" else b * (p + g * s), **stats)
+        tokens = b * g * (p + s) if name == "baseline" else b * (p + g * s)
+        if (name.startswith("shared_prefix") and name != "shared_prefix_prompts") or name == "packed_causal_tree":
+            tokens = tree_tokens
+        row = dict(config="x".join(map(str, cfg)), variant=name, tokens=tokens, **stats)
         if name == "flex" and "error" not in row:
             row["compile_s"] = max(0.0, row["first_step_s"] - row["median_s"])
         rows.append(row)
@@ -100,10 +107,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--variants", default=None,
                     help="comma-separated subset of " + ",".join(VARIANTS) + " (default: all of them; on CPU without "
-                    + " and ".join(SAME_AS_OURS_ON_CPU) + ", which run what shared_prefix runs there)")
+                    + " and ".join(SAME_AS_OURS_ON_CPU) + ", which run what shared_prefix runs there; without "
+                    + " and ".join(TREE_VARIANTS) + " unless --system or --branches)")
     ap.add_argument("--steps", type=int, default=None,
                     help="timed rounds (one step of each variant per round; median reported; ≥ 3; preset: 5)")
     ap.add_argument("--window", type=int, default=None, help="a sliding window of this many tokens on every layer")
+    ap.add_argument("--system", type=int, default=0,
+                    help="the first N tokens of every prompt are one shared system prompt (default 0)")
+    ap.add_argument("--branches", type=int, default=0,
+                    help="tree rollouts: each group's completions branch once at half length, from this many trunks "
+                         "(dividing G; default 0: no shared completion tokens)")
     ap.add_argument("--vary", action="store_true",
                     help=f"a new prompt length every step (P, P + {VARY_STEP}, …), as in training (default: the "
                          "same shapes every step)")
@@ -119,6 +132,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     configs = args.config or [parse_config(c) for c in preset["configs"]]
     if args.variants is None:
         skip = SAME_AS_OURS_ON_CPU if args.device == "cpu" else ()
+        skip += () if args.system or args.branches else TREE_VARIANTS
         args.variants = ",".join(v for v in VARIANTS if v not in skip)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(args.variants) - set(VARIANTS)
@@ -130,6 +144,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error("--steps: at least 3")
     if args.window is not None and args.window < 1:
         ap.error("--window: at least 1 token")
+    if args.system < 0 or any(args.system >= c[0] for c in configs):
+        ap.error("--system: at least 0 and shorter than every config's prompt")
+    if args.branches < 0 or (args.branches and any(c[2] % args.branches or c[1] < 2 for c in configs)):
+        ap.error("--branches: at least 0, dividing every config's G, with S of at least 2")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
@@ -139,7 +157,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.model, getattr(torch, args.dtype), device, args.grad_ckpt, args.window)
-    meta = dict(device_name=device_name(device), model=args.model, window=args.window, dtype=args.dtype,
+    meta = dict(device_name=device_name(device), model=args.model, window=args.window, system=args.system,
+                branches=args.branches,
+                dtype=args.dtype,
                 grad_ckpt=args.grad_ckpt, vary=args.vary,
                 torch=torch.__version__, commit=git_commit(), steps=args.steps,
                 date=datetime.date.today().isoformat(), python=sys.version.split()[0])

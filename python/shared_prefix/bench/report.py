@@ -8,11 +8,18 @@ from shared_prefix.bench.variants import VARY_STEP
 
 # The table's note for the limit proxies (their log-probs are wrong by design).
 PROXY_NOTES = {"packed_causal": "limit proxy; wrong mask by design",
-               "packed_causal_fa2": "limit proxy on flash-attention 2"}
+               "packed_causal_fa2": "limit proxy on flash-attention 2",
+               "packed_causal_tree": "limit proxy at the prefix tree's token count; wrong mask by design"}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     window = "" if meta.get("window") is None else f", sliding window {meta['window']} on every layer"
+    parts = []
+    if meta.get("system"):
+        parts.append(f"every prompt opens with one shared system prompt of {meta['system']} tokens")
+    if meta.get("branches"):
+        parts.append(f"each group's completions share their first half in {meta['branches']} trunk(s)")
+    sharing = f" Batches: {'; '.join(parts)}." if parts else ""
     shapes = (f"a new prompt length every step (P, P + {VARY_STEP}, …)" if meta.get("vary")
               else "the same shapes every step (steady state)")
     # CUDA runs add the GPU busy time of one profiled step (kernels only: what the step costs the GPU, apart from
@@ -22,7 +29,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"Device: {meta['device_name']}; model {meta['model']} (random weights{window}), {meta['dtype']}, "
         f"grad checkpointing {'on' if meta['grad_ckpt'] else 'off'}; torch {meta['torch']}; commit {meta['commit']}; "
         f"{meta['date']}. Median of {meta['steps']} interleaved rounds (forward+backward of completion log-probs), "
-        f"{shapes}.",
+        f"{shapes}.{sharing}",
         "",
         "| config PxSxGxB | variant | median s | first step s | vs baseline | vs packed_causal | peak mem GiB "
         "| max abs Δlogp | grad rel L2 | grad cos |"
@@ -45,6 +52,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
             notes = [f"+{r['compile_s']:.0f} s first compile" if "compile_s" in r else ""]
             if r["variant"] in PROXY_NOTES:
                 notes = [PROXY_NOTES[r["variant"]]]
+            tree_limit = group.get("packed_causal_tree")
+            if r["variant"] == "shared_prefix" and tree_limit and "error" not in tree_limit:
+                notes.append(f"{r['median_s'] / tree_limit['median_s']:.2f}× packed_causal_tree")
             if r.get("interrupted"):
                 notes.append(f"interrupted: median of {r['rounds']} of {meta['steps']} rounds")
             gpu = ""

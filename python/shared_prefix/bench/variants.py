@@ -12,7 +12,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import shared_prefix as sp
 from shared_prefix._kernels import cudnn_after, cudnn_bucket, self_calls
-from shared_prefix.bench.baselines import FlexVariant, packed_causal_logprobs, stock_logprobs
+from shared_prefix.bench.baselines import (FlexVariant, packed_causal_logprobs, packed_causal_tree_logprobs,
+                                           stock_logprobs)
 from shared_prefix.hf import enable_checkpointing, model_windows
 
 MODELS = {
@@ -25,7 +26,9 @@ MODELS = {
                          intermediate_size=8960, vocab_size=151936),
 }
 # Order of measurement: the reference first; the original package last (it may not fit long configs).
-VARIANTS = ["baseline", "packed_causal", "packed_causal_fa2", "shared_prefix", "shared_prefix_fa2",
+VARIANTS = ["baseline", "packed_causal", "packed_causal_fa2", "packed_causal_tree", "shared_prefix",
+            "shared_prefix_prompts",
+            "shared_prefix_fa2",
             "shared_prefix_cudnn", "shared_prefix_cudnn_views", "shared_prefix_full_head", "shared_prefix_split",
             "shared_prefix_fused", "shared_prefix_eager_cudnn", "shared_prefix_cudnn_bucketed", "flex",
             "prefix_grouper"]
@@ -39,6 +42,9 @@ SELF_CALL_VARIANTS = {"shared_prefix_split": "split", "shared_prefix_fused": "fu
 # that only pad it for cuDNN's sake: left out of the CPU default, which must fit cpu-small in 3 minutes. Named in
 # --variants, they run.
 SAME_AS_OURS_ON_CPU = ("shared_prefix_split", "shared_prefix_eager_cudnn", "shared_prefix_cudnn_bucketed")
+# Variants that measure what the prefix tree adds: in the default set only for batches that share more than whole
+# prompts (--system, --branches); elsewhere they repeat packed_causal and shared_prefix.
+TREE_VARIANTS = ("packed_causal_tree", "shared_prefix_prompts")
 # shared_prefix_cudnn_bucketed: the causal self calls padded to this multiple (`cudnn_bucket`), cuDNN for a shape
 # seen in one earlier plan: under --vary the prompts' call reaches cuDNN once its bucket recurs, while the cross
 # call (unpadded, a new length every step) stays on FA2. The counts and cuDNN's graph cache are process-wide, so
@@ -66,12 +72,20 @@ def build_model(name: str, dtype: torch.dtype, device: torch.device, grad_ckpt: 
     return model
 
 
-def make_batch(p: int, s: int, g: int, b: int, vocab: int, device: torch.device, seed: int = 0):
-    """B prompts of P tokens, G completions of S tokens each, rows group by group (as TRL's generation batch)."""
+def make_batch(p: int, s: int, g: int, b: int, vocab: int, device: torch.device, seed: int = 0, system: int = 0,
+               branches: int = 0):
+    """B prompts of P tokens, G completions of S tokens each, rows group by group (as TRL's generation batch). The
+    first ``system`` tokens of every prompt are one shared system prompt. ``branches``: a tree rollout, each
+    group's completions branching once at half length: ``branches`` trunks of S/2 tokens, each continued by
+    G/branches completions."""
     gen = torch.Generator().manual_seed(seed)
     prompts = torch.randint(1, vocab, (b, p), generator=gen)
+    prompts[:, :system] = prompts[0, :system]
     prompt_ids = prompts.repeat_interleave(g, dim=0)
     completion_ids = torch.randint(1, vocab, (b * g, s), generator=gen)
+    if branches:
+        trunks = completion_ids.view(b, branches, g // branches, s)
+        trunks[:, :, 1:, : s // 2] = trunks[:, :, :1, : s // 2]
     ones = lambda t: torch.ones_like(t, dtype=torch.bool)  # noqa: E731
     return [x.to(device) for x in (prompt_ids, ones(prompt_ids), completion_ids, ones(completion_ids))]
 
@@ -91,10 +105,15 @@ def variant_fns(model, batch, g: int, device: torch.device, wanted: list[str]) -
             fns[name] = lambda: stock_logprobs(model, pid, pmask, cid, cmask)
         elif name == "packed_causal" or (name == "packed_causal_fa2" and device.type == "cuda"):
             fns[name] = lambda: packed_causal_logprobs(model, pid, cid, g)
+        elif name == "packed_causal_tree":
+            fns[name] = lambda: packed_causal_tree_logprobs(model, pid, pmask, cid, cmask, pid.shape[0] // g)
         elif (name in ("shared_prefix", "shared_prefix_eager_cudnn", "shared_prefix_cudnn_bucketed")
               or name in SELF_CALL_VARIANTS
               or (name in KERNEL_VARIANTS and device.type == "cuda")):
             fns[name] = lambda: sp.completion_logprobs(model, pid, pmask, cid, cmask, group_sizes=g)
+        elif name == "shared_prefix_prompts":
+            # Ours sharing whole prompts only (no prefix tree): what the tree adds.
+            fns[name] = lambda: sp.completion_logprobs(model, pid, pmask, cid, cmask, group_sizes=g, max_depth=1)
         elif name == "shared_prefix_full_head":
             # Ours with the LM head in one piece (no vocabulary slices): what the memory-lean head costs and saves.
             vocab = model.config.vocab_size
