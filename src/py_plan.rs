@@ -58,6 +58,8 @@ fn on_device<'py>(py: Python<'py>, mut host: planner::Plan, device: Device, wind
     info.set_item("prompts_first", maps[0][..prompt_tokens].iter().all(|&s| (s as usize) < from_prompts))?;
     info.set_item("scored_tail", scored_tail)?;
     info.set_item("levels", h.layout.levels())?;
+    info.set_item("node_rows", h.node_rows.clone())?;
+    info.set_item("node_tokens", h.layout.cu_nodes.windows(2).map(|w| (w[1] - w[0]) as usize).collect::<Vec<_>>())?;
     info.set_item("stock_tokens", h.stock_tokens())?;
     info.set_item("by_prompt_tokens", h.by_prompt_tokens())?;
     info.set_item("max_seqlen", h.max_seqlen())?;

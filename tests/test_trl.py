@@ -24,12 +24,18 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def model():
-    cfg = Qwen2Config(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
+def model(moe=False):
+    shape = dict(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                 pad_token_id=0, eos_token_id=1, bos_token_id=1)
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(cfg)
+    if moe:  # returns router logits for an auxiliary load-balancing loss (coefficient raised so that it shows)
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        cfg = Qwen3MoeConfig(**shape, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                             router_aux_loss_coef=0.5)
+        return Qwen3MoeForCausalLM(cfg)
+    return Qwen2ForCausalLM(Qwen2Config(**shape))
 
 
 def dataset():
@@ -50,11 +56,11 @@ def config(tmp_path, **kw):
     return trl.GRPOConfig(**args)
 
 
-def trainer(cls, tmp_path, bf16=False, **kw):
+def trainer(cls, tmp_path, bf16=False, moe=False, **kw):
     # A local checkpoint (no Hub): with beta > 0 TRL builds the reference model from the model's path.
     path = tmp_path / "model"
     if not path.exists():
-        model().save_pretrained(path)
+        model(moe).save_pretrained(path)
     return cls(model=str(path), reward_funcs=reward_len, args=config(tmp_path, bf16=bf16), train_dataset=dataset(),
                processing_class=tokenizer(), **kw)
 
@@ -337,10 +343,55 @@ def test_rloo_logps_equal_stock(tmp_path):
     assert (out[0][1] - out[1][1]).abs().max().item() <= 1e-6
 
 
-def test_three_step_training_equals_stock(tmp_path):
+def test_moe_aux_loss_and_grads_equal_stock(tmp_path):
+    """A MoE model's load-balancing loss over a batch with a shared system prompt and branching completions: ours
+    weights each packed token by the rows it stands for, which gives the stock value and gradients."""
+    stock = trainer(trl.GRPOTrainer, tmp_path / "a", moe=True)
+    ours = trainer(SharedPrefixGRPOTrainer, tmp_path / "b", moe=True)
+    assert stock.aux_loss_enabled and ours.aux_loss_enabled
+    ids, mask, lc = system_prompt_batch()
+    before = sp.set_prefix_tree(min_node_tokens=2)
+    try:
+        results = []
+        for t in (stock, ours):
+            m = t.model
+            m.train()
+            m.zero_grad(set_to_none=True)
+            logps, _, aux = t._get_per_token_logps_and_entropies(m, ids, mask, lc, batch_size=3,
+                                                                 compute_aux_loss=True)
+            w = torch.randn(logps.shape, generator=torch.Generator().manual_seed(2))
+            ((logps * w).sum() + 5.0 * aux).backward()
+            results.append((logps.detach(), aux.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    finally:
+        sp.set_prefix_tree(**before)
+    (lp_s, aux_s, g_s), (lp_o, aux_o, g_o) = results
+    assert ours._metrics["train"][METRIC][-1] > 0  # ours ran
+    assert (lp_o - lp_s).abs().max().item() <= 1e-6
+    assert abs(aux_o.item() - aux_s.item()) <= 1e-6 * abs(aux_s.item())
+    router = [n for n in g_s if "mlp.gate" in n]
+    assert router and all(g_s[n].norm() > 0 for n in router)
+    for n in g_s:
+        assert ((g_o[n] - g_s[n]).norm() / g_s[n].norm().clamp_min(1e-12)).item() <= 1e-5, n
+
+
+def test_moe_aux_loss_without_the_stock_call_pattern_falls_back(tmp_path, monkeypatch, caplog):
+    """A MoE model whose forward does not compute the loss as transformers' MoE causal LMs do goes to stock."""
+    import shared_prefix.trl as sp_trl
+
+    ours = trainer(SharedPrefixGRPOTrainer, tmp_path, moe=True)
+    monkeypatch.setattr(sp_trl, "load_balancing_loss", lambda model: None)
+    ids, mask, lc = batch()
+    with caplog.at_level(logging.WARNING, logger="shared_prefix"):
+        _, _, aux = ours._get_per_token_logps_and_entropies(ours.model, ids, mask, lc, compute_aux_loss=True)
+    assert aux is not None and "auxiliary (MoE) loss that shared_prefix cannot weight" in caplog.text
+    assert METRIC not in ours._metrics["train"]
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_three_step_training_equals_stock(tmp_path, moe):
     runs = []
     for cls, sub in ((trl.GRPOTrainer, "stock"), (SharedPrefixGRPOTrainer, "ours")):
-        t = trainer(cls, tmp_path / sub)
+        t = trainer(cls, tmp_path / sub, moe=moe)
         t.train()
         params = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
         losses = [h["loss"] for h in t.state.log_history if "loss" in h]

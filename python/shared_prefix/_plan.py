@@ -43,7 +43,7 @@ def _check_mask(name: str, t: object, like: torch.Tensor, like_name: str) -> tor
 
 
 # The prefix tree's defaults (see :func:`set_prefix_tree`).
-_TREE = {"max_depth": 4, "min_node_tokens": 64}
+_TREE = {"max_depth": 4, "min_node_tokens": 32}
 
 
 def set_prefix_tree(*, max_depth: Optional[int] = None, min_node_tokens: Optional[int] = None) -> dict:
@@ -78,7 +78,7 @@ class Plan:
 
     __slots__ = ("core", "_rows", "_lp", "_lc", "_src", "_scored", "_scored_tail", "_predictor", "_completion_flat",
                  "_entry_scored", "num_tokens", "stock_tokens", "by_prompt_tokens", "prefix_tokens", "completion_tokens", "max_seqlen",
-                 "min_seqlen", "levels", "_windows", "_group_sizes", "_row_group", "position_ids", "input_ids",
+                 "min_seqlen", "levels", "_windows", "_group_sizes", "_row_group", "_node_rows", "_node_tokens", "position_ids", "input_ids",
                  "attention_mask")
 
     #: Tokens in the packed stream: each shared prefix once, then every token no other row shares.
@@ -115,7 +115,7 @@ class Plan:
                      "min_seqlen", "levels"):
             put(name, info[name])
         put("num_tokens", self.prefix_tokens + self.completion_tokens)
-        for name in ("windows", "group_sizes", "row_group"):
+        for name in ("windows", "group_sizes", "row_group", "node_rows", "node_tokens"):
             put("_" + name, tuple(info[name]))
         src = info["src_index"]
         if info["prompts_first"]:  # two gathers and a concatenation
@@ -176,6 +176,13 @@ class Plan:
         as decided when this plan was made. Full-attention layers only: sliding-window layers always run
         flash-attention 2. The self-call mode is read when this is asked."""
         return dict(_core.auto_kernels(self.core))
+
+    def token_weights(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``[T]``: how many rows each packed token stands for (the rows that hold it). A mean over every row's
+        tokens, as the stock computation takes it (a MoE load-balancing loss), is the packed tokens' mean with
+        these weights."""
+        rows = torch.tensor(self._node_rows, dtype=dtype)
+        return rows.repeat_interleave(torch.tensor(self._node_tokens), output_size=self.num_tokens).to(self.device)
 
     # -- per-token maps ----------------------------------------------------------------------------------------
     def pack(self, prompt_x: torch.Tensor, completion_x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from ._refusals import UnsupportedModelError
 from .hf.fsdp import fsdp1_refusal
 from .hf.pipeline import PackedForward, StockFallbacks, version_refusal
 from .hf.registry import register
-from .hf.support import lm_head_refusal, model_windows, text_config, unsupported_config
+from .hf.support import lm_head_refusal, load_balancing_loss, model_windows, text_config, unsupported_config
 
 SUPPORTED_TRL = (">=1.16", "<1.17")
 # Keyword arguments that carry multimodal inputs: the packed stream has no place for them.
@@ -111,16 +111,15 @@ class SharedPrefixMixin:
 
     def _shared_prefix_refusal(self, base, compute_aux_loss: bool, extra: dict) -> Optional[str]:
         """Why no micro-batch of this call can take a plan (the model and the trainer's set-up)."""
-        if compute_aux_loss:
-            return "the model returns an auxiliary (MoE) loss"
+        router = compute_aux_loss or getattr(text_config(base), "output_router_logits", False)
+        if router and load_balancing_loss(base) is None:
+            return "the model returns an auxiliary (MoE) loss that shared_prefix cannot weight"
         if any(extra.get(k) is not None for k in _MULTIMODAL_KEYS):
             return "multimodal inputs"
         cfg = text_config(base)
         why = unsupported_config(cfg) or self.shared_prefix_fallbacks.refused_reason(base) or lm_head_refusal(base)
         if why is not None:
             return why
-        if getattr(cfg, "output_router_logits", False):
-            return "the model returns router logits"
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         if is_deepspeed_zero3_enabled():
@@ -144,9 +143,11 @@ class SharedPrefixMixin:
                                                      outputs)
         return per_token[0], (per_token[1] if entropy else None)
 
-    def _shared_prefix_logps(self, model, root, base, ids, mask, logits_to_keep, compute_entropy, plans: dict, start):
-        """Log-probs (and entropies) of one micro-batch through the packed forward; a string saying why not.
-        ``plans``: this batch's plans by micro-batch ``start`` and the model's windows, reused and filled."""
+    def _shared_prefix_logps(self, model, root, base, ids, mask, logits_to_keep, compute_entropy, compute_aux_loss,
+                             plans: dict, start):
+        """Log-probs, entropies (or None) and the auxiliary loss (or None) of one micro-batch through the packed
+        forward; a string saying why not. ``plans``: this batch's plans by micro-batch ``start`` and the model's
+        windows, reused and filled."""
         prompt_ids, completion_ids = ids[:, :-logits_to_keep], ids[:, -logits_to_keep:]
         prompt_mask, completion_mask = mask[:, :-logits_to_keep], mask[:, -logits_to_keep:]
         if not bool(prompt_mask.any(1).all()):
@@ -163,13 +164,14 @@ class SharedPrefixMixin:
         try:
             # Through the (possibly DDP-wrapped) model, so its hooks run.
             with self.accelerator.autocast():
-                hidden = forward.run(model)
+                hidden = forward.run(model, router_logits=compute_aux_loss)
+                aux = forward.aux_loss() if compute_aux_loss else None
         except UnsupportedModelError as e:
             self.shared_prefix_fallbacks.forward_failed(base, e)
             return str(e), None
         logps, entropies = forward.logprobs(hidden, self.temperature, entropy=compute_entropy,
                                             head=self._shared_prefix_head)
-        return (logps, entropies), (forward.plan.num_tokens, forward.plan.by_prompt_tokens)
+        return (logps, entropies, aux), (forward.plan.num_tokens, forward.plan.by_prompt_tokens)
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -193,21 +195,23 @@ class SharedPrefixMixin:
             )
         batch_size = batch_size or input_ids.size(0)
         plans = self._shared_prefix_plans.lookup(input_ids, attention_mask, logits_to_keep, batch_size)
-        all_logps, all_entropies = [], []
+        all_logps, all_entropies, all_aux = [], [], []
         forwarded = stock = by_prompt = 0
         for start in range(0, input_ids.size(0), batch_size):
             ids = input_ids[start : start + batch_size]
             mask = attention_mask[start : start + batch_size]
             stock += ids.numel()  # TRL forwards the padded rows
             result, tokens = self._shared_prefix_logps(model, root, base, ids, mask, logits_to_keep, compute_entropy,
-                                                       plans, start)
+                                                       compute_aux_loss, plans, start)
             if isinstance(result, str):  # this micro-batch (or the model) cannot take the plan: the stock method
                 self.shared_prefix_fallbacks.say(result)
-                logps, entropies, _ = super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
-                    model, ids, mask, logits_to_keep, ids.size(0), compute_entropy)
+                logps, entropies, aux = super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
+                    model, ids, mask, logits_to_keep, ids.size(0), compute_entropy, compute_aux_loss)
                 tokens = (ids.numel(), ids.numel())
             else:
-                logps, entropies = result
+                logps, entropies, aux = result
+            if compute_aux_loss:
+                all_aux.append(aux)
             forwarded += tokens[0]
             by_prompt += tokens[1]
             all_logps.append(logps)
@@ -219,7 +223,9 @@ class SharedPrefixMixin:
             self._metrics[mode][TREE_METRIC].append(1.0 - forwarded / by_prompt)
         logps = torch.cat(all_logps)
         entropies = torch.cat(all_entropies) if compute_entropy else None
-        return logps, entropies, None
+        # As the stock method: the micro-batches' auxiliary losses averaged.
+        aux_loss = torch.stack(all_aux).mean() if compute_aux_loss else None
+        return logps, entropies, aux_loss
 
     def _prepare_inputs(self, generation_batch):
         if not self.shared_prefix_group_shuffle:

@@ -102,6 +102,8 @@ pub struct Plan {
     pub completion_lens: Vec<usize>,
     /// The nodes of the packed stream and how they nest.
     pub layout: Layout,
+    /// For each node, the rows whose path crosses it: how many rows each of its tokens stands for.
+    pub node_rows: Vec<usize>,
     /// For each packed token, the flat index into `cat(prompt.flatten(), completion.flatten())`.
     pub src_index: Vec<i64>,
     /// Position id of each packed token: its position on its rows' paths.
@@ -386,6 +388,14 @@ pub fn plan(batch: &Batch<'_>, grouping: Grouping<'_>, sharing: Sharing) -> Resu
         cu_nodes.push(cu_nodes.last().unwrap() + (end - start) as i32);
     }
     let layout = Layout { cu_nodes, level_nodes, parent: nodes.iter().map(|nd| nd.parent).collect() };
+    let mut node_rows = vec![0usize; nodes.len()];
+    for &end in &row_end {
+        let mut node = end;
+        while node != NO_PARENT {
+            node_rows[node as usize] += 1;
+            node = nodes[node as usize].parent;
+        }
+    }
 
     // Scoring: for each row's completion position, its packed token and the one before it on the row's path.
     let mut predictor_of = vec![-1i64; packed];
@@ -457,6 +467,7 @@ pub fn plan(batch: &Batch<'_>, grouping: Grouping<'_>, sharing: Sharing) -> Resu
         prompt_lens,
         completion_lens,
         layout,
+        node_rows,
         src_index,
         position_ids,
         scored,

@@ -488,6 +488,13 @@ fn check_tree(rows: &Rows, p: &Plan, max_depth: usize, min_node: usize) {
     }
     let want: Vec<usize> = (0..b).map(|r| sequence(rows, r).len()).collect();
     assert_eq!(p.row_lens().collect::<Vec<_>>(), want);
+    // Each node stands for as many rows as hold its tokens: the weights sum to the stock token count.
+    let weighted: usize = (0..nodes).map(|n| p.node_rows[n] * (l.cu_nodes[n + 1] - l.cu_nodes[n]) as usize).sum();
+    assert_eq!(weighted, p.stock_tokens());
+    for n in 0..nodes {
+        let children: usize = (0..nodes).filter(|&c| l.parent[c] == n as u32).map(|c| p.node_rows[c]).sum();
+        assert!(p.node_rows[n] >= children.max(1));
+    }
     assert!(t <= p.stock_tokens());
 }
 

@@ -5,8 +5,9 @@
   completion; logits only at completion positions, as TRL computes them.
 - :func:`packed_causal_logprobs`: each group as one causal row ``[prompt, c_1 … c_G]`` (the limit proxy: our token
   count with plain causal attention, so its log-probs are wrong by design).
-- :func:`packed_causal_tree_logprobs`: the prefix tree's packed tokens as equal causal rows (the limit proxy at
-  the tree's token count, the LM head on the same predictor rows as ours; log-probs wrong by design).
+- :func:`packed_causal_tree_logprobs`: the prefix tree's packed tokens cut into causal rows as long as the longest
+  stock row (the limit proxy at the tree's token count and context length, the LM head on the same predictor rows
+  as ours; log-probs wrong by design).
 - :class:`FlexVariant`: FlexAttention with a shared-prefix block mask (CUDA).
 """
 
@@ -69,13 +70,14 @@ def packed_causal_logprobs(model, prompt_ids, completion_ids, g: int):
     return packed_rows_logprobs(model, ids, pos, pred, completion_ids, torch.ones_like(ids))
 
 
-def packed_causal_tree_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows: int):
-    """The tokens a prefix-tree plan packs, cut into ``rows`` equal causal rows (the last row topped up with the
-    stream's first tokens), through the decoder; the LM head on the plan's predictor rows."""
+def packed_causal_tree_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """The tokens a prefix-tree plan packs, cut into causal rows as long as the longest stock row (the last row
+    topped up with the stream's first tokens), through the decoder; the LM head on the plan's predictor rows."""
     import shared_prefix as sp
 
     plan = sp.plan(prompt_ids, prompt_mask, completion_ids, completion_mask)
     t = plan.num_tokens
+    rows = -(-t // plan.max_seqlen)
     width = -(-t // rows)
     ids = plan.input_ids[0]
     ids = torch.cat([ids, ids[: rows * width - t]]).view(rows, width)

@@ -98,6 +98,14 @@ def run_config(model, cfg, args, device, bar):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    before = sp.set_prefix_tree()  # --min-node-tokens holds for this run only
+    try:
+        return _run(argv)
+    finally:
+        sp.set_prefix_tree(**before)
+
+
+def _run(argv: Optional[list[str]]) -> int:
     ap = argparse.ArgumentParser(prog="python -m shared_prefix.bench", description=_package.__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -117,6 +125,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--branches", type=int, default=0,
                     help="tree rollouts: each group's completions branch once at half length, from this many trunks "
                          "(dividing G; default 0: no shared completion tokens)")
+    ap.add_argument("--min-node-tokens", type=int, default=None,
+                    help="the prefix tree's node threshold for this run (default: shared_prefix.set_prefix_tree's)")
     ap.add_argument("--vary", action="store_true",
                     help=f"a new prompt length every step (P, P + {VARY_STEP}, …), as in training (default: the "
                          "same shapes every step)")
@@ -146,6 +156,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error("--window: at least 1 token")
     if args.system < 0 or any(args.system >= c[0] for c in configs):
         ap.error("--system: at least 0 and shorter than every config's prompt")
+    if args.min_node_tokens is not None:
+        if args.min_node_tokens < 1:
+            ap.error("--min-node-tokens: at least 1")
+        sp.set_prefix_tree(min_node_tokens=args.min_node_tokens)
     if args.branches < 0 or (args.branches and any(c[2] % args.branches or c[1] < 2 for c in configs)):
         ap.error("--branches: at least 0, dividing every config's G, with S of at least 2")
     device = torch.device(args.device)
@@ -158,7 +172,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.model, getattr(torch, args.dtype), device, args.grad_ckpt, args.window)
     meta = dict(device_name=device_name(device), model=args.model, window=args.window, system=args.system,
-                branches=args.branches,
+                branches=args.branches, min_node_tokens=sp.set_prefix_tree()["min_node_tokens"],
                 dtype=args.dtype,
                 grad_ckpt=args.grad_ckpt, vary=args.vary,
                 torch=torch.__version__, commit=git_commit(), steps=args.steps,

@@ -9,7 +9,7 @@ from shared_prefix.bench.variants import VARY_STEP
 # The table's note for the limit proxies (their log-probs are wrong by design).
 PROXY_NOTES = {"packed_causal": "limit proxy; wrong mask by design",
                "packed_causal_fa2": "limit proxy on flash-attention 2",
-               "packed_causal_tree": "limit proxy at the prefix tree's token count; wrong mask by design"}
+               "packed_causal_tree": "limit proxy at the tree's token count; wrong mask by design"}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -19,6 +19,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         parts.append(f"every prompt opens with one shared system prompt of {meta['system']} tokens")
     if meta.get("branches"):
         parts.append(f"each group's completions share their first half in {meta['branches']} trunk(s)")
+    if parts and meta.get("min_node_tokens") is not None:
+        parts.append(f"prefix-tree nodes of at least {meta['min_node_tokens']} tokens")
     sharing = f" Batches: {'; '.join(parts)}." if parts else ""
     shapes = (f"a new prompt length every step (P, P + {VARY_STEP}, …)" if meta.get("vary")
               else "the same shapes every step (steady state)")

@@ -106,7 +106,7 @@ def variant_fns(model, batch, g: int, device: torch.device, wanted: list[str]) -
         elif name == "packed_causal" or (name == "packed_causal_fa2" and device.type == "cuda"):
             fns[name] = lambda: packed_causal_logprobs(model, pid, cid, g)
         elif name == "packed_causal_tree":
-            fns[name] = lambda: packed_causal_tree_logprobs(model, pid, pmask, cid, cmask, pid.shape[0] // g)
+            fns[name] = lambda: packed_causal_tree_logprobs(model, pid, pmask, cid, cmask)
         elif (name in ("shared_prefix", "shared_prefix_eager_cudnn", "shared_prefix_cudnn_bucketed")
               or name in SELF_CALL_VARIANTS
               or (name in KERNEL_VARIANTS and device.type == "cuda")):

@@ -27,7 +27,8 @@ from .._plan import Plan, plan as make_plan
 from .._refusals import UnsupportedModelError
 from .fsdp import is_fsdp2, unsharded_lm_head
 from .registry import NAME, PLAN_KWARG, attention_implementation, register
-from .support import lm_head_refusal, model_windows, text_config, unsupported_config, unsupported_for
+from .support import (lm_head_refusal, load_balancing_loss, model_windows, text_config, unsupported_config,
+                      unsupported_for)
 
 logger = logging.getLogger("shared_prefix")
 
@@ -57,6 +58,7 @@ class PackedForward:
         self.defer_refusals = defer_refusals
         self.attention_calls = 0
         self.refusal: Optional[UnsupportedModelError] = None
+        self.router_logits: Optional[tuple] = None
 
     @classmethod
     def prepare(
@@ -121,21 +123,36 @@ class PackedForward:
         return {"input_ids": p.input_ids, "position_ids": p.position_ids, "attention_mask": p.attention_mask,
                 "output_hidden_states": True, "logits_to_keep": 1, PLAN_KWARG: self}
 
-    def run(self, call: Optional[Callable] = None) -> torch.Tensor:
+    def run(self, call: Optional[Callable] = None, *, router_logits: bool = False) -> torch.Tensor:
         """The packed forward, checked: the last hidden state ``[1, T, H]``. ``call``: what to call with
         :meth:`inputs` (a DDP-wrapped model, so that its hooks run); by default the decoder alone (no LM head, no
-        tuple of every layer's states), or the model itself under FSDP2 (whose root unit holds the embeddings)."""
+        tuple of every layer's states), or the model itself under FSDP2 (whose root unit holds the embeddings).
+        ``router_logits``: keep a MoE model's router logits for :meth:`aux_loss`."""
         model = self.model
+        extra = {"output_router_logits": True} if router_logits else {}
         with attention_implementation(model, NAME):
             if call is None and not is_fsdp2(model) and model.get_decoder() is not model:
                 p = self.plan
-                hidden = model.get_decoder()(input_ids=p.input_ids, position_ids=p.position_ids,
-                                             attention_mask=p.attention_mask, use_cache=False,
-                                             **{PLAN_KWARG: self}).last_hidden_state
+                out = model.get_decoder()(input_ids=p.input_ids, position_ids=p.position_ids,
+                                          attention_mask=p.attention_mask, use_cache=False, **extra,
+                                          **{PLAN_KWARG: self})
+                hidden = out.last_hidden_state
             else:
-                hidden = (model if call is None else call)(**self.inputs(), use_cache=False).hidden_states[-1]
+                out = (model if call is None else call)(**self.inputs(), use_cache=False, **extra)
+                hidden = out.hidden_states[-1]
         self.check()
+        if router_logits:
+            self.router_logits = out.router_logits
         return hidden
+
+    def aux_loss(self) -> torch.Tensor:
+        """A MoE model's auxiliary load-balancing loss as the stock forward of every row gives it (each packed
+        token weighted by the rows it stands for), from the router logits :meth:`run` kept."""
+        loss = load_balancing_loss(self.model)
+        if loss is None or self.router_logits is None:
+            raise UnsupportedModelError(f"shared_prefix: {type(self.model).__name__} computes no auxiliary loss this "
+                                        "packed forward can weight")
+        return loss(self.router_logits, self.plan.token_weights())
 
     def check(self) -> None:
         """Raise :class:`UnsupportedModelError` unless every attention layer of the model took the plan (one call

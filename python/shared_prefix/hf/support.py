@@ -4,7 +4,10 @@ layer; the pipeline's check after the forward (every layer took the plan) catche
 
 from __future__ import annotations
 
-from typing import Optional
+import inspect
+import re
+import sys
+from typing import Callable, Optional
 
 import torch
 
@@ -181,3 +184,27 @@ def lm_head_refusal(model: torch.nn.Module) -> Optional[str]:
     if not isinstance(head, torch.nn.Linear):
         return f"the LM head is a {type(head).__name__}, not a torch.nn.Linear"
     return None
+
+
+# How transformers' MoE causal LMs (Mixtral, Qwen2/3-MoE, GPT-OSS, OLMoE, …) compute their auxiliary loss.
+_AUX_CALL = re.compile(r"load_balancing_loss_func\(\s*outputs\.router_logits,\s*self\.num_experts,\s*"
+                       r"self\.num_experts_per_tok,\s*attention_mask,?\s*\)")
+
+
+def load_balancing_loss(model: torch.nn.Module) -> Optional[Callable]:
+    """The model's own auxiliary (load-balancing) loss as ``loss(router_logits, token_weights)`` when its forward
+    computes it as transformers' MoE causal LMs do, from every layer's router logits and the attention mask; None
+    otherwise. The loss averages routing statistics over the mask's tokens, so token weights in place of the mask
+    (how many rows each packed token stands for) give the stock value over the rows exactly."""
+    module = sys.modules.get(type(model).__module__)
+    fn = getattr(module, "load_balancing_loss_func", None)
+    experts, top_k = getattr(model, "num_experts", None), getattr(model, "num_experts_per_tok", None)
+    if fn is None or not isinstance(experts, int) or not isinstance(top_k, int):
+        return None
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return None
+    if not _AUX_CALL.search(source):
+        return None
+    return lambda router_logits, weights: fn(tuple(router_logits), experts, top_k, weights[None])
