@@ -65,21 +65,24 @@ def trainer(cls, tmp_path, bf16=False, moe=False, **kw):
                processing_class=tokenizer(), **kw)
 
 
+def trl_inputs(prompts, completions, lp, lc):
+    """Rows as TRL builds them: left-padded prompts, then right-padded completions, one ``[B, lp + lc]`` tensor."""
+    ids = torch.zeros(len(prompts), lp + lc, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, (p, c) in enumerate(zip(prompts, completions)):
+        ids[r, lp - len(p) : lp] = p
+        ids[r, lp : lp + len(c)] = c
+        mask[r, lp - len(p) : lp + len(c)] = 1
+    return ids, mask, lc
+
+
 def batch(left_pad=True):
     """TRL-shaped inputs: left-padded prompts, right-padded completions (one truncated, one empty), groups shuffled."""
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 60, (n,), generator=g) for n in (5, 3, 7)]
     rows = [(0, 4), (1, 6), (0, 6), (2, 2), (1, 0), (0, 1), (2, 6), (1, 3)]
-    lp, lc = 7, 6
-    ids = torch.zeros(len(rows), lp + lc, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, (pi, c) in enumerate(rows):
-        p = prompts[pi]
-        ids[r, lp - len(p) : lp] = p
-        mask[r, lp - len(p) : lp] = 1
-        ids[r, lp : lp + c] = torch.randint(2, 60, (c,), generator=g)
-        mask[r, lp : lp + c] = 1
-    return ids, mask, lc
+    completions = [torch.randint(2, 60, (c,), generator=g) for _, c in rows]
+    return trl_inputs([prompts[pi] for pi, _ in rows], completions, 7, 6)
 
 
 def system_prompt_batch():
@@ -90,17 +93,8 @@ def system_prompt_batch():
     prompts = [torch.cat([system, torch.randint(2, 60, (n,), generator=g)]) for n in (2, 4)]
     trunks = [torch.randint(2, 60, (3,), generator=g) for _ in prompts]
     rows = [(0, 3), (1, 6), (0, 6), (1, 0), (0, 5), (1, 4)]
-    lp, lc = 13, 6
-    ids = torch.zeros(len(rows), lp + lc, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, (pi, c) in enumerate(rows):
-        p = prompts[pi]
-        ids[r, lp - len(p) : lp] = p
-        mask[r, lp - len(p) : lp] = 1
-        comp = torch.cat([trunks[pi], torch.randint(2, 60, (3,), generator=g)])[:c]
-        ids[r, lp : lp + c] = comp
-        mask[r, lp : lp + c] = 1
-    return ids, mask, lc
+    completions = [torch.cat([trunks[pi], torch.randint(2, 60, (3,), generator=g)])[:c] for pi, c in rows]
+    return trl_inputs([prompts[pi] for pi, _ in rows], completions, 13, 6)
 
 
 @pytest.mark.parametrize("shared", ["prompts", "system_prompt"])
