@@ -117,6 +117,43 @@ def test_sinks_against_fp32_math():
         assert rel(got, want) < 2e-2, rel(got, want)
 
 
+@pytest.mark.parametrize("mode,kernels", [("auto", None), ("split", "flash"), ("fused", "cudnn_views")])
+def test_prefix_tree_against_fp32_math(mode, kernels):
+    """A plan of several levels (a shared system prompt, branching completions, GQA) on the fp16/bf16 kernels:
+    values and gradients against the fp32 explicit-math kernel on the GPU (which the CPU tests check against each
+    row alone in fp64), forward and backward without a host sync."""
+    from test_tree import as_batch, features, tree_rows
+
+    rows = tree_rows(11, 4, vocab=1000)
+    pid, pmask, cid, cmask = (x.to(DEV) for x in as_batch(rows))
+    plan = sp.plan(pid, pmask, cid, cmask, max_depth=4, min_node_tokens=1)
+    assert plan.levels > 2
+    _, per_row = features(rows, 8, 2, 64, 5)
+    lp, lc = pid.shape[1], cid.shape[1]
+    packed = {}
+    for n in ("q", "k", "v"):
+        px, _ = padded([x[n][: p.shape[0]].detach() for x, (p, _) in zip(per_row, rows)], lp, True)
+        cx, _ = padded([x[n][p.shape[0]:].detach() for x, (p, _) in zip(per_row, rows)], lc, False)
+        packed[n] = plan.pack(px.to(DEV), cx.to(DEV))[0].float()
+    w = torch.randn(packed["q"].shape, generator=torch.Generator().manual_seed(4)).to(DEV)
+
+    def run(dtype, kernels, sync_check=False):
+        leaves_ = [packed[n].to(torch.bfloat16).to(dtype).requires_grad_() for n in ("q", "k", "v")]
+        torch.cuda.synchronize()
+        if sync_check:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with self_calls(mode):
+                out = sp.attention(*leaves_, plan, kernels=kernels)
+                grads = torch.autograd.grad((out.float() * w).sum(), leaves_)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return [out.float()] + [g.float() for g in grads]
+
+    for got, want in zip(run(torch.bfloat16, kernels, sync_check=True), run(torch.float32, "math")):
+        assert rel(got, want) < 2e-2, rel(got, want)
+
+
 def check_against_fp64(dtype, kernels, left, window=None, groups=None):
     groups = groups or [(300, [40, 7, 0, 64]), (33, [5]), (129, [16, 16, 16])]
     prompts, rows, prompt_ids, _ = build_case(7, groups, 2, 4, 64, left, not left, True)

@@ -119,6 +119,37 @@ def test_attention_matches_each_row_alone(seed, depth, hkv, ratio, min_node, lef
             assert rel(a, b) < 1e-10
 
 
+@pytest.mark.parametrize("kernels", ["cpu_flash", "math"])
+def test_attention_sinks_over_a_tree(kernels):
+    """Sinks (one logit per head) join the softmax after the merge, whatever the number of levels."""
+    rows = tree_rows(8, 4)
+    pid, pmask, cid, cmask = as_batch(rows)
+    plan = sp.plan(pid, pmask, cid, cmask, max_depth=4, min_node_tokens=1)
+    assert plan.levels > 2
+    leaves, per_row = features(rows, 4, 2, 8, 9)
+    lp, lc = pid.shape[1], cid.shape[1]
+    packed = {}
+    for n in ("q", "k", "v"):
+        px, _ = padded([x[n][: p.shape[0]] for x, (p, _) in zip(per_row, rows)], lp, True)
+        cx, _ = padded([x[n][p.shape[0]:] for x, (p, _) in zip(per_row, rows)], lc, False)
+        packed[n] = plan.pack(px, cx)[0]
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(2), dtype=torch.float64).requires_grad_()
+    out = sp.attention(packed["q"], packed["k"], packed["v"], plan, scale=0.4, kernels=kernels, sinks=sinks)
+    ref = [causal_attention(x["q"], x["k"], x["v"], 0.4, sinks=sinks) for x in per_row]
+    rc, _ = padded([r[p.shape[0]:] for r, (p, _) in zip(ref, rows)], lc, False)
+    ours = plan.unpack_completions(plan.scored_rows(out))
+    assert rel(ours[cmask], rc[cmask]) < 1e-12
+    w = torch.randn(ours.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    wrt = [sinks] + list(leaves.values())
+    mine = torch.autograd.grad((ours * w).sum(), wrt, allow_unused=True)
+    theirs = torch.autograd.grad((rc * w).sum(), wrt, allow_unused=True)
+    for a, b in zip(mine, theirs):
+        if b is None:
+            assert a is None or a.abs().max() == 0
+        else:
+            assert rel(a, b) < 1e-10
+
+
 def test_sharing_beyond_prompts():
     sys_prompt = list(range(1, 41))
     rows = [(torch.tensor(sys_prompt + [50 + i]), torch.tensor([7, 8, 9, 10 + j])) for i in range(4) for j in range(2)]
