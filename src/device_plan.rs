@@ -205,9 +205,6 @@ impl DevicePlan {
         self.calls.iter().find(|c| c.call == call).expect("a call of this plan")
     }
 
-    fn index_of(&self, call: Call) -> usize {
-        self.calls.iter().position(|c| c.call == call).expect("a call of this plan")
-    }
 
     /// The query and key token ranges (start, length) of `call` in the packed stream.
     pub fn operands(&self, call: Call) -> ((i64, i64), (i64, i64)) {
@@ -222,7 +219,8 @@ impl DevicePlan {
 
     /// The segments of `call` on a full-attention layer.
     pub fn segments(&self, call: Call) -> Segments<'_> {
-        let c = self.tables_of(call);
+        let i = self.calls.iter().position(|c| c.call == call).expect("a call of this plan");
+        let c = &self.calls[i];
         Segments {
             cu_q: &self.tables[c.cu_q],
             cu_k: &self.tables[c.cu_k],
@@ -230,7 +228,7 @@ impl DevicePlan {
             max_k: c.max_k,
             runs: &c.runs,
             window: None,
-            recurring: self.tuning.recurring.get(self.index_of(call)).copied().unwrap_or(false),
+            recurring: self.tuning.recurring.get(i).copied().unwrap_or(false),
             padding: if call.is_self() { self.tuning.padding } else { Padding::NONE },
         }
     }

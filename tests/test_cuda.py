@@ -122,19 +122,15 @@ def test_prefix_tree_against_fp32_math(mode, kernels):
     """A plan of several levels (a shared system prompt, branching completions, GQA) on the fp16/bf16 kernels:
     values and gradients against the fp32 explicit-math kernel on the GPU (which the CPU tests check against each
     row alone in fp64), forward and backward without a host sync."""
-    from test_tree import as_batch, features, tree_rows
+    from test_tree import as_batch, features, pack_features, tree_rows
 
     rows = tree_rows(11, 4, vocab=1000)
     pid, pmask, cid, cmask = (x.to(DEV) for x in as_batch(rows))
     plan = sp.plan(pid, pmask, cid, cmask, max_depth=4, min_node_tokens=1)
     assert plan.levels > 2
     _, per_row = features(rows, 8, 2, 64, 5)
-    lp, lc = pid.shape[1], cid.shape[1]
-    packed = {}
-    for n in ("q", "k", "v"):
-        px, _ = padded([x[n][: p.shape[0]].detach() for x, (p, _) in zip(per_row, rows)], lp, True)
-        cx, _ = padded([x[n][p.shape[0]:].detach() for x, (p, _) in zip(per_row, rows)], lc, False)
-        packed[n] = plan.pack(px.to(DEV), cx.to(DEV))[0].float()
+    packed = {n: x.detach().float() for n, x in
+              pack_features(plan, rows, per_row, pid.shape[1], cid.shape[1], device=DEV).items()}
     w = torch.randn(packed["q"].shape, generator=torch.Generator().manual_seed(4)).to(DEV)
 
     def run(dtype, kernels, sync_check=False):

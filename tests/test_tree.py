@@ -74,6 +74,16 @@ def features(rows, hq, hkv, dim, seed):
     return leaves, per_row
 
 
+def pack_features(plan, rows, per_row, lp, lc, left_prompt=True, left_completion=False, device=None):
+    """Each row's q/k/v split at its prompt, padded as the batch is, packed by ``plan``."""
+    packed = {}
+    for n in ("q", "k", "v"):
+        px, _ = padded([x[n][: p.shape[0]] for x, (p, _) in zip(per_row, rows)], lp, left_prompt)
+        cx, _ = padded([x[n][p.shape[0]:] for x, (p, _) in zip(per_row, rows)], lc, left_completion)
+        packed[n] = plan.pack(px.to(device or px.device), cx.to(device or cx.device))[0]
+    return packed
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10**6), depth=st.integers(1, 4), hkv=st.sampled_from([1, 2]),
        ratio=st.sampled_from([1, 3]), min_node=st.sampled_from([1, 3]), left_prompt=st.booleans(),
@@ -90,11 +100,7 @@ def test_attention_matches_each_row_alone(seed, depth, hkv, ratio, min_node, lef
     hq, dim, scale = hkv * ratio, 8, 0.3
     leaves, per_row = features(rows, hq, hkv, dim, seed)
     lp, lc = pid.shape[1], cid.shape[1]
-    packed = {}
-    for n in ("q", "k", "v"):
-        px, _ = padded([x[n][: p.shape[0]] for x, (p, _) in zip(per_row, rows)], lp, left_prompt)
-        cx, _ = padded([x[n][p.shape[0]:] for x, (p, _) in zip(per_row, rows)], lc, left_completion)
-        packed[n] = plan.pack(px, cx)[0]
+    packed = pack_features(plan, rows, per_row, lp, lc, left_prompt, left_completion)
     with self_calls(mode):
         out = sp.attention(packed["q"], packed["k"], packed["v"], plan, scale=scale, kernels=kernels)
 
@@ -128,11 +134,7 @@ def test_attention_sinks_over_a_tree(kernels):
     assert plan.levels > 2
     leaves, per_row = features(rows, 4, 2, 8, 9)
     lp, lc = pid.shape[1], cid.shape[1]
-    packed = {}
-    for n in ("q", "k", "v"):
-        px, _ = padded([x[n][: p.shape[0]] for x, (p, _) in zip(per_row, rows)], lp, True)
-        cx, _ = padded([x[n][p.shape[0]:] for x, (p, _) in zip(per_row, rows)], lc, False)
-        packed[n] = plan.pack(px, cx)[0]
+    packed = pack_features(plan, rows, per_row, lp, lc)
     sinks = torch.randn(4, generator=torch.Generator().manual_seed(2), dtype=torch.float64).requires_grad_()
     out = sp.attention(packed["q"], packed["k"], packed["v"], plan, scale=0.4, kernels=kernels, sinks=sinks)
     ref = [causal_attention(x["q"], x["k"], x["v"], 0.4, sinks=sinks) for x in per_row]

@@ -77,9 +77,9 @@ class Plan:
     """
 
     __slots__ = ("core", "_rows", "_lp", "_lc", "_src", "_scored", "_scored_tail", "_predictor", "_completion_flat",
-                 "_entry_scored", "num_tokens", "stock_tokens", "by_prompt_tokens", "prefix_tokens", "completion_tokens", "max_seqlen",
-                 "min_seqlen", "levels", "_windows", "_group_sizes", "_row_group", "_node_rows", "_node_tokens", "position_ids", "input_ids",
-                 "attention_mask")
+                 "_entry_scored", "num_tokens", "stock_tokens", "by_prompt_tokens", "prefix_tokens", "completion_tokens",
+                 "max_seqlen", "min_seqlen", "levels", "_windows", "_group_sizes", "_row_group", "_node_rows",
+                 "_node_tokens", "position_ids", "input_ids", "attention_mask")
 
     #: Tokens in the packed stream: each shared prefix once, then every token no other row shares.
     num_tokens: int

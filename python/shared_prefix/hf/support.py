@@ -4,6 +4,7 @@ layer; the pipeline's check after the forward (every layer took the plan) catche
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import sys
@@ -196,15 +197,20 @@ def load_balancing_loss(model: torch.nn.Module) -> Optional[Callable]:
     computes it as transformers' MoE causal LMs do, from every layer's router logits and the attention mask; None
     otherwise. The loss averages routing statistics over the mask's tokens, so token weights in place of the mask
     (how many rows each packed token stands for) give the stock value over the rows exactly."""
-    module = sys.modules.get(type(model).__module__)
-    fn = getattr(module, "load_balancing_loss_func", None)
+    fn = _stock_aux_loss(type(model))
     experts, top_k = getattr(model, "num_experts", None), getattr(model, "num_experts_per_tok", None)
     if fn is None or not isinstance(experts, int) or not isinstance(top_k, int):
         return None
+    return lambda router_logits, weights: fn(tuple(router_logits), experts, top_k, weights[None])
+
+
+@functools.cache
+def _stock_aux_loss(cls: type) -> Optional[Callable]:
+    """``load_balancing_loss_func`` of ``cls``'s module when ``cls.forward`` calls it as transformers' MoE causal LMs
+    do; read once per class (the source check reads a file)."""
+    fn = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
     try:
-        source = inspect.getsource(type(model).forward)
+        source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return None
-    if not _AUX_CALL.search(source):
-        return None
-    return lambda router_logits, weights: fn(tuple(router_logits), experts, top_k, weights[None])
+    return fn if fn is not None and _AUX_CALL.search(source) else None
