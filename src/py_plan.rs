@@ -60,6 +60,8 @@ fn on_device<'py>(py: Python<'py>, mut host: planner::Plan, device: Device, wind
     info.set_item("levels", h.layout.levels())?;
     info.set_item("node_rows", h.node_rows.clone())?;
     info.set_item("node_tokens", h.layout.cu_nodes.windows(2).map(|w| (w[1] - w[0]) as usize).collect::<Vec<_>>())?;
+    let parents = h.layout.parent.iter().map(|&p| if p == planner::NO_PARENT { -1 } else { p as i64 });
+    info.set_item("node_parent", parents.collect::<Vec<_>>())?;
     info.set_item("stock_tokens", h.stock_tokens())?;
     info.set_item("by_prompt_tokens", h.by_prompt_tokens())?;
     info.set_item("max_seqlen", h.max_seqlen())?;

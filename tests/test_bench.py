@@ -51,19 +51,31 @@ def test_bench_with_a_shared_system_prompt(tmp_path, monkeypatch):
     variants join the default set."""
     out = tmp_path / "bench"
     assert bench.main(["--config", "80x4x2x3", "--system", "70", "--out", str(out), "--threads", "1", "--variants",
-                       "baseline,packed_causal_tree,shared_prefix,shared_prefix_prompts"]) == 0
+                       "baseline,packed_causal_roots,packed_causal_tree,shared_prefix,shared_prefix_prompts"]) == 0
     rows = {r["variant"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     for name in ("shared_prefix", "shared_prefix_prompts"):
         assert rows[name]["grad_rel_l2"] < 1e-4 and rows[name]["max_abs_logp_diff"] < 1e-4
         assert rows[name]["system"] == 70
     assert rows["baseline"]["tokens"] == 6 * 84 and rows["shared_prefix_prompts"]["tokens"] == 3 * (80 + 8)
-    assert rows["shared_prefix"]["tokens"] == rows["packed_causal_tree"]["tokens"] == 70 + 3 * (10 + 8)
+    assert (rows["shared_prefix"]["tokens"] == rows["packed_causal_tree"]["tokens"]
+            == rows["packed_causal_roots"]["tokens"] == 70 + 3 * (10 + 8))
     table = (out / "results.md").read_text()
-    assert "shared system prompt of 70 tokens" in table and "× packed_causal_tree" in table
+    assert "shared system prompt of 70 tokens" in table
+    assert "× packed_causal_tree" in table and "× packed_causal_roots" in table
     seen = []
     monkeypatch.setattr(bench, "run_config", lambda model, cfg, args, *a: seen.append(list(args.variants)) or [])
     assert bench.main(["--config", "80x4x2x3", "--system", "70", "--out", str(out), "--threads", "1"]) == 0
-    assert {"packed_causal_tree", "shared_prefix_prompts"} <= set(seen[0])
+    assert {"packed_causal_roots", "packed_causal_tree", "shared_prefix_prompts"} <= set(seen[0])
+
+
+def test_tree_proxy_is_packed_causal_for_one_level():
+    """packed_causal_roots is packed_causal's construction at the tree's tokens: sharing whole prompts, each root is
+    a group's prompt and its subtree the group's completions, so it computes exactly what packed_causal does."""
+    model = variants.build_model("tiny", torch.float64, torch.device("cpu"), grad_ckpt=False)
+    pid, pmask, cid, cmask = variants.make_batch(9, 5, 3, 2, model.config.vocab_size, torch.device("cpu"))
+    roots = baselines.packed_causal_roots_logprobs(model, pid, pmask, cid, cmask)
+    assert torch.allclose(roots, baselines.packed_causal_logprobs(model, pid, cid, 3), rtol=0, atol=1e-12)
+    assert not torch.allclose(roots, baselines.stock_logprobs(model, pid, pmask, cid, cmask), atol=1e-3)
 
 
 def test_bench_with_tree_rollouts(tmp_path):
@@ -72,14 +84,15 @@ def test_bench_with_tree_rollouts(tmp_path):
     before = sp.set_prefix_tree(min_node_tokens=2)  # trunks of 4 tokens here, under the default threshold
     try:
         assert bench.main(["--config", "12x8x4x2", "--branches", "2", "--out", str(out), "--threads", "1",
-                           "--variants", "baseline,packed_causal_tree,shared_prefix,shared_prefix_prompts"]) == 0
+                           "--variants", "baseline,packed_causal_roots,packed_causal_tree,shared_prefix,shared_prefix_prompts"]) == 0
     finally:
         sp.set_prefix_tree(**before)
     rows = {r["variant"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert rows["shared_prefix"]["grad_rel_l2"] < 1e-4 and rows["shared_prefix"]["max_abs_logp_diff"] < 1e-4
     # Per group: the prompt, 2 trunks of 4 and 4 tails of 4, against the prompt and 4 completions of 8.
     assert rows["shared_prefix_prompts"]["tokens"] == 2 * (12 + 4 * 8)
-    assert rows["shared_prefix"]["tokens"] == rows["packed_causal_tree"]["tokens"] == 2 * (12 + 2 * 4 + 4 * 4)
+    assert (rows["shared_prefix"]["tokens"] == rows["packed_causal_tree"]["tokens"]
+            == rows["packed_causal_roots"]["tokens"] == 2 * (12 + 2 * 4 + 4 * 4))
 
 
 def test_bench_with_a_sliding_window(tmp_path):

@@ -161,6 +161,10 @@ def test_sharing_beyond_prompts():
     assert by_prompt.levels == 2 and by_prompt.num_tokens == 4 * 41 + 8 * 4
     # The system prompt once; each prompt's last token with its completions' shared start (7 8 9) once per prompt.
     assert tree.num_tokens == 40 + 4 * (1 + 3) + 8 and tree.levels == 3
+    nodes = [(n.start, n.tokens, n.rows, n.parent) for n in tree.nodes]
+    assert nodes == ([(0, 40, 8, -1)] + [(40 + 4 * i, 4, 2, 0) for i in range(4)]
+                     + [(56 + k, 1, 1, 1 + k // 2) for k in range(8)])
+    assert [(n.tokens, n.parent) for n in by_prompt.nodes[:4]] == [(41, -1)] * 4
     # A system prompt below the threshold goes to each prompt (no level of its own); a prompt's node stays.
     short = sp.plan(pid, pmask, cid, cmask, min_node_tokens=41)
     assert short.levels == 2 and short.num_tokens == 4 * (41 + 3) + 8

@@ -7,12 +7,23 @@ host→device copy of the index tensors. Nothing here loops over rows or tokens 
 from __future__ import annotations
 
 import functools
+import itertools
 import numbers
-from typing import Hashable, Optional, Sequence, Union
+from typing import Hashable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from . import _core
+
+class Node(NamedTuple):
+    """One node of a plan's prefix tree: a run of ``tokens`` packed tokens from ``start`` on that ``rows`` input rows
+    share, below node ``parent`` (-1 for a root). Nodes are listed in stream order, level by level."""
+
+    start: int
+    tokens: int
+    rows: int
+    parent: int
+
 
 # Integer dtypes that every op on ids (gathers, embeddings) takes; not uint16/32/64 or quantized ones.
 _ID_KINDS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -79,7 +90,7 @@ class Plan:
     __slots__ = ("core", "_rows", "_lp", "_lc", "_src", "_scored", "_scored_tail", "_predictor", "_completion_flat",
                  "_entry_scored", "num_tokens", "stock_tokens", "by_prompt_tokens", "prefix_tokens", "completion_tokens",
                  "max_seqlen", "min_seqlen", "levels", "_windows", "_group_sizes", "_row_group", "_node_rows",
-                 "_node_tokens", "position_ids", "input_ids", "attention_mask")
+                 "_node_tokens", "_node_parent", "position_ids", "input_ids", "attention_mask")
 
     #: Tokens in the packed stream: each shared prefix once, then every token no other row shares.
     num_tokens: int
@@ -115,7 +126,7 @@ class Plan:
                      "min_seqlen", "levels"):
             put(name, info[name])
         put("num_tokens", self.prefix_tokens + self.completion_tokens)
-        for name in ("windows", "group_sizes", "row_group", "node_rows", "node_tokens"):
+        for name in ("windows", "group_sizes", "row_group", "node_rows", "node_tokens", "node_parent"):
             put("_" + name, tuple(info[name]))
         src = info["src_index"]
         if info["prompts_first"]:  # two gathers and a concatenation
@@ -158,6 +169,13 @@ class Plan:
     def row_group(self) -> list:
         """Plan-order group index of every input row."""
         return list(self._row_group)
+
+    @property
+    def nodes(self) -> list:
+        """The prefix tree: every :class:`Node` in stream order, roots first (sharing whole prompts, the roots are
+        the prompts)."""
+        starts = itertools.accumulate(self._node_tokens, initial=0)
+        return [Node(*n) for n in zip(starts, self._node_tokens, self._node_rows, self._node_parent)]
 
     @property
     def input_shapes(self) -> tuple:

@@ -5,13 +5,17 @@
   completion; logits only at completion positions, as TRL computes them.
 - :func:`packed_causal_logprobs`: each group as one causal row ``[prompt, c_1 … c_G]`` (the limit proxy: our token
   count with plain causal attention, so its log-probs are wrong by design).
+- :func:`packed_causal_roots_logprobs`: ``packed_causal`` at the prefix tree's token count: each root's subtree
+  (a group's prompt and its completions, when whole prompts are shared) as one causal row, the LM head on the same
+  predictor rows as ours (log-probs wrong by design).
 - :func:`packed_causal_tree_logprobs`: the prefix tree's packed tokens cut into causal rows as long as the longest
-  stock row (the limit proxy at the tree's token count and context length, the LM head on the same predictor rows
-  as ours; log-probs wrong by design).
+  stock row (a stricter proxy: the tree's token count at the stock context length; log-probs wrong by design).
 - :class:`FlexVariant`: FlexAttention with a shared-prefix block mask (CUDA).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -85,6 +89,35 @@ def packed_causal_tree_logprobs(model, prompt_ids, prompt_mask, completion_ids, 
     hidden = model.get_decoder()(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids),
                                  use_cache=False).last_hidden_state
     h = plan.predictor_rows(hidden.reshape(-1, hidden.shape[-1])[:t])
+    logp, _ = token_logprobs(model.get_output_embeddings()(h), plan.completion_targets(), 1.0, False)
+    return plan.unpack_completions(logp)
+
+
+def packed_causal_roots_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """Each root of the prefix tree with all its descendants as one causal row (stream order, the plan's position
+    ids), through the decoder; the LM head on the plan's predictor rows. Roots whose subtrees have one size run as one batch."""
+    import shared_prefix as sp
+
+    plan = sp.plan(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    nodes = plan.nodes
+    root = []
+    for n in nodes:
+        root.append(len(root) if n.parent < 0 else root[n.parent])
+    token_root = torch.tensor(root).repeat_interleave(torch.tensor([n.tokens for n in nodes]))  # on the host
+    order = torch.sort(token_root, stable=True).indices  # each root's subtree in stream order, root by root
+    sizes = torch.bincount(token_root).tolist()
+    offsets = [0, *itertools.accumulate(sizes)]
+    dev, decoder, hidden = plan.device, model.get_decoder(), None
+    for size in sorted(set(sizes) - {0}):
+        # Subtrees of one size as one batch.
+        starts = torch.tensor([offsets[r] for r, n in enumerate(sizes) if n == size])
+        index = order[starts[:, None] + torch.arange(size)].to(dev)
+        ids = plan.input_ids[0][index]
+        h = decoder(input_ids=ids, position_ids=plan.position_ids[0][index],
+                    attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
+        hidden = h.new_empty(plan.num_tokens, h.shape[-1]) if hidden is None else hidden
+        hidden = hidden.index_copy(0, index.reshape(-1), h.reshape(-1, h.shape[-1]))
+    h = plan.predictor_rows(hidden)
     logp, _ = token_logprobs(model.get_output_embeddings()(h), plan.completion_targets(), 1.0, False)
     return plan.unpack_completions(logp)
 

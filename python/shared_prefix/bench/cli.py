@@ -20,8 +20,8 @@ import shared_prefix as sp
 import shared_prefix.bench as _package
 from shared_prefix.bench.measure import UNTIMED_STEPS, measure_methods
 from shared_prefix.bench.report import markdown, plot
-from shared_prefix.bench.variants import (MODELS, SAME_AS_OURS_ON_CPU, TREE_VARIANTS, VARIANTS, VARY_STEP, Varying,
-                                          build_model, make_batch, variant_fns, variant_setup)
+from shared_prefix.bench.variants import (MODELS, SAME_AS_OURS_ON_CPU, TREE_PROXIES, TREE_VARIANTS, VARIANTS,
+                                          VARY_STEP, Varying, build_model, make_batch, variant_fns, variant_setup)
 
 PRESETS = {
     "cpu-small": dict(device="cpu", model="tiny", dtype="float32", grad_ckpt=False, steps=5,
@@ -86,7 +86,7 @@ def run_config(model, cfg, args, device, bar):
     tree_tokens = sp.plan(*batch).num_tokens
     for name, stats in results.items():
         tokens = b * g * (p + s) if name == "baseline" else b * (p + g * s)
-        if (name.startswith("shared_prefix") and name != "shared_prefix_prompts") or name == "packed_causal_tree":
+        if (name.startswith("shared_prefix") and name != "shared_prefix_prompts") or name in TREE_PROXIES:
             tokens = tree_tokens
         row = dict(config="x".join(map(str, cfg)), variant=name, tokens=tokens, **stats)
         if name == "flex" and "error" not in row:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared_prefix.bench.variants import VARY_STEP
+from shared_prefix.bench.variants import TREE_PROXIES, VARY_STEP
 
 # The table's note for the limit proxies (their log-probs are wrong by design).
 PROXY_NOTES = {"packed_causal": "limit proxy; wrong mask by design",
                "packed_causal_fa2": "limit proxy on flash-attention 2",
-               "packed_causal_tree": "limit proxy at the tree's token count; wrong mask by design"}
+               "packed_causal_roots": "limit proxy at the tree's token count; wrong mask by design",
+               "packed_causal_tree": "limit proxy at the tree's token count in rows of the stock length; wrong "
+                                     "mask by design"}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -54,9 +56,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
             notes = [f"+{r['compile_s']:.0f} s first compile" if "compile_s" in r else ""]
             if r["variant"] in PROXY_NOTES:
                 notes = [PROXY_NOTES[r["variant"]]]
-            tree_limit = group.get("packed_causal_tree")
-            if r["variant"] == "shared_prefix" and tree_limit and "error" not in tree_limit:
-                notes.append(f"{r['median_s'] / tree_limit['median_s']:.2f}× packed_causal_tree")
+            for proxy in TREE_PROXIES:
+                tree_limit = group.get(proxy)
+                if r["variant"] == "shared_prefix" and tree_limit and "error" not in tree_limit:
+                    notes.append(f"{r['median_s'] / tree_limit['median_s']:.2f}× {proxy}")
             if r.get("interrupted"):
                 notes.append(f"interrupted: median of {r['rounds']} of {meta['steps']} rounds")
             gpu = ""

@@ -12,8 +12,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import shared_prefix as sp
 from shared_prefix._kernels import cudnn_after, cudnn_bucket, self_calls
-from shared_prefix.bench.baselines import (FlexVariant, packed_causal_logprobs, packed_causal_tree_logprobs,
-                                           stock_logprobs)
+from shared_prefix.bench.baselines import (FlexVariant, packed_causal_logprobs, packed_causal_roots_logprobs,
+                                           packed_causal_tree_logprobs, stock_logprobs)
 from shared_prefix.hf import enable_checkpointing, model_windows
 
 MODELS = {
@@ -26,7 +26,8 @@ MODELS = {
                          intermediate_size=8960, vocab_size=151936),
 }
 # Order of measurement: the reference first; the original package last (it may not fit long configs).
-VARIANTS = ["baseline", "packed_causal", "packed_causal_fa2", "packed_causal_tree", "shared_prefix",
+VARIANTS = ["baseline", "packed_causal", "packed_causal_fa2", "packed_causal_roots", "packed_causal_tree",
+            "shared_prefix",
             "shared_prefix_prompts",
             "shared_prefix_fa2",
             "shared_prefix_cudnn", "shared_prefix_cudnn_views", "shared_prefix_full_head", "shared_prefix_split",
@@ -44,7 +45,10 @@ SELF_CALL_VARIANTS = {"shared_prefix_split": "split", "shared_prefix_fused": "fu
 SAME_AS_OURS_ON_CPU = ("shared_prefix_split", "shared_prefix_eager_cudnn", "shared_prefix_cudnn_bucketed")
 # Variants that measure what the prefix tree adds: in the default set only for batches that share more than whole
 # prompts (--system, --branches); elsewhere they repeat packed_causal and shared_prefix.
-TREE_VARIANTS = ("packed_causal_tree", "shared_prefix_prompts")
+# The limit proxies at the prefix tree's token count: packed_causal's rows (each root's subtree as one causal row)
+# and a stricter one, rows as long as the longest stock row.
+TREE_PROXIES = ("packed_causal_roots", "packed_causal_tree")
+TREE_VARIANTS = (*TREE_PROXIES, "shared_prefix_prompts")
 # shared_prefix_cudnn_bucketed: the causal self calls padded to this multiple (`cudnn_bucket`), cuDNN for a shape
 # seen in one earlier plan: under --vary the prompts' call reaches cuDNN once its bucket recurs, while the cross
 # call (unpadded, a new length every step) stays on FA2. The counts and cuDNN's graph cache are process-wide, so
@@ -105,6 +109,8 @@ def variant_fns(model, batch, g: int, device: torch.device, wanted: list[str]) -
             fns[name] = lambda: stock_logprobs(model, pid, pmask, cid, cmask)
         elif name == "packed_causal" or (name == "packed_causal_fa2" and device.type == "cuda"):
             fns[name] = lambda: packed_causal_logprobs(model, pid, cid, g)
+        elif name == "packed_causal_roots":
+            fns[name] = lambda: packed_causal_roots_logprobs(model, pid, pmask, cid, cmask)
         elif name == "packed_causal_tree":
             fns[name] = lambda: packed_causal_tree_logprobs(model, pid, pmask, cid, cmask)
         elif (name in ("shared_prefix", "shared_prefix_eager_cudnn", "shared_prefix_cudnn_bucketed")
