@@ -121,8 +121,8 @@ fn dense_labels(py: Python<'_>, ids: &Bound<'_, PyAny>, rows: usize) -> PyResult
 /// re-checks lengths.
 ///
 /// `tree`: `(max_depth, min_node)` to share every common prefix (`planner::Sharing::Tree`), None for whole
-/// prompts. A tree deeper than two levels is replanned by prompts when a sliding window cuts its rows (window key
-/// runs need two levels).
+/// prompts. A sliding window shorter than some row limits the tree to two levels (`max_depth` 1), as window key
+/// runs need.
 #[pyfunction]
 #[pyo3(signature = (prompt_ids, prompt_mask, completion_ids, completion_mask, group_sizes=None, group_ids=None,
                     windows=None, tree=None))]
@@ -181,17 +181,20 @@ fn make_plan<'py>(
         completion_ids: tree.map(|_| cids),
         completion_mask: &cmask,
     };
+    // Window key runs need two levels: a window shorter than some row limits the tree to depth 1.
+    let longest_row = (0..b)
+        .map(|r| {
+            let valid = |m: &[bool]| m.iter().filter(|&&v| v).count();
+            valid(&pmask[r * lp..(r + 1) * lp]) + valid(&cmask[r * lc..(r + 1) * lc])
+        })
+        .max()
+        .unwrap_or(0);
+    let cut = windows.iter().any(|&w| w < longest_row);
     let sharing = match tree {
-        Some((max_depth, min_node)) => planner::Sharing::Tree { max_depth, min_node },
+        Some((max_depth, min_node)) => planner::Sharing::Tree { max_depth: if cut { 1 } else { max_depth }, min_node },
         None => planner::Sharing::Prompts,
     };
-    let planned = py.allow_threads(|| {
-        let p = planner::plan(&batch, grouping, sharing)?;
-        if p.layout.levels() > 2 && windows.iter().any(|&w| w < p.max_seqlen()) {
-            return planner::plan(&batch, grouping, planner::Sharing::Prompts);
-        }
-        Ok(p)
-    });
+    let planned = py.allow_threads(|| planner::plan(&batch, grouping, sharing));
     let host_plan = planned.map_err(|e| PyValueError::new_err(e.to_string()))?;
     let (plan, info, _) = on_device(py, host_plan, device, &windows, &[])?;
     Ok((plan, info))
