@@ -22,18 +22,20 @@ pub trait Dense: Sync {
 
 pub struct Runs<D: Dense>(pub D);
 
-/// `[count * len, H, D]` rows starting at `start` → `[count, H, len, D]` view.
+/// `[count * len, H, D]` rows starting at `start` → `[count, H, len, D]` view (two dispatched ops: each one is
+/// host time on every call).
 fn batched(x: &Tensor, start: usize, count: usize, len: usize) -> Result<Tensor> {
-    let s = x.size();
-    x.f_narrow(0, start as i64, (count * len) as i64)?
-        .f_view([count as i64, len as i64, s[1], s[2]])?
-        .f_transpose(1, 2)
+    let st = x.stride();
+    let (count, len) = (count as i64, len as i64);
+    x.f_narrow(0, start as i64, count * len)?.f_as_strided([count, x.size()[1], len, x.size()[2]],
+                                                             [len * st[0], st[1], st[0], st[2]], None)
 }
 
 /// `[count * len, H]` log-sum-exp rows → `[count, H, len]` view.
 fn batched_lse(x: &Tensor, start: usize, count: usize, len: usize) -> Result<Tensor> {
-    let h = x.size()[1];
-    x.f_narrow(0, start as i64, (count * len) as i64)?.f_view([count as i64, len as i64, h])?.f_transpose(1, 2)
+    let st = x.stride();
+    let (count, len) = (count as i64, len as i64);
+    x.f_narrow(0, start as i64, count * len)?.f_as_strided([count, x.size()[1], len], [len * st[0], st[1], st[0]], None)
 }
 
 /// The length a causal self-attention run is padded to (`Segments::padding`), so that runs of nearby lengths share
@@ -60,11 +62,17 @@ fn batched_padded(x: &Tensor, start: usize, count: usize, len: usize, padded: us
     buf.f_transpose(1, 2)
 }
 
-/// `[count, H, len, ...]` → `[count * len, H, ...]`.
+/// `[count, H, len, ...]` → `[count * len, H, ...]`: one view where the rows are token-major (what the kernels
+/// return), else a copy.
 fn unbatched(x: &Tensor) -> Result<Tensor> {
-    let s = x.size();
+    let (s, st) = (x.size(), x.stride());
     let mut shape = vec![s[0] * s[2], s[1]];
     shape.extend_from_slice(&s[3..]);
+    if s[0] == 1 || st[0] == s[2] * st[2] {
+        let mut strides = vec![st[2], st[1]];
+        strides.extend_from_slice(&st[3..]);
+        return x.f_as_strided(shape.as_slice(), strides.as_slice(), None);
+    }
     x.f_transpose(1, 2)?.f_reshape(shape.as_slice())
 }
 

@@ -48,23 +48,21 @@ fn accum_kind(kind: Kind) -> Kind {
 }
 
 /// Combine two partial attentions over disjoint key sets into the attention over their union, written into `out`
-/// (the input dtype) and `lse` (fp32, or fp64), which may be `o3` and `l3` themselves (a merge in place: the
-/// output is written element by element where it is read; the lse goes through a temporary). The fp16/bf16 partial
-/// outputs times the fp32 weights promote to fp32 inside each op, so the merge is computed in fp32 without upcast
-/// copies and rounded once, on the write.
+/// (the input dtype) and `lse` (fp32, or fp64), which may be `o3` and `l3` themselves (a merge in place: every op
+/// writes element by element where it reads, and the lse is written last). The weights are
+/// e^(l2 - lse') = σ(l2 - l3) and e^(l3 - lse') = σ(l3 - l2). The fp16/bf16 partial outputs times the fp32 weights
+/// promote to fp32 inside each op, so the merge is computed in fp32 without upcast copies and rounded once, on the
+/// write. Nine dispatched ops: each one is host time in every layer.
 fn merge_into(o2: &Tensor, l2: &Tensor, o3: &Tensor, l3: &Tensor, out: &Tensor, lse: &Tensor) -> Result<()> {
     let acc = lse.kind();
-    let (l2, l3) = (l2.f_to_kind(acc)?, l3.f_to_kind(acc)?);
+    let as_acc = |l: &Tensor| if l.kind() == acc { Ok(l.shallow_clone()) } else { l.f_to_kind(acc) };
+    let (l2, l3) = (as_acc(l2)?, as_acc(l3)?);
     // Fallible ops throughout (tch's operators unwrap, so an out-of-memory error there would be a panic).
-    // In place, l3 is needed after the merged lse is known: that goes to a temporary first and is copied in last.
-    let in_place = lse.data_ptr() == l3.data_ptr();
-    let merged = if in_place { l2.f_logaddexp(&l3)? } else { l2.f_logaddexp_out(lse, &l3)? };
-    let w2 = l2.f_sub(&merged)?.f_exp_()?.f_unsqueeze(-1)?;
-    let w3 = l3.f_sub(&merged)?.f_exp_()?.f_unsqueeze(-1)?;
+    let (l2u, l3u) = (l2.f_unsqueeze(-1)?, l3.f_unsqueeze(-1)?);
+    let w2 = l2u.f_sub(&l3u)?.f_sigmoid_()?;
+    let w3 = l3u.f_sub(&l2u)?.f_sigmoid_()?;
     let _ = o2.f_mul(&w2)?.f_addcmul_out(out, o3, &w3)?;
-    if in_place {
-        lse.shallow_clone().f_copy_(&merged)?;
-    }
+    let _ = l2.f_logaddexp_out(lse, &l3)?;
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -41,8 +42,10 @@ class _SharedPrefixAttention(torch.autograd.Function):
             # without their second-order terms.
             raise RuntimeError("shared_prefix.attention has no double backward (create_graph=True)")
         q, k, v, out, lse, sinks = ctx.saved_tensors
-        # backward() may be called inside an autocast region; the kernels' backward runs in the forward's dtypes.
-        with torch.autocast(q.device.type, enabled=False):
+        # backward() may be called inside an autocast region (whose casts reach the ops the Rust side dispatches);
+        # the kernels' backward runs in the forward's dtypes. Entering the context only when needed saves host time.
+        device = q.device.type
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
             dq, dk, dv = _core.attention_backward(dout, q, k, v, out, lse, ctx.core_plan, ctx.scale, ctx.kernels,
                                                   ctx.window)
             d_sinks = None
