@@ -43,6 +43,11 @@ def test_bench_writes_results(tmp_path):
     assert "| 48x6x3x2 | shared_prefix |" in table
     assert "| median s | first step s |" in table
     assert (out / "results.png").stat().st_size > 0
+    # The host-cost proxy: ours at tiny lengths (2 prompts of 4 tokens, 3 completions of 2 each) against one SDPA call.
+    host = by[("48x6x3x2", "shared_prefix")]["host"]
+    assert host["tokens"] == 2 * (4 + 3 * 2) and host["levels"] == 2
+    assert host["ours_ops"] > host["sdpa_ops"] >= 2 and host["ours_us"] > 0 and host["sdpa_us"] > 0
+    assert "Host cost per attention forward+backward" in table and "| 48x6x3x2 | 20 | 2 |" in table
 
 
 def test_bench_with_a_shared_system_prompt(tmp_path, monkeypatch):

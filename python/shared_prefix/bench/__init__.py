@@ -9,6 +9,10 @@ with G completions of S tokens (config ``PxSxGxB``). Variants, measured side by 
   flash-attention 2 for the whole step: on Hopper SDPA picks cuDNN, which builds a graph per new shape, so under
   ``--vary`` the proxy pays those builds (as stock packed training would) and this one does not; with fixed shapes
   it splits our gap to the proxy into FA2's part (ours runs FA2 wherever a shape has not recurred) and the rest;
+- ``packed_causal_roots``: ``packed_causal`` at the prefix tree's token count (each root's subtree as one causal
+  row; for batches that share more than prompts, ``--system``/``--branches``), and ``packed_causal_tree``, a
+  stricter proxy (the tree's tokens in rows as long as the longest stock row); ``shared_prefix_prompts``: ours
+  sharing whole prompts only;
 - ``shared_prefix``: ours (``_fa2`` / ``_cudnn`` / ``_cudnn_views``: one attention kernel forced, CUDA;
   ``_full_head``: the LM head in one piece instead of vocabulary slices; ``_split`` / ``_fused``: the prefixes'
   and the completions' causal attention forced apart, as DESIGN's three calls, or into one call, where by default
@@ -35,7 +39,9 @@ Per variant: the median of the timed steps after warm-up (rounds run the variant
 machine's speed fall on all of them alike), the first step's time apart (compiles, graph builds), peak memory
 above the weights, and max |Δ logprob|, gradient rel L2 and cosine against ``baseline``; on CUDA also the GPU
 busy time of one profiled step (its kernels' summed durations, and those of its attention kernels), which leaves
-out the host's time to issue the step.
+out the host's time to issue the step. Per config, the host cost of one attention forward+backward at tiny lengths
+(ATen ops dispatched and µs, ours against one SDPA causal call over the same tokens; ``--no-host-cost`` skips it):
+where kernels take no time, what remains is the host's work, which bounds a host-bound GPU step.
 Writes ``results.jsonl``, ``results.md`` and ``results.png``.
 """
 

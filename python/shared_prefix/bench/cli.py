@@ -18,6 +18,7 @@ from tqdm import tqdm
 import shared_prefix as sp
 
 import shared_prefix.bench as _package
+from shared_prefix.bench.host import host_cost
 from shared_prefix.bench.measure import UNTIMED_STEPS, measure_methods
 from shared_prefix.bench.report import markdown, plot
 from shared_prefix.bench.variants import (MODELS, SAME_AS_OURS_ON_CPU, TREE_PROXIES, TREE_VARIANTS, VARIANTS,
@@ -92,6 +93,10 @@ def run_config(model, cfg, args, device, bar):
         if name == "flex" and "error" not in row:
             row["compile_s"] = max(0.0, row["first_step_s"] - row["median_s"])
         rows.append(row)
+    if args.host_cost:
+        ours = next((r for r in rows if r["variant"] == "shared_prefix"), None)
+        if ours is not None:
+            ours["host"] = host_cost(model, cfg, device, system=args.system, branches=args.branches)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -130,6 +135,9 @@ def _run(argv: Optional[list[str]]) -> int:
     ap.add_argument("--vary", action="store_true",
                     help=f"a new prompt length every step (P, P + {VARY_STEP}, …), as in training (default: the "
                          "same shapes every step)")
+    ap.add_argument("--host-cost", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure ATen ops and host µs per attention forward+backward at tiny lengths, ours against "
+                         "one SDPA causal call (default: on)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads")
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args(argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from shared_prefix.bench.host import TINY_COMPLETION, TINY_PROMPT
 from shared_prefix.bench.variants import TREE_PROXIES, VARY_STEP
 
 # The table's note for the limit proxies (their log-probs are wrong by design).
@@ -76,6 +77,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 f"{r['peak_mem_bytes'] / 2**30:.2f} | {r['max_abs_logp_diff']:.1e} | {r['grad_rel_l2']:.1e} | "
                 f"{r['grad_cos']:.6f} |{gpu} {note} |"
             )
+    hosts = [(r["config"], r["host"]) for r in rows if "host" in r]
+    if hosts:
+        lines += ["", f"Host cost per attention forward+backward at tiny lengths (P = {TINY_PROMPT}, doubled with a "
+                  f"system prompt; S = {TINY_COMPLETION}; the config's G and B): ATen ops dispatched and median µs, "
+                  "ours against one SDPA causal call over the same packed tokens.", "",
+                  "| config PxSxGxB | tokens | levels | ours ops | SDPA ops | ours µs | SDPA µs | µs ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for cfg, h in hosts:
+            lines.append(f"| {cfg} | {h['tokens']} | {h['levels']} | {h['ours_ops']} | {h['sdpa_ops']} | "
+                         f"{h['ours_us']:.0f} | {h['sdpa_us']:.0f} | {h['us_ratio']:.2f}× |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,81 @@
+"""Host cost of one attention forward+backward: ATen ops dispatched and microseconds, at tiny sizes where kernel
+time is negligible and what remains is the host's work to issue the calls (what a host-bound GPU step feels), for
+ours against one SDPA causal call over the same packed tokens. Any CPU machine can run it."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import shared_prefix as sp
+from shared_prefix.bench.measure import synchronize
+from shared_prefix.bench.variants import make_batch
+
+# Tiny lengths: the config's structure (G, B, system prompt, branches) at these prompt and completion lengths, every
+# shared run a node of the prefix tree.
+TINY_PROMPT, TINY_COMPLETION = 4, 2
+REPEATS = 50
+
+
+def dispatched_ops(fn) -> int:
+    """ATen ops ``fn`` dispatches from outside ATen (ops they call internally not counted), autograd's included;
+    views (narrow, transpose, reshape) count too: each is a dispatch the host pays for."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.events()
+    return sum(1 for e in events if e.name.startswith("aten::")
+               and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+
+
+def host_seconds(fn, device: torch.device) -> float:
+    """Median wall time of ``fn`` (synchronized), after warm-up."""
+    for _ in range(3):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def host_cost(model, cfg, device: torch.device, system: int = 0, branches: int = 0) -> dict:
+    """Ops and µs per attention forward+backward: ours on the config's structure at tiny lengths, and one SDPA
+    causal call over as many tokens, with the model's heads, head dim and dtype."""
+    _, _, g, b = cfg
+    c = model.config
+    hq, hkv = c.num_attention_heads, c.num_key_value_heads
+    d = getattr(c, "head_dim", None) or c.hidden_size // hq
+    dtype = next(model.parameters()).dtype
+    p = TINY_PROMPT + (TINY_PROMPT if system else 0)
+    batch = make_batch(p, TINY_COMPLETION, g, b, c.vocab_size, device, system=TINY_PROMPT if system else 0,
+                       branches=branches)
+    plan = sp.plan(*batch, group_sizes=g, min_node_tokens=1)
+    t = plan.num_tokens
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(t, h, d, generator=gen, device=device, dtype=dtype, requires_grad=True)
+               for h in (hq, hkv, hkv))
+    dout = torch.randn(t, hq, d, generator=gen, device=device, dtype=dtype)
+
+    def ours():
+        torch.autograd.backward(sp.attention(q, k, v, plan), dout)
+
+    qs, ks, vs = (x.detach().transpose(0, 1).unsqueeze(0).requires_grad_() for x in (q, k, v))
+    dsdpa = dout.transpose(0, 1).unsqueeze(0)
+
+    def sdpa():
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=hq != hkv)
+        torch.autograd.backward(out, dsdpa)
+
+    result = dict(tokens=t, levels=plan.levels)
+    for name, fn in (("ours", ours), ("sdpa", sdpa)):
+        result[f"{name}_ops"] = dispatched_ops(fn)
+        result[f"{name}_us"] = host_seconds(fn, device) * 1e6
+    result["us_ratio"] = result["ours_us"] / result["sdpa_us"]
+    return result
