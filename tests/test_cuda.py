@@ -6,6 +6,8 @@ per-row computation in the same dtype is (bf16 operands land between 1e-3 and 1e
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -148,6 +150,56 @@ def test_prefix_tree_against_fp32_math(mode, kernels):
 
     for got, want in zip(run(torch.bfloat16, kernels, sync_check=True), run(torch.float32, "math")):
         assert rel(got, want) < 2e-2, rel(got, want)
+
+
+FUZZ_CASES = 32
+
+
+@pytest.mark.parametrize("case", range(FUZZ_CASES))
+def test_fuzz_ragged_trees(case):
+    """Random ragged batches (prefix trees of depth 1-4 with empty and one-token segments, identical rows, rows
+    sharing nothing, either padding side), GQA ratios 1/2/7, every CUDA kernel choice on both executor paths:
+    fp16/bf16 against the fp32 explicit-math kernel on the same rounded inputs, fp32 against fp64; forward and
+    backward under ``set_sync_debug_mode("error")``."""
+    from test_tree import as_batch, features, pack_features, tree_rows
+
+    rng = random.Random(case)
+    depth, hkv, ratio = rng.randint(1, 4), rng.choice([1, 2]), rng.choice([1, 2, 7])
+    kernels, mode = rng.choice([None, "flash", "cudnn_views", "cudnn"]), rng.choice(["fused", "split"])
+    dtype = rng.choice([torch.bfloat16, torch.float16, torch.float32])
+    left_prompt, left_completion = rng.random() < 0.5, rng.random() < 0.5
+    rows = tree_rows(1000 + case, depth, n_rows=rng.randint(4, 12), vocab=1000)
+    pid, pmask, cid, cmask = (x.to(DEV) for x in as_batch(rows, left_prompt, left_completion))
+    plan = sp.plan(pid, pmask, cid, cmask, max_depth=depth, min_node_tokens=rng.choice([1, 3]))
+    _, per_row = features(rows, hkv * ratio, hkv, 64, case)
+    packed = pack_features(plan, rows, per_row, pid.shape[1], cid.shape[1], left_prompt, left_completion, DEV)
+    packed = {n: x.detach() for n, x in packed.items()}
+    w = torch.randn(packed["q"].shape, generator=torch.Generator().manual_seed(case), dtype=torch.float64).to(DEV)
+    # Low precision: judged on the rounded inputs against fp32 math; fp32 (its CUDA default is the math kernel,
+    # unless one is forced) against fp64 math.
+    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    kernels = kernels if dtype != torch.float32 or kernels is None else None
+
+    def run(dtype, kernels, sync_check=False):
+        leaves_ = [packed[n].to(dtype).requires_grad_() for n in ("q", "k", "v")]
+        torch.cuda.synchronize()
+        if sync_check:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with self_calls(mode):
+                out = sp.attention(*leaves_, plan, kernels=kernels)
+                grads = torch.autograd.grad((out.to(w.dtype) * w).sum(), leaves_)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return [out.double()] + [g.double() for g in grads]
+
+    packed = {n: x.to(dtype).to(ref_dtype) for n, x in packed.items()}
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    got, want = run(dtype, kernels, sync_check=True), run(ref_dtype, "math")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(a).all(), name
+        assert rel(a, b) < tol, (name, rel(a, b), dict(depth=depth, hkv=hkv, ratio=ratio, kernels=kernels, mode=mode,
+                                                        dtype=dtype, levels=plan.levels))
 
 
 def check_against_fp64(dtype, kernels, left, window=None, groups=None):
