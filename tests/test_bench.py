@@ -83,6 +83,17 @@ def test_tree_proxy_is_packed_causal_for_one_level():
     assert not torch.allclose(roots, baselines.stock_logprobs(model, pid, pmask, cid, cmask), atol=1e-3)
 
 
+def test_bench_with_fewer_layers(tmp_path):
+    """--layers: the model shape at another depth, named so in the report."""
+    out = tmp_path / "bench"
+    assert bench.main(["--config", "12x4x2x1", "--layers", "2", "--variants", "baseline,shared_prefix", "--out",
+                       str(out), "--threads", "1", "--no-host-cost"]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in rows} == {"tiny with 2 layers"} and all("host" not in r for r in rows)
+    assert variants.build_model("qwen2.5-7b", torch.float32, torch.device("meta"), False,
+                                layers=1).config.num_hidden_layers == 1
+
+
 def test_bench_with_tree_rollouts(tmp_path):
     """--branches: each group's completions branch once at half length; ours shares the trunks (and agrees)."""
     out = tmp_path / "bench"

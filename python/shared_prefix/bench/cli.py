@@ -116,6 +116,8 @@ def _run(argv: Optional[list[str]]) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--config", action="append", type=parse_config, help="PxSxGxB; repeatable")
     ap.add_argument("--model", choices=sorted(MODELS), default=None)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers (default: the model shape's; fewer only where memory forces it)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None)
     ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--variants", default=None,
@@ -178,8 +180,11 @@ def _run(argv: Optional[list[str]]) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = build_model(args.model, getattr(torch, args.dtype), device, args.grad_ckpt, args.window)
-    meta = dict(device_name=device_name(device), model=args.model, window=args.window, system=args.system,
+    if args.layers is not None and args.layers < 1:
+        ap.error("--layers: at least 1")
+    model = build_model(args.model, getattr(torch, args.dtype), device, args.grad_ckpt, args.window, args.layers)
+    model_name = args.model if args.layers is None else f"{args.model} with {args.layers} layers"
+    meta = dict(device_name=device_name(device), model=model_name, window=args.window, system=args.system,
                 branches=args.branches, min_node_tokens=sp.set_prefix_tree()["min_node_tokens"],
                 dtype=args.dtype,
                 grad_ckpt=args.grad_ckpt, vary=args.vary,

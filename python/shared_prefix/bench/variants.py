@@ -24,6 +24,8 @@ MODELS = {
                          intermediate_size=4864, vocab_size=151936),
     "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                          intermediate_size=8960, vocab_size=151936),
+    "qwen2.5-7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
 }
 # Order of measurement: the reference first; the original package last (it may not fit long configs).
 VARIANTS = ["baseline", "packed_causal", "packed_causal_fa2", "packed_causal_roots", "packed_causal_tree",
@@ -59,12 +61,16 @@ BENCH_BUCKET = 512
 VARY_STEP = 8
 
 
-def build_model(name: str, dtype: torch.dtype, device: torch.device, grad_ckpt: bool, window: Optional[int] = None):
+def build_model(name: str, dtype: torch.dtype, device: torch.device, grad_ckpt: bool, window: Optional[int] = None,
+                layers: Optional[int] = None):
+    """A Qwen2-shaped model with random weights; ``layers`` overrides the shape's depth."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     windowed = {} if window is None else dict(use_sliding_window=True, sliding_window=window, max_window_layers=0)
-    cfg = Qwen2Config(**MODELS[name], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-                      tie_word_embeddings=True, **windowed)
+    shape = {"tie_word_embeddings": True, **MODELS[name]}
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
+    cfg = Qwen2Config(**shape, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, **windowed)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
