@@ -118,6 +118,7 @@ def run(engine, td, enabled: bool, resp_lens):
     loss, out = engine.forward_step(td, loss_function=loss_fn, forward_only=False)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in engine.module.named_parameters()}
+    run.metrics = out["metrics"]
     return out["model_output"], grads
 
 
@@ -129,9 +130,15 @@ def test_plugin_matches_stock_engine(engine, remove_padding, system):
     before = sp.set_prefix_tree(min_node_tokens=2)  # the batch's shared runs are short
     try:
         stock, g_stock = run(engine, td, enabled=False, resp_lens=resp)
+        assert not any(k.startswith("shared_prefix/") for k in run.metrics)
         ours, g_ours = run(engine, td, enabled=True, resp_lens=resp)
         _, output_args = engine.prepare_model_inputs(td)
-        assert (output_args[spv._KEY]["forward"].plan.levels > 2) == system  # the tree shares beyond prompts
+        plan = output_args[spv._KEY]["forward"].plan
+        assert (plan.levels > 2) == system  # the tree shares beyond prompts
+        saved = run.metrics["shared_prefix/tokens_saved_frac"]
+        assert saved == pytest.approx(1 - plan.num_tokens / plan.stock_tokens) and saved > 0.2
+        tree_saved = run.metrics["shared_prefix/tree_tokens_saved_frac"]
+        assert (tree_saved > 0) == system and tree_saved == pytest.approx(1 - plan.num_tokens / plan.by_prompt_tokens)
     finally:
         sp.set_prefix_tree(**before)
     assert torch.equal(ours["log_probs"].offsets(), stock["log_probs"].offsets())

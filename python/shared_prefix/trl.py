@@ -21,7 +21,8 @@ import torch
 
 from ._refusals import UnsupportedModelError
 from .hf.fsdp import fsdp1_refusal
-from .hf.pipeline import PackedForward, StockFallbacks, version_refusal
+from .hf.pipeline import (TOKENS_SAVED_METRIC, TREE_TOKENS_SAVED_METRIC, PackedForward, StockFallbacks, tokens_saved,
+                          version_refusal)
 from .hf.registry import register
 from .hf.support import lm_head_refusal, load_balancing_loss, model_windows, text_config, unsupported_config
 
@@ -29,9 +30,8 @@ SUPPORTED_TRL = (">=1.16", "<1.17")
 # Keyword arguments that carry multimodal inputs: the packed stream has no place for them.
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
-METRIC = "shared_prefix/tokens_saved_frac"
-# What the prefix tree saves beyond sharing whole prompts (0 where batches share nothing more).
-TREE_METRIC = "shared_prefix/tree_tokens_saved_frac"
+# Logged per step: tokens saved against TRL's padded rows, and what the prefix tree saves beyond whole prompts.
+METRIC, TREE_METRIC = TOKENS_SAVED_METRIC, TREE_TOKENS_SAVED_METRIC
 _EXPECTED_PARAMS = ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
                     "compute_aux_loss")
 
@@ -219,8 +219,8 @@ class SharedPrefixMixin:
                 all_entropies.append(entropies)
         mode = "train" if model.training else "eval"
         if stock:
-            self._metrics[mode][METRIC].append(1.0 - forwarded / stock)
-            self._metrics[mode][TREE_METRIC].append(1.0 - forwarded / by_prompt)
+            for name, value in tokens_saved(forwarded, stock, by_prompt).items():
+                self._metrics[mode][name].append(value)
         logps = torch.cat(all_logps)
         entropies = torch.cat(all_entropies) if compute_entropy else None
         # As the stock method: the micro-batches' auxiliary losses averaged.

@@ -15,6 +15,10 @@ engine's ``input_ids`` are nested either way. Everything else (the critic, fused
 temperatures, multimodal inputs, distillation, ``sum_pi_squared``, eager attention) falls back to stock, the reason
 logged once.
 
+Metrics: each packed micro-batch adds ``shared_prefix/tokens_saved_frac`` (against the stock engine's unpadded
+tokens) and ``shared_prefix/tree_tokens_saved_frac`` (what the prefix tree saves beyond whole prompts) to its
+``forward_step`` metrics, which verl logs under ``actor/`` for updates.
+
 Micro-batches: a uid group split across micro-batches still computes exactly (each part shares its prompt), it
 just saves less. Keep groups together with a fixed micro-batch size that is a multiple of ``rollout.n`` and
 ``use_dynamic_bsz=False`` (dynamic batching rearranges samples by length).
@@ -30,13 +34,15 @@ import torch
 
 from ._refusals import UnsupportedModelError
 from .hf.fsdp import fsdp1_refusal
-from .hf.pipeline import PackedForward, StockFallbacks, version_refusal
+from .hf.pipeline import PackedForward, StockFallbacks, tokens_saved, version_refusal
 from .hf.registry import register, takes_plan
 from .hf.support import unsupported_config
 
 logger = logging.getLogger("shared_prefix")
 SUPPORTED_VERL = (">=0.9", "<0.10")
 _KEY = "_shared_prefix"
+# The plan of the micro-batch the engine's forward_step just packed, for its metrics.
+_PACKED = "_shared_prefix_packed"
 _state = {"enabled": os.environ.get("SHARED_PREFIX_VERL", "") not in ("", "0")}
 fallbacks = StockFallbacks("shared_prefix.verl: stock log-probs")
 
@@ -147,6 +153,7 @@ def _prepare_model_outputs(self, output, output_args, micro_batch, logits_proces
         inputs, args = _orig_inputs(self, micro_batch)
         stock = self.module(**inputs, use_cache=False)
         return _orig(self, stock, args, micro_batch, logits_processor_func)
+    self.__dict__[_PACKED] = forward.plan
     entropy_wanted = tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False)
     logp, ent = forward.logprobs(output.hidden_states[-1], state["temperature"], entropy=entropy_wanted)
     # Back to the engine's layout: nested over prompt+response, position t predicts token t+1.
@@ -182,7 +189,7 @@ def install() -> bool:
         logger.warning("shared_prefix.verl: not installed: %s", why)
         return False
     register()
-    orig_inputs, orig_outputs = cls.prepare_model_inputs, cls.prepare_model_outputs
+    orig_inputs, orig_outputs, orig_step = cls.prepare_model_inputs, cls.prepare_model_outputs, cls.forward_step
 
     def prepare_model_inputs(self, micro_batch):
         return _prepare_model_inputs(self, micro_batch, orig_inputs, ti, tu)
@@ -191,8 +198,18 @@ def install() -> bool:
         return _prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func, orig_outputs,
                                       orig_inputs, tu)
 
+    def forward_step(self, micro_batch, loss_function, forward_only):
+        self.__dict__.pop(_PACKED, None)
+        loss, output = orig_step(self, micro_batch, loss_function, forward_only)
+        plan = self.__dict__.pop(_PACKED, None)
+        if plan is not None and isinstance(output, dict) and isinstance(output.get("metrics"), dict):
+            # Against the stock engine's unpadded tokens; verl averages them over the update's micro-batches.
+            output["metrics"].update(tokens_saved(plan.num_tokens, plan.stock_tokens, plan.by_prompt_tokens))
+        return loss, output
+
     cls.prepare_model_inputs = prepare_model_inputs
     cls.prepare_model_outputs = prepare_model_outputs
+    cls.forward_step = forward_step
     cls._shared_prefix_installed = True
     _watch_actor_config()
     return True

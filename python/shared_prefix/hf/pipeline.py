@@ -37,6 +37,18 @@ logger = logging.getLogger("shared_prefix")
 Head = Callable[..., "tuple[torch.Tensor, Optional[torch.Tensor]]"]
 
 
+# What the integrations log: the fraction of the stock computation's tokens the packed stream did not forward, and
+# the fraction of a whole-prompt plan's tokens the prefix tree saved beyond it (0 where rows share only prompts).
+TOKENS_SAVED_METRIC = "shared_prefix/tokens_saved_frac"
+TREE_TOKENS_SAVED_METRIC = "shared_prefix/tree_tokens_saved_frac"
+
+
+def tokens_saved(forwarded: int, stock: int, by_prompt: int) -> dict:
+    """Both metrics for ``forwarded`` packed tokens against ``stock`` and ``by_prompt`` (whole prompts shared)."""
+    return {TOKENS_SAVED_METRIC: 1.0 - forwarded / stock if stock else 0.0,
+            TREE_TOKENS_SAVED_METRIC: 1.0 - forwarded / by_prompt if by_prompt else 0.0}
+
+
 class PackedForward:
     """One forward of a planned micro-batch through ``model`` (a transformers causal LM, unwrapped), and what its
     attention layers reported. Pass it as ``shared_prefix_plan=`` (``inputs()`` does). Make it with
