@@ -1,0 +1,45 @@
+"""The trainer-step bench (``python -m shared_prefix.bench.trainer_step``): both trainers run, every bucket is timed
+and the buckets add up to the step, and the shared-prefix trainer really took its path (no fallback to stock)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("trl")
+pytest.importorskip("datasets")
+
+from shared_prefix.bench.trainer_step import BUCKETS, TRAINERS, main  # noqa: E402
+
+P, S, G, B, STEPS = 16, 8, 4, 2, 2
+
+
+def test_trainer_step_cpu_tiny(tmp_path):
+    # beta > 0: TRL computes the reference model's log-probs without grad, so every bucket has calls to time.
+    assert main(["--device", "cpu", "--model", "tiny", "--prompt-tokens", str(P), "--completion-tokens", str(S),
+                 "--group", str(G), "--prompts", str(B), "--steps", str(STEPS), "--beta", "0.04",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "trainer_step.json").read_text())
+    assert set(report["trainers"]) == set(TRAINERS)
+    for name, result in report["trainers"].items():
+        assert len(result["steps"]) == STEPS, name
+        assert result["beta"] == 0.04
+        assert result["completion_mean_length"] == S  # completions forced to S tokens
+        for step in [*result["steps"], result["median"]]:
+            assert all(step[b] >= 0 for b in (*BUCKETS, "loss_logprobs")), (name, step)
+            # The timed methods were hit: generation, the reference log-probs, the loss forward and backward.
+            assert all(step[b] > 0 for b in BUCKETS[:4]), (name, step)
+            assert step["loss_logprobs"] <= step["loss_forward"]
+            # Disjoint buckets: with the rest they add up to the step (medians of 2 steps are means: linear).
+            assert sum(step[b] for b in BUCKETS) == pytest.approx(step["total"], rel=1e-6, abs=1e-9), (name, step)
+    assert set(report["speedup"]) >= {*BUCKETS, "loss_logprobs", "total"}
+    ours = report["trainers"]["shared_prefix"]
+    assert ours["trainer"] == "SharedPrefixGRPOTrainer" and report["trainers"]["stock"]["trainer"] == "GRPOTrainer"
+    # Its packed forward ran on every log-prob call: each prompt forwarded once per group, nothing fell back.
+    assert ours["fallbacks"] == []
+    assert ours["tokens_saved_frac"] == pytest.approx(1 - (P + G * S) / (G * (P + S)))
+    meta = report["meta"]
+    assert meta["steps"] == STEPS and meta["commit"] and meta["trl"] and meta["transformers"] and meta["torch"]
+    table = (tmp_path / "trainer_step.md").read_text()
+    assert "SharedPrefixGRPOTrainer" in table and "**total step**" in table
