@@ -1,35 +1,33 @@
 #!/usr/bin/env bash
-# One device check on a GPU machine, in order of importance (a device call returns what it wrote before a timeout):
-# 1. the GPU tests (tests/test_cuda.py);
-# 2. `python -m shared_prefix.bench --preset gpu` (Qwen2.5-0.5B shapes), the same shapes every step (steady state):
-#    `shared_prefix` (calls 1 and 3 as one FA2 call wherever the prefix does not go to cuDNN) beside
-#    `shared_prefix_split` (DESIGN's three calls), the baseline, the proxy (SDPA picks cuDNN for it), the proxy held
-#    to FA2 (`packed_causal_fa2`: how much of our gap to the proxy is FA2's) and flex;
-# 3. the same with `--vary` (a new prompt length every step, as GRPO batches have: what per-shape costs such as
-#    cuDNN's graph builds add to a step): `shared_prefix` (default: cuDNN only for shapes seen in 8 plans, so FA2
-#    here) beside `shared_prefix_eager_cudnn` (cuDNN for every long one-batch call at once) and the proxy on SDPA's
-#    choice (cuDNN: it pays the builds too, as stock packed training would) and on FA2; flex is left out (it recompiles for new shapes);
-# 4. `shared_prefix_cudnn_bucketed` (experimental: the causal self calls padded to multiples of 512 tokens so that
-#    prompt lengths in one bucket share a cuDNN graph) beside `shared_prefix`, varying, in a process of its own
-#    (shape counts and cuDNN's graph cache are process-wide), at P = 8200 and 16400: every step's prompts (P, P + 8,
-#    …) are padded into one bucket (8704 / 16896 rows). The variant takes cuDNN for a bucket seen in one earlier
-#    plan, so its first step (the agreement check) runs FA2, its peak-memory step builds the bucket's graphs on the
-#    padded operands, and its median is the padded cuDNN path once built (the cross call, a new length every step,
-#    stays on FA2); the padded path's correctness is `test_cudnn_on_padded_self_calls`'s.
-# 5. optional (AVOID=1, 70 s more): the previous rule and the proxy, varying, 8k and 16k, under PyTorch's
-#    experimental TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (its own process: the variable is process-wide), with
-#    `shared_prefix` (FA2 on fresh shapes, so untouched by it) first as the reference for the agreement columns.
-# Run from the repo root with the wheels in .whl/ (our abi3 wheel built on the CPU machine, plus pure-Python or
-# abi3 wheels the image lacks). Results land in $OUT as 7 files (a device call returns at most 8): gpu.txt (card,
-# versions, every bench's log and table; 4 and 5 only there), gpu_tests.log, bench/results.{jsonl,md,png} and
-# bench-vary/results.{jsonl,md}. The tree travels without .git: pass SHARED_PREFIX_COMMIT so the results name the
-# commit. Timeouts default to 110 + 160 + 120 + 60 s inside one 600 s device call; each sends SIGINT first (then
-# KILL 5 s later), so pytest prints its summary and the bench writes the rounds it completed. With the install and
-# import checks the worst case is about 490 s. Optional: AVOID=1 (step 5, 70 s more), BENCH15=1 (the 1.5B-shape
-# bench, 170 s more), PROFILE=1 (profiles.txt: one profiled step at 4k, 60 s more).
-# Preparing .whl here (the image has torch 2.11 but transformers 5.17): `make wheel` then copy dist/*.whl, and
-# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl
-# transformers==5.10.4 tokenizers==0.22.2 prefix-grouper==0.0.1.post1` (see the device README).
+# One device check on a GPU machine, in order of importance (a device call returns what it wrote before a timeout).
+#
+# Default run (about 9 minutes at most, within one 600 s device call):
+# 1. the GPU tests (tests/test_cuda.py: every kernel and executor path against fp32/fp64 references, prefix trees,
+#    the 32-case fuzz of random ragged trees, all under set_sync_debug_mode("error") where they say so);
+# 2. `python -m shared_prefix.bench --preset gpu` (Qwen2.5-0.5B shapes at 4k/8k/16k prompts), fixed shapes:
+#    the baseline, `packed_causal` (SDPA: cuDNN on Hopper), `packed_causal_fa2`, ours and flex, side by side, with
+#    GPU busy times and the host-cost proxy;
+# 3. the same with `--vary` (a new prompt length every step, as in training), without the baseline: ours (first, so
+#    the agreement columns are against it) beside `packed_causal`, `packed_causal_fa2` and flex, whose recompiles
+#    and block-mask builds fall in its timed steps;
+# 4. a whole GRPO trainer step (`python -m shared_prefix.bench.trainer_step`): TRL's GRPOTrainer against
+#    SharedPrefixGRPOTrainer on a 0.5B-shaped model, generation by transformers, the step split into generation,
+#    log-probs, loss forward, backward and the rest.
+# MODE=big instead runs the larger shapes (about 4 minutes): Qwen2.5-1.5B and a Qwen2.5-7B shape at 4k and 8k
+# prompts, baseline / packed_causal / ours (LAYERS7B=N runs the 7B shape with N layers where memory forces it).
+# Optional in the default run, each adding its table to gpu.txt: BUCKETED=1 (the experimental cuDNN bucketing under
+# --vary, 60 s), AVOID=1 (TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1, 70 s), PROFILE=1 (scripts/gpu_profile.py, one
+# profiled step at 4k, 60 s).
+#
+# Run from the repo root with the wheels in .whl/: our abi3 wheel built on the CPU machine (`make wheel`, then copy
+# dist/*.whl) and the pure-Python wheels the image lacks or holds at another version:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl \
+#     transformers==5.10.4 tokenizers==0.22.2 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+# Results land in $OUT, at most 8 files (what a device call returns): gpu.txt (card, versions, every log and
+# table), gpu_tests.log, bench/results.{jsonl,md}, bench-vary/results.{jsonl,md}, trainer/trainer_step.{json,md}
+# (MODE=big: gpu.txt, big-1.5b/ and big-7b/results.{jsonl,md}). The tree travels without .git: pass
+# SHARED_PREFIX_COMMIT so the results name the commit. Each step has its own timeout (SIGINT first, then KILL 5 s
+# later), so pytest prints its summary and the benches write what they measured.
 set -u
 OUT=${OUT:-/tmp/sp-gpu-out}
 mkdir -p "$OUT"
@@ -42,36 +40,49 @@ export PYTHONPATH="$PWD/python:/tmp/site"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, shared_prefix; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'gpu', torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/gpu.txt"
-timeout -s INT -k 5 "${TEST_TIMEOUT:-110}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
+quiet() { grep -v "step/s\]\|s/step\]"; }
+
+if [ "${MODE:-}" = big ]; then
+  for model in qwen2.5-1.5b qwen2.5-7b; do
+    layers=""
+    [ "$model" = qwen2.5-7b ] && [ -n "${LAYERS7B:-}" ] && layers="--layers $LAYERS7B"
+    timeout -s INT -k 5 "${BIG_TIMEOUT:-120}" python3 -m shared_prefix.bench --preset gpu --model "$model" $layers \
+      --steps 3 --config 4096x512x8x1 --config 8192x256x8x1 --variants baseline,packed_causal,shared_prefix \
+      --no-host-cost --out "/tmp/big-${model#qwen2.5-}" 2>&1 | quiet | tee -a "$OUT/gpu.txt" | tail -8
+    mkdir -p "$OUT/big-${model#qwen2.5-}"
+    cp "/tmp/big-${model#qwen2.5-}"/results.{jsonl,md} "$OUT/big-${model#qwen2.5-}/" 2>/dev/null
+  done
+  exit 0
+fi
+
+timeout -s INT -k 5 "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -25
-timeout -s INT -k 5 "${BENCH_TIMEOUT:-160}" python3 -m shared_prefix.bench --preset gpu --out "$OUT/bench" \
-  --variants "${VARIANTS:-baseline,packed_causal,packed_causal_fa2,shared_prefix,shared_prefix_split,flex}" \
-  ${BENCH_ARGS:-} 2>&1 | grep -v "step/s\]\|s/step\]" | tee -a "$OUT/gpu.txt" | tail -30
-timeout -s INT -k 5 "${VARY_TIMEOUT:-120}" python3 -m shared_prefix.bench --preset gpu --vary --steps 3 \
-  --variants "${VARIANTS_VARY:-baseline,packed_causal,packed_causal_fa2,shared_prefix,shared_prefix_eager_cudnn}" \
-  --out "$OUT/bench-vary" 2>&1 | grep -v "step/s\]\|s/step\]" | tee -a "$OUT/gpu.txt" | tail -20
-rm -f "$OUT/bench-vary/results.png"  # a ninth file would be one too many; the table has the figures
-# The bucketed variant in a process of its own (the shape counts and cuDNN's graph cache are process-wide: after
-# shared_prefix_eager_cudnn it would find its cross-call graphs built), first, beside ours' default (FA2 here), at
-# the configs long enough for cuDNN; its table goes to gpu.txt.
-timeout -s INT -k 5 "${BUCKET_TIMEOUT:-60}" python3 -m shared_prefix.bench --preset gpu --vary --steps 3 \
-  --config 8200x256x16x1 --config 16400x1024x8x1 --variants shared_prefix_cudnn_bucketed,shared_prefix \
-  --out /tmp/bench-bucketed 2>&1 | grep -v "step/s\]\|s/step\]" | sed 's/^/[BUCKETED] /' | tee -a "$OUT/gpu.txt" \
-  | tail -8
-# PyTorch's experimental TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (cuDNN's ragged path for BSHD layouts, which our
-# copy-free views are) may remove the per-shape builds: the previous rule and the proxy, varying shapes, with it set
-# (process-wide, hence its own process; its table goes to gpu.txt, its files stay here).
+timeout -s INT -k 5 "${BENCH_TIMEOUT:-150}" python3 -m shared_prefix.bench --preset gpu --out "$OUT/bench" \
+  --variants "${VARIANTS:-baseline,packed_causal,packed_causal_fa2,shared_prefix,flex}" ${BENCH_ARGS:-} 2>&1 \
+  | quiet | tee -a "$OUT/gpu.txt" | tail -30
+timeout -s INT -k 5 "${VARY_TIMEOUT:-110}" python3 -m shared_prefix.bench --preset gpu --vary --steps 3 \
+  --variants "${VARIANTS_VARY:-shared_prefix,packed_causal,packed_causal_fa2,flex}" --no-host-cost \
+  --out "$OUT/bench-vary" 2>&1 | quiet | tee -a "$OUT/gpu.txt" | tail -20
+rm -f "$OUT/bench/results.png" "$OUT/bench-vary/results.png"  # the tables have the figures; 8 files at most
+timeout -s INT -k 5 "${TRAINER_TIMEOUT:-110}" python3 -m shared_prefix.bench.trainer_step --model qwen2.5-0.5b \
+  --prompt-tokens 2048 --completion-tokens 256 --group 8 --prompts 2 --steps 2 --grad-ckpt --out "$OUT/trainer" \
+  2>&1 | tee -a "$OUT/gpu.txt" | tail -20
+# The bucketed variant in a process of its own (the shape counts and cuDNN's graph cache are process-wide),
+# beside ours' default, at the configs long enough for cuDNN; its table goes to gpu.txt.
+if [ -n "${BUCKETED:-}" ]; then
+  timeout -s INT -k 5 60 python3 -m shared_prefix.bench --preset gpu --vary --steps 3 --no-host-cost \
+    --config 8200x256x16x1 --config 16400x1024x8x1 --variants shared_prefix_cudnn_bucketed,shared_prefix \
+    --out /tmp/bench-bucketed 2>&1 | quiet | sed 's/^/[BUCKETED] /' | tee -a "$OUT/gpu.txt" | tail -8
+fi
+# PyTorch's experimental TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (process-wide, hence its own process): the previous
+# rule and the proxy, varying shapes, 8k and 16k.
 if [ -n "${AVOID:-}" ]; then
-  TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 timeout -s INT -k 5 "${AVOID_TIMEOUT:-70}" python3 -m shared_prefix.bench \
-    --preset gpu --vary --steps 3 --config 8192x256x16x1 --config 16384x1024x8x1 \
+  TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 timeout -s INT -k 5 70 python3 -m shared_prefix.bench --preset gpu --vary \
+    --steps 3 --no-host-cost --config 8192x256x16x1 --config 16384x1024x8x1 \
     --variants shared_prefix,shared_prefix_eager_cudnn,packed_causal --out /tmp/bench-avoid-recompile 2>&1 \
-    | grep -v "step/s\]\|s/step\]" | sed 's/^/[AVOID_RECOMPILE=1] /' | tee -a "$OUT/gpu.txt" | tail -8
+    | quiet | sed 's/^/[AVOID_RECOMPILE=1] /' | tee -a "$OUT/gpu.txt" | tail -8
 fi
 if [ -n "${PROFILE:-}" ]; then
-  timeout -s INT -k 5 60 python3 scripts/gpu_profile.py "$OUT" 4096x512x8x1 2>&1 | grep -A6 " ms (median" | tail -40
-fi
-if [ -n "${BENCH15:-}" ]; then
-  timeout -s INT -k 5 170 python3 -m shared_prefix.bench --preset gpu --model qwen2.5-1.5b --steps 3 \
-    --variants baseline,packed_causal,shared_prefix --out /tmp/bench-1.5b 2>&1 \
-    | grep -v "step/s\]\|s/step\]" | tee -a "$OUT/gpu.txt" | tail -20
+  timeout -s INT -k 5 60 python3 scripts/gpu_profile.py /tmp/profile 4096x512x8x1 >/dev/null 2>&1
+  cat /tmp/profile/profiles.txt >> "$OUT/gpu.txt"
 fi
