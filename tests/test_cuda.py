@@ -135,21 +135,26 @@ def test_prefix_tree_against_fp32_math(mode, kernels):
               pack_features(plan, rows, per_row, pid.shape[1], cid.shape[1], device=DEV).items()}
     w = torch.randn(packed["q"].shape, generator=torch.Generator().manual_seed(4)).to(DEV)
 
-    def run(dtype, kernels, sync_check=False):
-        leaves_ = [packed[n].to(torch.bfloat16).to(dtype).requires_grad_() for n in ("q", "k", "v")]
-        torch.cuda.synchronize()
-        if sync_check:
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            with self_calls(mode):
-                out = sp.attention(*leaves_, plan, kernels=kernels)
-                grads = torch.autograd.grad((out.float() * w).sum(), leaves_)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        return [out.float()] + [g.float() for g in grads]
+    rounded = {n: x.to(torch.bfloat16).float() for n, x in packed.items()}
+    got = outputs_and_grads(rounded, plan, torch.bfloat16, kernels, mode, w, sync_check=True)
+    for a, b in zip(got, outputs_and_grads(rounded, plan, torch.float32, "math", mode, w)):
+        assert rel(a, b) < 2e-2, rel(a, b)
 
-    for got, want in zip(run(torch.bfloat16, kernels, sync_check=True), run(torch.float32, "math")):
-        assert rel(got, want) < 2e-2, rel(got, want)
+
+def outputs_and_grads(packed, plan, dtype, kernels, mode, w, sync_check=False):
+    """Attention over ``packed`` q/k/v cast to ``dtype`` and the gradients of ``(out * w).sum()``, in ``w``'s dtype;
+    forward and backward under ``set_sync_debug_mode("error")`` with ``sync_check``."""
+    leaves_ = [packed[n].to(dtype).requires_grad_() for n in ("q", "k", "v")]
+    torch.cuda.synchronize()
+    if sync_check:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with self_calls(mode):
+            out = sp.attention(*leaves_, plan, kernels=kernels)
+            grads = torch.autograd.grad((out.to(w.dtype) * w).sum(), leaves_)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [out.to(w.dtype)] + [g.to(w.dtype) for g in grads]
 
 
 FUZZ_CASES = 32
@@ -178,24 +183,11 @@ def test_fuzz_ragged_trees(case):
     # Low precision: judged on the rounded inputs against fp32 math; fp32 (its CUDA default is the math kernel,
     # unless one is forced) against fp64 math.
     ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
-    kernels = kernels if dtype != torch.float32 or kernels is None else None
-
-    def run(dtype, kernels, sync_check=False):
-        leaves_ = [packed[n].to(dtype).requires_grad_() for n in ("q", "k", "v")]
-        torch.cuda.synchronize()
-        if sync_check:
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            with self_calls(mode):
-                out = sp.attention(*leaves_, plan, kernels=kernels)
-                grads = torch.autograd.grad((out.to(w.dtype) * w).sum(), leaves_)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        return [out.double()] + [g.double() for g in grads]
-
+    kernels = None if dtype == torch.float32 else kernels  # FA2 and cuDNN take fp16/bf16 only
     packed = {n: x.to(dtype).to(ref_dtype) for n, x in packed.items()}
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    got, want = run(dtype, kernels, sync_check=True), run(ref_dtype, "math")
+    got = outputs_and_grads(packed, plan, dtype, kernels, mode, w, sync_check=True)
+    want = outputs_and_grads(packed, plan, ref_dtype, "math", mode, w)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert torch.isfinite(a).all(), name
         assert rel(a, b) < tol, (name, rel(a, b), dict(depth=depth, hkv=hkv, ratio=ratio, kernels=kernels, mode=mode,

@@ -52,6 +52,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def open_device(ap: argparse.ArgumentParser, name: str, threads: int) -> torch.device:
+    """``--device`` checked (a parser error without CUDA), and ``--threads`` applied on CPU."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    return device
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -172,11 +182,7 @@ def _run(argv: Optional[list[str]]) -> int:
         sp.set_prefix_tree(min_node_tokens=args.min_node_tokens)
     if args.branches < 0 or (args.branches and any(c[2] % args.branches or c[1] < 2 for c in configs)):
         ap.error("--branches: at least 0, dividing every config's G, with S of at least 2")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available")
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    device = open_device(ap, args.device, args.threads)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

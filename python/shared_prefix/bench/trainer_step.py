@@ -46,7 +46,7 @@ from typing import Callable, Optional, Union
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from shared_prefix.bench.cli import device_name, git_commit
+from shared_prefix.bench.cli import device_name, git_commit, open_device
 from shared_prefix.bench.variants import MODELS
 
 TRAINERS = ("stock", "shared_prefix")
@@ -292,11 +292,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error("--warmup: at least 1 (the first step pays one-off costs)")
     if args.beta < 0:
         ap.error("--beta: at least 0")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available")
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    device = open_device(ap, args.device, args.threads)
 
     from shared_prefix.trl import SharedPrefixGRPOTrainer  # noqa: F401 (imported here, not in a trainer's steps)
 
