@@ -28,6 +28,11 @@ def main():
         losses = [h["loss"] for h in t.state.log_history if "loss" in h]
         saved = [h[k] for h in t.state.log_history for k in h if k == "shared_prefix/tokens_saved_frac"]
         torch.save({"params": params, "losses": losses, "saved": saved, "world": t.accelerator.num_processes}, out)
+    # Both ranks leave together and take the process group down: a rank exiting with gloo's threads still running
+    # can abort ("terminate called without an active exception"), failing the run after training succeeded.
+    t.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
