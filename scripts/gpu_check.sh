@@ -13,7 +13,7 @@
 # 4. a whole GRPO trainer step (`python -m shared_prefix.bench.trainer_step`): TRL's GRPOTrainer against
 #    SharedPrefixGRPOTrainer on a 0.5B-shaped model, generation by transformers, the step split into generation,
 #    log-probs, loss forward, backward and the rest.
-# MODE=big instead runs the larger shapes (about 4 minutes): Qwen2.5-1.5B and a Qwen2.5-7B shape at 4k and 8k
+# MODE=big instead runs the larger shapes (at most 5 minutes): Qwen2.5-1.5B and a Qwen2.5-7B shape at 4k and 8k
 # prompts, baseline / packed_causal / ours (LAYERS7B=N runs the 7B shape with N layers where memory forces it).
 # Optional in the default run, each adding its table to gpu.txt: BUCKETED=1 (the experimental cuDNN bucketing under
 # --vary, 60 s), AVOID=1 (TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1, 70 s), PROFILE=1 (scripts/gpu_profile.py, one
@@ -44,9 +44,12 @@ quiet() { grep -v "step/s\]\|s/step\]"; }
 
 if [ "${MODE:-}" = big ]; then
   for model in qwen2.5-1.5b qwen2.5-7b; do
-    layers=""
-    [ "$model" = qwen2.5-7b ] && [ -n "${LAYERS7B:-}" ] && layers="--layers $LAYERS7B"
-    timeout -s INT -k 5 "${BIG_TIMEOUT:-120}" python3 -m shared_prefix.bench --preset gpu --model "$model" $layers \
+    layers="" limit=100
+    if [ "$model" = qwen2.5-7b ]; then
+      limit=200  # six steps per variant; at 8k prompts the 7B baseline forwards 67,584 tokens a step
+      [ -n "${LAYERS7B:-}" ] && layers="--layers $LAYERS7B"
+    fi
+    timeout -s INT -k 5 "$limit" python3 -m shared_prefix.bench --preset gpu --model "$model" $layers \
       --steps 3 --config 4096x512x8x1 --config 8192x256x8x1 --variants baseline,packed_causal,shared_prefix \
       --no-host-cost --out "/tmp/big-${model#qwen2.5-}" 2>&1 | quiet | tee -a "$OUT/gpu.txt" | tail -8
     mkdir -p "$OUT/big-${model#qwen2.5-}"
@@ -55,12 +58,12 @@ if [ "${MODE:-}" = big ]; then
   exit 0
 fi
 
-timeout -s INT -k 5 "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
+timeout -s INT -k 5 "${TEST_TIMEOUT:-130}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -25
 timeout -s INT -k 5 "${BENCH_TIMEOUT:-150}" python3 -m shared_prefix.bench --preset gpu --out "$OUT/bench" \
   --variants "${VARIANTS:-baseline,packed_causal,packed_causal_fa2,shared_prefix,flex}" ${BENCH_ARGS:-} 2>&1 \
   | quiet | tee -a "$OUT/gpu.txt" | tail -30
-timeout -s INT -k 5 "${VARY_TIMEOUT:-110}" python3 -m shared_prefix.bench --preset gpu --vary --steps 3 \
+timeout -s INT -k 5 "${VARY_TIMEOUT:-140}" python3 -m shared_prefix.bench --preset gpu --vary --steps 3 \
   --variants "${VARIANTS_VARY:-shared_prefix,packed_causal,packed_causal_fa2,flex}" --no-host-cost \
   --out "$OUT/bench-vary" 2>&1 | quiet | tee -a "$OUT/gpu.txt" | tail -20
 rm -f "$OUT/bench/results.png" "$OUT/bench-vary/results.png"  # the tables have the figures; 8 files at most
