@@ -12,7 +12,7 @@
 #    and block-mask builds fall in its timed steps;
 # 4. a whole GRPO trainer step (`python -m shared_prefix.bench.trainer_step`): TRL's GRPOTrainer against
 #    SharedPrefixGRPOTrainer on a 0.5B-shaped model, generation by transformers, the step split into generation,
-#    log-probs, loss forward, backward and the rest.
+#    log-probs, loss forward, backward and the rest (beta 0.04, so the reference model's log-probs are a part too).
 # MODE=big instead runs the larger shapes (at most 5 minutes): Qwen2.5-1.5B and a Qwen2.5-7B shape at 4k and 8k
 # prompts, baseline / packed_causal / ours (LAYERS7B=N runs the 7B shape with N layers where memory forces it).
 # Optional in the default run, each adding its table to gpu.txt: BUCKETED=1 (the experimental cuDNN bucketing under
@@ -68,7 +68,8 @@ timeout -s INT -k 5 "${VARY_TIMEOUT:-140}" python3 -m shared_prefix.bench --pres
   --out "$OUT/bench-vary" 2>&1 | quiet | tee -a "$OUT/gpu.txt" | tail -20
 rm -f "$OUT/bench/results.png" "$OUT/bench-vary/results.png"  # the tables have the figures; 8 files at most
 timeout -s INT -k 5 "${TRAINER_TIMEOUT:-110}" python3 -m shared_prefix.bench.trainer_step --model qwen2.5-0.5b \
-  --prompt-tokens 2048 --completion-tokens 256 --group 8 --prompts 2 --steps 2 --grad-ckpt --out "$OUT/trainer" \
+  --prompt-tokens 2048 --completion-tokens 256 --group 8 --prompts 2 --steps 2 --grad-ckpt --beta 0.04 \
+  --out "$OUT/trainer" \
   2>&1 | tee -a "$OUT/gpu.txt" | tail -20
 # The bucketed variant in a process of its own (the shape counts and cuDNN's graph cache are process-wide),
 # beside ours' default, at the configs long enough for cuDNN; its table goes to gpu.txt.

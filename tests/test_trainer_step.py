@@ -43,3 +43,35 @@ def test_trainer_step_cpu_tiny(tmp_path):
     assert meta["steps"] == STEPS and meta["commit"] and meta["trl"] and meta["transformers"] and meta["torch"]
     table = (tmp_path / "trainer_step.md").read_text()
     assert "SharedPrefixGRPOTrainer" in table and "**total step**" in table
+    assert not any(r["interrupted"] for r in report["trainers"].values()) and "interrupted" not in table
+
+
+def test_trainer_step_interrupted_keeps_what_it_measured(tmp_path, monkeypatch):
+    """A time limit's SIGINT in the second trainer's steps: the first trainer's results and the second's completed
+    steps are written, and the table says so."""
+    import transformers
+
+    from shared_prefix.trl import SharedPrefixGRPOTrainer
+
+    steps_done = []
+
+    class Stop(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps_done.append(state.global_step)
+            if state.global_step == 3:  # warm-up and one timed step of ours, then the interrupt
+                raise KeyboardInterrupt
+
+    real_init = SharedPrefixGRPOTrainer.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.add_callback(Stop())
+
+    monkeypatch.setattr(SharedPrefixGRPOTrainer, "__init__", init)
+    assert main(["--device", "cpu", "--model", "tiny", "--prompt-tokens", str(P), "--completion-tokens", str(S),
+                 "--group", str(G), "--prompts", str(B), "--steps", "3", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "trainer_step.json").read_text())
+    stock, ours = (report["trainers"][t] for t in TRAINERS)
+    assert not stock["interrupted"] and len(stock["steps"]) == 3
+    assert ours["interrupted"] and len(ours["steps"]) == 2
+    assert "SharedPrefixGRPOTrainer was interrupted after 2 of 3 timed steps" in (tmp_path / "trainer_step.md").read_text()

@@ -88,15 +88,37 @@ def gpu_kernel_seconds(fn: Callable[[], object]) -> dict:
     return dict(gpu_busy_s=busy * 1e-6, gpu_attn_s=attn * 1e-6)
 
 
-def grad_vector(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """All parameter gradients as one flat vector (fp32 keeps a 0.5B model's copy at 2 GB)."""
-    return torch.cat([p.grad.reshape(-1).to(dtype) for p in model.parameters() if p.grad is not None])
+def grad_snapshot(model: torch.nn.Module) -> list:
+    """Every parameter's gradient as an fp32 (fp64 for fp64) copy in host memory (None where it has none): a 7B
+    model's fp32 gradients would not fit on the GPU beside its weights and their gradients."""
+    return [None if p.grad is None else p.grad.detach().to("cpu", torch.promote_types(p.grad.dtype, torch.float32))
+            for p in model.parameters()]
 
 
-def grad_agreement(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """(relative L2 difference, cosine similarity) of two flattened gradients."""
-    rel = ((ours - ref).norm() / ref.norm()).item()
-    cos = torch.nn.functional.cosine_similarity(ours, ref, dim=0).item()
+# Elements per piece in grad_agreement: its fp64 temporaries stay at a few hundred MB whatever the parameter's size.
+_PIECE = 1 << 24
+
+
+def grad_agreement(model: torch.nn.Module, ref: list) -> tuple[float, float]:
+    """(relative L2 difference, cosine similarity) of the model's current gradients against ``ref`` (a
+    :func:`grad_snapshot`), summed in fp64 piece by piece, without a flat copy of either. A missing gradient
+    counts as zeros."""
+    sums = None  # Σ (g - r)², Σ r², Σ g², Σ g·r
+    for p, r in zip(model.parameters(), ref):
+        if p.grad is None and r is None:
+            continue
+        g = (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
+        r = r.reshape(-1) if r is not None else torch.zeros(g.numel())
+        for start in range(0, g.numel(), _PIECE):
+            a = g[start : start + _PIECE].double()
+            b = r[start : start + _PIECE].to(a.device, torch.float64)
+            piece = torch.stack([(a - b).square().sum(), b.square().sum(), a.square().sum(), (a * b).sum()])
+            sums = piece if sums is None else sums + piece
+    if sums is None:
+        return 0.0, 1.0
+    diff, ref_sq, ours_sq, dot = sums.tolist()
+    rel = diff**0.5 / ref_sq**0.5 if ref_sq > 0 else float("inf")
+    cos = dot / max((ours_sq * ref_sq) ** 0.5, 1e-300)
     return rel, cos
 
 
@@ -169,7 +191,9 @@ def measure_methods(model, methods: dict[str, Callable], advantages, mask, devic
                     out: list[torch.Tensor] = []
                     first = _timed(lambda: out.append(step().detach()), device)
                     logp = out[0]
-                    grad = grad_vector(model)
+                    # Against the first method's gradients (in host memory), while this method's are in place.
+                    agree = agreement(logp, ref_logp, mask, model, ref_grad)
+                    grad = grad_snapshot(model) if ref_logp is None else None
                     if progress is not None:
                         progress.update(1)
                     model.zero_grad(set_to_none=True)
@@ -189,7 +213,7 @@ def measure_methods(model, methods: dict[str, Callable], advantages, mask, devic
                 except Exception as e:  # the profiler is a measurement aid: its failure must not cost the method
                     results[name]["gpu_busy_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 model.zero_grad(set_to_none=True)
-            results[name].update(agreement(logp, grad, ref_logp, ref_grad, mask))
+            results[name].update(agree)
             if ref_logp is None:
                 ref_logp, ref_grad = logp, grad
             del grad
@@ -227,9 +251,10 @@ def measure_methods(model, methods: dict[str, Callable], advantages, mask, devic
     return results
 
 
-def agreement(logp, grad, ref_logp, ref_grad, mask) -> dict:
-    """max |Δ logprob| at valid tokens and gradient rel L2 / cosine against a reference method."""
+def agreement(logp, ref_logp, mask, model, ref_grad) -> dict:
+    """max |Δ logprob| at valid tokens and gradient rel L2 / cosine (the model's current gradients) against a
+    reference method's."""
     if ref_logp is None:
         return dict(max_abs_logp_diff=0.0, grad_rel_l2=0.0, grad_cos=1.0)
-    rel, cos = grad_agreement(grad.double(), ref_grad.double())
+    rel, cos = grad_agreement(model, ref_grad)
     return dict(max_abs_logp_diff=((logp - ref_logp) * mask).abs().max().item(), grad_rel_l2=rel, grad_cos=cos)

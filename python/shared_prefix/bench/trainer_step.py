@@ -199,12 +199,18 @@ def run_trainer(which: str, args, checkpoint: Path, tok, data, work: Path) -> di
                   train_dataset=data, processing_class=tok, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # the logs of every step: kept in log_history, not printed
     instrument(trainer, timer)
-    trainer.train()
+    interrupted = False
+    try:
+        trainer.train()
+    except KeyboardInterrupt:  # a time limit (SIGINT): keep the steps measured so far
+        interrupted = True
     logs = [h for h in trainer.state.log_history if h.get("step", 0) > args.warmup]  # the timed steps'
     metric = lambda key: [h[key] for h in logs if key in h]  # noqa: E731
     steps = timer.steps[args.warmup:]
+    if not steps:
+        return dict(trainer=cls.__name__, interrupted=interrupted, error="no timed step")
     result = dict(
-        trainer=cls.__name__, steps=steps,
+        trainer=cls.__name__, steps=steps, interrupted=interrupted,
         median={k: statistics.median(s[k] for s in steps) for k in steps[0]},
         warmup_total_s=[s["total"] for s in timer.steps[: args.warmup]],
         completion_mean_length=statistics.mean(metric("completions/mean_length") or [float("nan")]),
@@ -257,6 +263,10 @@ def markdown(report: dict) -> str:
     lines.append(f"shared_prefix forwarded {'—' if saved is None else f'{saved:.1%}'} fewer tokens than the padded "
                  f"rows (`shared_prefix/tokens_saved_frac`, mean over the timed steps)"
                  + (f"; fell back to stock: {'; '.join(ours['fallbacks'])}." if ours.get("fallbacks") else "."))
+    cut = [f"{r['trainer']} was interrupted after {len(r['steps'])} of {m['steps']} timed steps"
+           for r in (stock, ours) if r.get("interrupted")]
+    if cut:
+        lines.append("; ".join(cut) + " (a time limit): its medians are over those.")
     return "\n".join(lines) + "\n"
 
 
@@ -307,7 +317,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for which in TRAINERS:
             print(f"trainer_step: {which} ({args.warmup} + {args.steps} steps)", file=sys.stderr)
             trainers[which] = run_trainer(which, args, checkpoint, tok, data, Path(tmp))
-    stock, ours = (trainers[t] for t in TRAINERS)
+            if trainers[which]["interrupted"]:
+                break
     meta = dict(device_name=device_name(device), device=args.device, model=args.model, vocab_size=vocab,
                 dtype=args.dtype, grad_ckpt=args.grad_ckpt, prompt_tokens=args.prompt_tokens,
                 completion_tokens=args.completion_tokens, group=args.group, prompts=args.prompts, steps=args.steps,
@@ -315,12 +326,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                 beta=args.beta, trl_default_beta=default_beta, torch=torch.__version__,
                 transformers=transformers.__version__, trl=trl.__version__, commit=git_commit(),
                 date=datetime.date.today().isoformat(), python=sys.version.split()[0])
-    report = dict(meta=meta, trainers=trainers,
-                  speedup={k: speedup(stock["median"][k], ours["median"][k]) for k in stock["median"]
-                           if k != "peak_mem_gib"})
+    report = dict(meta=meta, trainers=trainers)
+    complete = all("median" in trainers.get(t, {}) for t in TRAINERS)
+    if complete:
+        stock, ours = (trainers[t] for t in TRAINERS)
+        report["speedup"] = {k: speedup(stock["median"][k], ours["median"][k]) for k in stock["median"]
+                             if k != "peak_mem_gib"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "trainer_step.json").write_text(json.dumps(report, indent=1) + "\n")
+    if not complete:
+        print(f"interrupted: partial results in {out / 'trainer_step.json'}", file=sys.stderr)
+        return 130
     table = markdown(report)
     (out / "trainer_step.md").write_text(table)
     print(table)
