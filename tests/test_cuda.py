@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import shared_prefix as sp
-from helpers import padded, rel
+from helpers import causal_attention, padded, rel
 from shared_prefix._kernels import self_calls
 from test_attention import build_case, leaves, reference
 from test_hf import make_batch, stock_logprobs, tiny_model
@@ -163,9 +163,10 @@ FUZZ_CASES = 32
 @pytest.mark.parametrize("case", range(FUZZ_CASES))
 def test_fuzz_ragged_trees(case):
     """Random ragged batches (prefix trees of depth 1-4 with empty and one-token segments, identical rows, rows
-    sharing nothing, either padding side), GQA ratios 1/2/7, every CUDA kernel choice on both executor paths:
-    fp16/bf16 against the fp32 explicit-math kernel on the same rounded inputs, fp32 against fp64; forward and
-    backward under ``set_sync_debug_mode("error")``."""
+    sharing nothing, either padding side), GQA ratios 1/2/7, every CUDA kernel choice on both executor paths,
+    forward and backward under ``set_sync_debug_mode("error")``: against each row alone in fp64 (values, and the
+    gradients carried back to every distinct prefix's q/k/v), and, tighter, against the explicit-math kernel on the
+    same rounded inputs (fp32 for fp16/bf16, fp64 for fp32)."""
     from test_tree import as_batch, features, pack_features, tree_rows
 
     rng = random.Random(case)
@@ -176,22 +177,37 @@ def test_fuzz_ragged_trees(case):
     rows = tree_rows(1000 + case, depth, n_rows=rng.randint(4, 12), vocab=1000)
     pid, pmask, cid, cmask = (x.to(DEV) for x in as_batch(rows, left_prompt, left_completion))
     plan = sp.plan(pid, pmask, cid, cmask, max_depth=depth, min_node_tokens=rng.choice([1, 3]))
-    _, per_row = features(rows, hkv * ratio, hkv, 64, case)
-    packed = pack_features(plan, rows, per_row, pid.shape[1], cid.shape[1], left_prompt, left_completion, DEV)
-    packed = {n: x.detach() for n, x in packed.items()}
-    w = torch.randn(packed["q"].shape, generator=torch.Generator().manual_seed(case), dtype=torch.float64).to(DEV)
-    # Low precision: judged on the rounded inputs against fp32 math; fp32 (its CUDA default is the math kernel,
-    # unless one is forced) against fp64 math.
+    leaves, per_row = features(rows, hkv * ratio, hkv, 64, case)
+    lp, lc = pid.shape[1], cid.shape[1]
+    packed64 = pack_features(plan, rows, per_row, lp, lc, left_prompt, left_completion, DEV)  # from the leaves
+    w = torch.randn(packed64["q"].shape, generator=torch.Generator().manual_seed(case), dtype=torch.float64).to(DEV)
+    what = dict(depth=depth, hkv=hkv, ratio=ratio, kernels=kernels, mode=mode, dtype=dtype, levels=plan.levels)
+
+    # Each row alone, fp64 on the CPU; every packed token's output is its rows' (identical where they share it).
+    ref = [causal_attention(x["q"], x["k"], x["v"], 64**-0.5) for x in per_row]
+    rp, _ = padded([r[: p.shape[0]] for r, (p, _) in zip(ref, rows)], lp, left_prompt)
+    rc, _ = padded([r[p.shape[0]:] for r, (p, _) in zip(ref, rows)], lc, left_completion)
+    ref_out = plan.pack(rp.to(DEV), rc.to(DEV))[0]
+    leaf_list = list(leaves.values())
+    ref_grads = torch.autograd.grad((ref_out * w).sum(), leaf_list, allow_unused=True)
+
     ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
-    kernels = None if dtype == torch.float32 else kernels  # FA2 and cuDNN take fp16/bf16 only
-    packed = {n: x.to(dtype).to(ref_dtype) for n, x in packed.items()}
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    got = outputs_and_grads(packed, plan, dtype, kernels, mode, w, sync_check=True)
-    want = outputs_and_grads(packed, plan, ref_dtype, "math", mode, w)
+    kernels = None if dtype == torch.float32 else kernels  # FA2 and cuDNN take fp16/bf16 only (fp32: math)
+    rounded = {n: x.detach().to(dtype).to(ref_dtype) for n, x in packed64.items()}
+    got = outputs_and_grads(rounded, plan, dtype, kernels, mode, w, sync_check=True)
+    want = outputs_and_grads(rounded, plan, ref_dtype, "math", mode, w)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}[dtype]
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-        assert torch.isfinite(a).all(), name
-        assert rel(a, b) < tol, (name, rel(a, b), dict(depth=depth, hkv=hkv, ratio=ratio, kernels=kernels, mode=mode,
-                                                        dtype=dtype, levels=plan.levels))
+        assert torch.isfinite(a).all(), (name, what)
+        assert rel(a, b) < tol, (name, rel(a, b), what)
+    # Against each row alone (input rounding included): the output, and the gradients through the packing.
+    alone = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
+    assert rel(got[0], ref_out.detach()) < alone, ("out alone", rel(got[0], ref_out.detach()), what)
+    ours = torch.autograd.grad([packed64[n] for n in ("q", "k", "v")], leaf_list, grad_outputs=got[1:],
+                               allow_unused=True)
+    mine = torch.cat([a.reshape(-1) for a, b in zip(ours, ref_grads) if b is not None])
+    theirs = torch.cat([b.reshape(-1) for b in ref_grads if b is not None])
+    assert rel(mine, theirs) < alone, ("grads alone", rel(mine, theirs), what)
 
 
 def check_against_fp64(dtype, kernels, left, window=None, groups=None):

@@ -183,12 +183,13 @@ def test_prefix_tree_settings():
         sp.set_prefix_tree(**before)
 
 
-def test_sliding_windows_plan_by_prompts():
+def test_sliding_windows_limit_the_tree_to_two_levels():
     rows = tree_rows(3, 4)
     batch = as_batch(rows)
     deep = sp.plan(*batch, min_node_tokens=1)
     assert deep.levels > 2
-    assert sp.plan(*batch, min_node_tokens=1, windows=[3]).levels == 2  # the window cuts: prompts only
+    cut = sp.plan(*batch, min_node_tokens=1, windows=[3])  # the window cuts: a tree of two levels
+    assert cut.levels == 2 and cut.num_tokens <= sp.plan(*batch, min_node_tokens=1, max_depth=1).num_tokens
     assert sp.plan(*batch, min_node_tokens=1, windows=[10**6]).levels == deep.levels  # it cuts nothing
 
 
@@ -213,3 +214,23 @@ def test_completion_logprobs_match_each_row_alone(family, depth, left_prompt):
     assert worst <= 1e-6, worst
     plan = sp.plan(pid, pmask, cid, cmask, max_depth=depth, min_node_tokens=1)
     assert plan.levels > 2 and plan.num_tokens < sp.plan(pid, pmask, cid, cmask, max_depth=1).num_tokens
+
+
+@pytest.mark.parametrize("window", [2, 3, 5])
+def test_windowed_model_over_a_cut_tree_matches_each_row_alone(window):
+    """A window shorter than the rows limits the tree to two levels, whose roots may be prefixes that rows of
+    several prompts share (not whole prompts): every completion's window keys still come out exact."""
+    model = tiny_model("mistral", sliding_window=window)
+    rows = tree_rows(5, 4)
+    pid, pmask, cid, cmask = as_batch(rows)
+    plan = sp.plan(pid, pmask, cid, cmask, min_node_tokens=1, windows=[window])
+    prompts = {tuple(p.tolist()) for p, _ in rows}
+    assert plan.levels == 2 and sum(n.parent == -1 for n in plan.nodes) < len(prompts)  # roots shared across prompts
+    w = torch.randn(cid.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ref, ref_ent = stock_logprobs(model, rows, cid.shape[1], 0.9)
+    ref_grads = param_grads(model, (ref * w).sum() + 0.1 * (ref_ent * w).sum())
+    lp, ent = sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0.9, return_entropy=True,
+                                     min_node_tokens=1)
+    assert (lp - ref).abs().max().item() <= 1e-9 and (ent - ref_ent).abs().max().item() <= 1e-9
+    grads = param_grads(model, (lp * w).sum() + 0.1 * (ent * w).sum())
+    assert max(rel(grads[n], ref_grads[n]) for n in ref_grads) <= 1e-6
