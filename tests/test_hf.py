@@ -259,9 +259,9 @@ pid = torch.randint(1, 61, (1, 6)).expand(4, 6)
 pmask, cid = torch.ones_like(pid), torch.randint(1, 61, (4, 5))
 cmask = torch.ones_like(cid)
 forward = sp.hf.PackedForward.prepare(model, pid, pmask, cid, cmask)
-logp, _ = forward.logprobs(forward.run(), temperature=1.0)
+logp, _ = forward.run(temperature=1.0)
 again = sp.hf.PackedForward.prepare(model, pid, pmask, cid, cmask, plan=forward.plan)
-assert torch.equal(again.logprobs(again.run(), temperature=1.0)[0], logp)
+assert torch.equal(again.outputs(model(**again.inputs(1.0)))[0], logp)
 plan = sp.plan(pid, pmask, cid, cmask, windows=sp.hf.model_windows(model))
 sp.register()
 model.set_attn_implementation("shared_prefix")
@@ -286,7 +286,7 @@ def test_one_plan_serves_several_forwards():
     want = sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0.8)
     for _ in range(3):
         forward = PackedForward(model, p)
-        got, entropy = forward.logprobs(forward.run(), 0.8)
+        got, entropy = forward.run(temperature=0.8)
         assert forward.attention_calls == model.config.num_hidden_layers and entropy is None
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="plan: not a plan made for this model's sliding windows"):
@@ -296,7 +296,7 @@ def test_one_plan_serves_several_forwards():
     stale = PackedForward(model, p)
     stale.count_layer()  # one layer too many: the forward is refused, not trusted
     with pytest.raises(sp.UnsupportedModelError, match="3 attention call"):
-        stale.run()
+        stale.run(temperature=1.0)
 
 
 @pytest.mark.parametrize("family,extra", [

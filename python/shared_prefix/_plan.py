@@ -235,6 +235,12 @@ class Plan:
         h = self._packed_rows(x, "x")
         return h[self._scored_tail:] if self._scored_tail is not None else h.index_select(0, self._scored)
 
+    @property
+    def predictor_index(self) -> torch.Tensor:
+        """``[Nc]``: for each completion token in packed order, the stream position that predicts it. As a causal
+        LM's ``logits_to_keep`` it makes the model apply its head to exactly these rows."""
+        return self._predictor
+
     def predictor_rows(self, hidden: torch.Tensor) -> torch.Tensor:
         """For each completion token in packed order, the row of ``hidden`` that predicts it: ``[Nc, ...]``."""
         return self._packed_rows(hidden, "hidden").index_select(0, self._predictor)

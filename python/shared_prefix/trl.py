@@ -8,8 +8,9 @@ The override computes the policy, old and reference log-probs (and entropies) wi
 groups are rows with identical prompts (TRL shuffles rows, so groups are not consecutive); prompts are left-padded
 and completions right-padded as TRL builds them; the first completion token is predicted by the group's last prompt
 token; the LM head, temperature and entropy go through TRL's own chunked log-prob kernel, so the numbers are TRL's.
-Multimodal inputs, models that return an auxiliary (MoE) loss, and anything else we do not support fall back to the
-stock method, with the reason logged once.
+The LM head runs inside the model's own forward, so DDP, DeepSpeed ZeRO-2/ZeRO-3 and FSDP1/FSDP2 gather and reduce it
+through their own hooks. Multimodal inputs, MoE auxiliary losses other than transformers' own, and anything else we
+do not support fall back to the stock method, with the reason logged once.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from typing import Any, Optional
 import torch
 
 from ._refusals import UnsupportedModelError
-from .hf.fsdp import fsdp1_refusal
+from .hf.lm_head import lm_head_refusal
 from .hf.pipeline import (TOKENS_SAVED_METRIC, TREE_TOKENS_SAVED_METRIC, PackedForward, StockFallbacks, tokens_saved,
                           version_refusal)
 from .hf.registry import register
-from .hf.support import lm_head_refusal, load_balancing_loss, model_windows, text_config, unsupported_config
+from .hf.support import load_balancing_loss, model_windows, text_config, unsupported_config
 
 SUPPORTED_TRL = (">=1.16", "<1.17")
 # Keyword arguments that carry multimodal inputs: the packed stream has no place for them.
@@ -117,16 +118,7 @@ class SharedPrefixMixin:
         if any(extra.get(k) is not None for k in _MULTIMODAL_KEYS):
             return "multimodal inputs"
         cfg = text_config(base)
-        why = unsupported_config(cfg) or self.shared_prefix_fallbacks.refused_reason(base) or lm_head_refusal(base)
-        if why is not None:
-            return why
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-        if is_deepspeed_zero3_enabled():
-            # ZeRO-3 partitions the head's weight outside its module's forward, and reduces its gradient only through
-            # hooks armed by a forward around the loss (TRL's _ForwardRedirection), which this path does not run.
-            return "DeepSpeed ZeRO-3 (the LM head is partitioned outside its forward)"
-        return None
+        return unsupported_config(cfg) or self.shared_prefix_fallbacks.refused_reason(base) or lm_head_refusal(base)
 
     def _shared_prefix_head(self, hidden, weight, bias, targets, temperature, entropy, chunk_size):
         """TRL's own fused LM head (``ChunkedLogProbFunction``), so the numbers are TRL's: optionally in fp32
@@ -143,7 +135,7 @@ class SharedPrefixMixin:
                                                      outputs)
         return per_token[0], (per_token[1] if entropy else None)
 
-    def _shared_prefix_logps(self, model, root, base, ids, mask, logits_to_keep, compute_entropy, compute_aux_loss,
+    def _shared_prefix_logps(self, model, base, ids, mask, logits_to_keep, compute_entropy, compute_aux_loss,
                              plans: dict, start):
         """Log-probs, entropies (or None) and the auxiliary loss (or None) of one micro-batch through the packed
         forward; a string saying why not. ``plans``: this batch's plans by micro-batch ``start`` and the model's
@@ -157,20 +149,19 @@ class SharedPrefixMixin:
         try:
             # The padded rows' width is the sequence length the stock forward's RoPE sees.
             forward = PackedForward.prepare(base, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                            stock_seq_len=ids.shape[1], root=root, plan=plans.get(key))
+                                            stock_seq_len=ids.shape[1], plan=plans.get(key))
         except UnsupportedModelError as e:
             return str(e), None
         plans[key] = forward.plan
         try:
-            # Through the (possibly DDP-wrapped) model, so its hooks run.
+            # Through the trainer's (DDP-, DeepSpeed- or FSDP-wrapped) model, so that its hooks run.
             with self.accelerator.autocast():
-                hidden = forward.run(model, router_logits=compute_aux_loss)
+                logps, entropies = forward.run(model, temperature=self.temperature, entropy=compute_entropy,
+                                               head=self._shared_prefix_head, router_logits=compute_aux_loss)
                 aux = forward.aux_loss() if compute_aux_loss else None
         except UnsupportedModelError as e:
             self.shared_prefix_fallbacks.forward_failed(base, e)
             return str(e), None
-        logps, entropies = forward.logprobs(hidden, self.temperature, entropy=compute_entropy,
-                                            head=self._shared_prefix_head)
         return (logps, entropies, aux), (forward.plan.num_tokens, forward.plan.by_prompt_tokens)
 
     def _get_per_token_logps_and_entropies(
@@ -184,11 +175,12 @@ class SharedPrefixMixin:
         compute_aux_loss=False,
         **extra: Any,
     ):
-        root = self.accelerator.unwrap_model(model)
-        base = root.get_base_model() if hasattr(root, "get_base_model") else root
-        why = self._shared_prefix_refusal(base, compute_aux_loss, extra) or fsdp1_refusal(model)
+        unwrapped = self.accelerator.unwrap_model(model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        why = self._shared_prefix_refusal(base, compute_aux_loss, extra)
         if why is not None:
             self.shared_prefix_fallbacks.say(why)
+            self._shared_prefix_log(model, input_ids.numel(), input_ids.numel(), input_ids.numel())  # nothing saved
             return super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **extra,
@@ -201,7 +193,7 @@ class SharedPrefixMixin:
             ids = input_ids[start : start + batch_size]
             mask = attention_mask[start : start + batch_size]
             stock += ids.numel()  # TRL forwards the padded rows
-            result, tokens = self._shared_prefix_logps(model, root, base, ids, mask, logits_to_keep, compute_entropy,
+            result, tokens = self._shared_prefix_logps(model, base, ids, mask, logits_to_keep, compute_entropy,
                                                        compute_aux_loss, plans, start)
             if isinstance(result, str):  # this micro-batch (or the model) cannot take the plan: the stock method
                 self.shared_prefix_fallbacks.say(result)
@@ -217,15 +209,20 @@ class SharedPrefixMixin:
             all_logps.append(logps)
             if compute_entropy:
                 all_entropies.append(entropies)
-        mode = "train" if model.training else "eval"
-        if stock:
-            for name, value in tokens_saved(forwarded, stock, by_prompt).items():
-                self._metrics[mode][name].append(value)
+        self._shared_prefix_log(model, forwarded, stock, by_prompt)
         logps = torch.cat(all_logps)
         entropies = torch.cat(all_entropies) if compute_entropy else None
         # As the stock method: the micro-batches' auxiliary losses averaged.
         aux_loss = torch.stack(all_aux).mean() if compute_aux_loss else None
         return logps, entropies, aux_loss
+
+    def _shared_prefix_log(self, model, forwarded: int, stock: int, by_prompt: int) -> None:
+        """The token metrics of one call: ``forwarded`` packed tokens against the ``stock`` padded rows TRL would
+        forward (and the ``by_prompt`` tokens of whole-prompt plans)."""
+        if stock:
+            mode = "train" if model.training else "eval"
+            for name, value in tokens_saved(forwarded, stock, by_prompt).items():
+                self._metrics[mode][name].append(value)
 
     def _prepare_inputs(self, generation_batch):
         if not self.shared_prefix_group_shuffle:

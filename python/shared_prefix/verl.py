@@ -7,8 +7,9 @@ Load it through verl's hook and switch it on with the existing flag::
 
 Supported: verl >= 0.9, < 0.10. Importing this module patches ``FSDPEngineWithLMHead.prepare_model_inputs`` and
 ``prepare_model_outputs``: for an eligible micro-batch the engine's own ``forward_step`` (autocast, loss, metrics)
-runs the model once on the packed shared-prefix stream and gets back ``log_probs``/``entropy`` in exactly its own
-layout (nested over prompt+response, position t = log p(x[t+1] | x[:t+1]), zeros at prompt positions, which verl's
+runs the model once on the packed shared-prefix stream, its LM head computing the log-probs inside the model's
+forward (so FSDP1 and FSDP2 gather and reduce it as for the stock logits), and gets back ``log_probs``/``entropy``
+in exactly its own layout (nested over prompt+response, position t = log p(x[t+1] | x[:t+1]), zeros at prompt positions, which verl's
 losses never read). Groups come from the ``uid`` key (falling back to identical prompts when a uid group's prompts
 differ, e.g. verl's synthetic padding samples). Both ``use_remove_padding`` settings take the same path, since the
 engine's ``input_ids`` are nested either way. Everything else (the critic, fused kernels, Ulysses SP, per-sample
@@ -33,7 +34,6 @@ from typing import Optional
 import torch
 
 from ._refusals import UnsupportedModelError
-from .hf.fsdp import fsdp1_refusal
 from .hf.pipeline import PackedForward, StockFallbacks, tokens_saved, version_refusal
 from .hf.registry import register, takes_plan
 from .hf.support import unsupported_config
@@ -44,6 +44,11 @@ _KEY = "_shared_prefix"
 # The plan of the micro-batch the engine's forward_step just packed, for its metrics.
 _PACKED = "_shared_prefix_packed"
 _state = {"enabled": os.environ.get("SHARED_PREFIX_VERL", "") not in ("", "0")}
+# Micro-batch flags that keep the stock path, and the verl setting behind each.
+_FLAG_SETTINGS = {"use_fused_kernels": "actor_rollout_ref.model.use_fused_kernels",
+                  "calculate_sum_pi_squared": "actor_rollout_ref.actor.calculate_sum_pi_squared",
+                  "distillation_use_topk": "distillation.distillation_loss.loss_settings.use_topk",
+                  "distillation_only": "distillation.distillation_loss.loss_settings.use_topk"}
 fallbacks = StockFallbacks("shared_prefix.verl: stock log-probs")
 
 
@@ -58,14 +63,12 @@ def _ineligible(engine, mb, ti, tu) -> Optional[str]:
     if isinstance(engine, ti.FSDPEngineWithValueHead):
         return "value model"
     flag = lambda key, default=False: tu.get_non_tensor_data(data=mb, key=key, default=default)  # noqa: E731
-    for key in ("use_fused_kernels", "calculate_sum_pi_squared", "distillation_use_topk", "distillation_only"):
+    for key, setting in _FLAG_SETTINGS.items():
         if flag(key):
-            return f"{key} is set"
+            return f"{key} is set (set {setting}=False to share prompts)"
     if getattr(engine, "use_ulysses_sp", False):
-        return "Ulysses sequence parallelism"
-    why = fsdp1_refusal(engine.module)
-    if why is not None:
-        return why
+        return ("Ulysses sequence parallelism (set actor_rollout_ref.actor.ulysses_sequence_parallel_size=1 to share "
+                "prompts)")
     if "multi_modal_inputs" in mb.keys():
         return "multimodal inputs"
     if isinstance(mb["temperature"], torch.Tensor) and mb["temperature"].numel() > 1:
@@ -79,7 +82,8 @@ def _ineligible(engine, mb, ti, tu) -> Optional[str]:
         return why
     cfg = getattr(module, "config", None)
     if cfg is None or not takes_plan(cfg._attn_implementation):
-        return f"attention implementation {getattr(cfg, '_attn_implementation', None)!r} cannot take a plan"
+        return (f"attention implementation {getattr(cfg, '_attn_implementation', None)!r} cannot take a plan (set "
+                "actor_rollout_ref.model.override_config.attn_implementation to flash_attention_2 or sdpa)")
     return unsupported_config(cfg)
 
 
@@ -135,9 +139,10 @@ def _prepare_model_inputs(self, micro_batch, _orig, ti, tu):
     temperature = micro_batch["temperature"]
     temperature = float(temperature.reshape(-1)[0]) if isinstance(temperature, torch.Tensor) else float(temperature)
     temperature = max(temperature, 1e-8)  # as the stock engine clamps it (rollout.temperature=0 is greedy decoding)
-    state = {"forward": forward, "offsets": offsets, "prompt_len": prompt_len, "mask": completion_mask,
-             "temperature": temperature}
-    return forward.inputs(), {_KEY: state}  # the engine's forward_step adds use_cache=False
+    entropy = bool(tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False))
+    state = {"forward": forward, "offsets": offsets, "prompt_len": prompt_len, "mask": completion_mask}
+    # The engine's forward_step adds use_cache=False.
+    return forward.inputs(temperature, entropy=entropy), {_KEY: state}
 
 
 def _prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func, _orig, _orig_inputs, tu):
@@ -146,7 +151,7 @@ def _prepare_model_outputs(self, output, output_args, micro_batch, logits_proces
         return _orig(self, output, output_args, micro_batch, logits_processor_func)
     forward = state["forward"]
     try:
-        forward.check()
+        logp, ent = forward.outputs(output)
     except UnsupportedModelError as e:
         fallbacks.forward_failed(self.module, e)
         # The stock forward, inside the engine's autocast (this hook runs within forward_step's).
@@ -154,8 +159,6 @@ def _prepare_model_outputs(self, output, output_args, micro_batch, logits_proces
         stock = self.module(**inputs, use_cache=False)
         return _orig(self, stock, args, micro_batch, logits_processor_func)
     self.__dict__[_PACKED] = forward.plan
-    entropy_wanted = tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False)
-    logp, ent = forward.logprobs(output.hidden_states[-1], state["temperature"], entropy=entropy_wanted)
     # Back to the engine's layout: nested over prompt+response, position t predicts token t+1.
     offsets, mask = state["offsets"], state["mask"]
     cols = torch.arange(mask.shape[1], device=offsets.device)
@@ -167,7 +170,7 @@ def _prepare_model_outputs(self, output, output_args, micro_batch, logits_proces
         return torch.nested.nested_tensor_from_jagged(full, offsets)
 
     out = {"log_probs": nested(logp)}
-    if entropy_wanted:
+    if ent is not None:
         out["entropy"] = nested(ent)
     return out
 
@@ -202,9 +205,11 @@ def install() -> bool:
         self.__dict__.pop(_PACKED, None)
         loss, output = orig_step(self, micro_batch, loss_function, forward_only)
         plan = self.__dict__.pop(_PACKED, None)
-        if plan is not None and isinstance(output, dict) and isinstance(output.get("metrics"), dict):
-            # Against the stock engine's unpadded tokens; verl averages them over the update's micro-batches.
-            output["metrics"].update(tokens_saved(plan.num_tokens, plan.stock_tokens, plan.by_prompt_tokens))
+        if _state["enabled"] and isinstance(output, dict) and isinstance(output.get("metrics"), dict):
+            # Against the stock engine's unpadded tokens (0 for a micro-batch that took the stock path); verl
+            # averages them over the update's micro-batches.
+            counts = (plan.num_tokens, plan.stock_tokens, plan.by_prompt_tokens) if plan is not None else (1, 1, 1)
+            output["metrics"].update(tokens_saved(*counts))
         return loss, output
 
     cls.prepare_model_inputs = prepare_model_inputs
@@ -212,7 +217,42 @@ def install() -> bool:
     cls.forward_step = forward_step
     cls._shared_prefix_installed = True
     _watch_actor_config()
+    _value_head_check_for_trl()
     return True
+
+
+def _value_head_check_for_trl() -> None:
+    """verl's ``apply_monkey_patch`` (``verl/models/transformers/monkey_patch.py``), run on every model the engine
+    builds, imports TRL's ``AutoModelForCausalLMWithValueHead`` whenever TRL is importable, to patch that class's
+    ``state_dict``. TRL 1.16 has no such class, so with both installed verl's model build raises ``ImportError``.
+    Its ``is_trl_available`` is wrapped to also ask whether TRL has the class: with TRL 1.16 the patch of a class
+    that does not exist is skipped, and an older TRL is patched as before. Idempotent."""
+    try:
+        from verl.models.transformers import monkey_patch
+    except ImportError:
+        return
+    stock = monkey_patch.is_trl_available
+    if getattr(stock, "_shared_prefix", False):
+        return
+
+    def is_trl_available() -> bool:
+        if not stock():
+            return False
+        import importlib
+        import warnings
+
+        for module in ("trl", "trl.experimental.ppo"):  # where verl looks, the stable one first
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # TRL warns on importing its experimental package
+                    if hasattr(importlib.import_module(module), "AutoModelForCausalLMWithValueHead"):
+                        return True
+            except ImportError:
+                continue
+        return False
+
+    is_trl_available._shared_prefix = True
+    monkey_patch.is_trl_available = is_trl_available
 
 
 def _watch_actor_config() -> None:

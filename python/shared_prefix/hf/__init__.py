@@ -5,8 +5,8 @@
 - :func:`register`: the ``"shared_prefix"`` attention implementation (``registry``); a model set to it behaves as
   ``"sdpa"`` unless handed a plan.
 - :class:`PackedForward`: the packed forward every integration runs (``pipeline``).
-- Model support (``support``), the LM head under FSDP (``fsdp``) and activation checkpointing
-  (``checkpointing``).
+- Model support (``support``), the LM head inside the model's forward under every engine (``lm_head``) and
+  activation checkpointing (``checkpointing``).
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from .._logprobs import check_linear_head, check_token_ids
 from .._plan import Plan
 from .._refusals import UnsupportedModelError
 from .checkpointing import checkpointing_on, enable_checkpointing
-from .fsdp import unsharded_lm_head
 from .pipeline import PackedForward, StockFallbacks
 from .registry import NAME, PLAN_KWARG, register
 from .support import model_windows, unsupported_config, unsupported_for
 
 __all__ = ["completion_logprobs", "register", "PackedForward", "StockFallbacks", "UnsupportedModelError",
-           "model_windows", "unsupported_config", "unsupported_for", "unsharded_lm_head", "checkpointing_on",
+           "model_windows", "unsupported_config", "unsupported_for", "checkpointing_on",
            "enable_checkpointing", "NAME", "PLAN_KWARG"]
 
 
@@ -78,6 +77,5 @@ def completion_logprobs(
     forward = PackedForward.prepare(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                                     group_sizes=group_sizes, group_ids=group_ids, max_depth=max_depth,
                                     min_node_tokens=min_node_tokens, validate=validate)
-    hidden = forward.run()
-    logprobs, entropy = forward.logprobs(hidden, temperature, entropy=return_entropy, chunk_size=chunk_size)
+    logprobs, entropy = forward.run(temperature=temperature, entropy=return_entropy, chunk_size=chunk_size)
     return (logprobs, entropy) if return_entropy else logprobs

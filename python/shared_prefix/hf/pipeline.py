@@ -6,10 +6,12 @@ The sequence (:class:`PackedForward`):
 
 1. ``prepare``: the model-support checks a config shows, the plan (with the model's sliding windows), and the
    checks the plan's lengths need, all before any forward;
-2. the forward on the packed stream: ``run`` (through the model, its decoder, or a wrapper such as DDP), or the
-   caller's own (verl's engine) with ``inputs()``; every attention layer counts itself on this object;
-3. ``check``: every decoder layer took the plan and none refused it, else the forward's numbers are discarded;
-4. ``logprobs``: the LM head on the predictor rows alone (unsharded through FSDP2), back in ``[B, Lc]`` order.
+2. the forward on the packed stream, through the model's own forward: ``run`` (the model, or a wrapper such as
+   DDP, DeepSpeed's engine or FSDP), or the caller's own call (verl's engine) with ``inputs()``. Every attention
+   layer counts itself on this object, and the LM head, called by the model on the predictor rows alone, computes
+   the requested log-probs in its own module call (``lm_head``), where every engine hands it whole weights;
+3. ``check``: every decoder layer took the plan, none refused it and the head ran once, else the forward's
+   numbers are discarded; ``outputs`` then gives the log-probs (and entropies) in ``[B, Lc]`` order.
 
 A :class:`StockFallbacks` keeps, per integration, the reasons already logged and the model classes whose forward
 showed that they cannot take a plan.
@@ -25,16 +27,12 @@ import torch
 from .._logprobs import linear_logprobs
 from .._plan import Plan, plan as make_plan
 from .._refusals import UnsupportedModelError
-from .fsdp import is_fsdp2, unsharded_lm_head
+from . import lm_head
+from .lm_head import Head, HeadRequest, lm_head_refusal
 from .registry import NAME, PLAN_KWARG, attention_implementation, register
-from .support import (lm_head_refusal, load_balancing_loss, model_windows, text_config, unsupported_config,
-                      unsupported_for)
+from .support import load_balancing_loss, model_windows, text_config, unsupported_config, unsupported_for
 
 logger = logging.getLogger("shared_prefix")
-
-# A head: (predictor rows [Nc, H], weight, bias, targets [Nc], temperature, with_entropy, chunk_size) ->
-# (log-probs [Nc], entropy [Nc] or None).
-Head = Callable[..., "tuple[torch.Tensor, Optional[torch.Tensor]]"]
 
 
 # What the integrations log: the fraction of the stock computation's tokens the packed stream did not forward, and
@@ -50,25 +48,26 @@ def tokens_saved(forwarded: int, stock: int, by_prompt: int) -> dict:
 
 
 class PackedForward:
-    """One forward of a planned micro-batch through ``model`` (a transformers causal LM, unwrapped), and what its
-    attention layers reported. Pass it as ``shared_prefix_plan=`` (``inputs()`` does). Make it with
-    :meth:`prepare`, which runs the support checks; constructed directly, those checks are the caller's.
+    """One forward of a planned micro-batch through ``model`` (a transformers causal LM, or a wrapper of it such as
+    a PEFT model or FSDP1's, that its forward is called through), and what its attention layers and LM head
+    reported. Pass it as ``shared_prefix_plan=`` (``inputs()`` does). Make it with :meth:`prepare`, which runs the
+    support checks; constructed directly, those checks are the caller's.
 
-    ``root``: the module that holds the LM head for FSDP2 (the model itself, or a wrapper such as a PEFT model).
     ``defer_refusals``: a layer that cannot take the plan records why and the forward goes on (for callers that
     cannot stop the forward midway, such as verl's engine); ``check`` then raises. Otherwise it raises at once.
     """
 
-    def __init__(self, model: torch.nn.Module, plan: Plan, *, root: Optional[torch.nn.Module] = None,
-                 defer_refusals: bool = False):
+    def __init__(self, model: torch.nn.Module, plan: Plan, *, defer_refusals: bool = False):
         if not isinstance(plan, Plan):
             raise TypeError(f"plan: expected a shared_prefix.Plan, got {type(plan).__name__}")
         register()  # the implementation run() switches the model to
+        lm_head.install(model)
         self.model = model
-        self.root = model if root is None else root
         self.plan = plan
         self.defer_refusals = defer_refusals
         self.attention_calls = 0
+        self.head_calls = 0
+        self.head_request: Optional[HeadRequest] = None
         self.refusal: Optional[UnsupportedModelError] = None
         self.router_logits: Optional[tuple] = None
 
@@ -82,7 +81,6 @@ class PackedForward:
         completion_mask: torch.Tensor,
         *,
         stock_seq_len: Union[int, str, None] = None,
-        root: Optional[torch.nn.Module] = None,
         defer_refusals: bool = False,
         plan: Optional[Plan] = None,
         validate: Optional[Callable[[Plan], None]] = None,
@@ -114,11 +112,14 @@ class PackedForward:
         why = unsupported_for(model, p, p.max_seqlen if stock_seq_len == "longest" else stock_seq_len)
         if why is not None:
             raise UnsupportedModelError(f"shared_prefix: {why}, which is not supported", per_batch=True)
-        return cls(model, p, root=root, defer_refusals=defer_refusals)
+        return cls(model, p, defer_refusals=defer_refusals)
 
-    # -- what the attention layers report ----------------------------------------------------------------------
+    # -- what the attention layers and the LM head report ---------------------------------------------------------
     def count_layer(self) -> None:
         self.attention_calls += 1
+
+    def count_head(self) -> None:
+        self.head_calls += 1
 
     def refuse(self, why: str, per_batch: bool) -> None:
         error = UnsupportedModelError(why, per_batch=per_batch)
@@ -128,34 +129,39 @@ class PackedForward:
             self.refusal = error
 
     # -- the forward -------------------------------------------------------------------------------------------
-    def inputs(self) -> dict:
-        """Keyword arguments for calling the causal LM (or a wrapper of it) on the packed stream when only its last
-        hidden state is wanted (the LM head then runs on the predictor rows alone)."""
+    def inputs(self, temperature: float, *, entropy: bool = False, chunk_size: Optional[int] = None,
+               head: Head = linear_logprobs) -> dict:
+        """Keyword arguments for calling the causal LM (or a wrapper of it) on the packed stream. Its LM head then
+        runs on the predictor rows alone and computes, in its own module call, ``head``'s log-probs of the
+        completion tokens at ``temperature`` (and entropies), in slices of ``chunk_size`` vocabulary columns
+        (``None``: picked from the row count and the vocabulary size). ``head``: by default the memory-lean
+        vocabulary-sliced one; :meth:`outputs` reads the result from the model's output."""
         p = self.plan
+        self.head_request = HeadRequest(head, p.completion_targets(), float(temperature), bool(entropy), chunk_size)
         return {"input_ids": p.input_ids, "position_ids": p.position_ids, "attention_mask": p.attention_mask,
-                "output_hidden_states": True, "logits_to_keep": 1, PLAN_KWARG: self}
+                "logits_to_keep": p.predictor_index, PLAN_KWARG: self}
 
-    def run(self, call: Optional[Callable] = None, *, router_logits: bool = False) -> torch.Tensor:
-        """The packed forward, checked: the last hidden state ``[1, T, H]``. ``call``: what to call with
-        :meth:`inputs` (a DDP-wrapped model, so that its hooks run); by default the decoder alone (no LM head, no
-        tuple of every layer's states), or the model itself under FSDP2 (whose root unit holds the embeddings).
-        ``router_logits``: keep a MoE model's router logits for :meth:`aux_loss`."""
-        model = self.model
+    def run(self, call: Optional[Callable] = None, *, temperature: float, entropy: bool = False,
+            chunk_size: Optional[int] = None, head: Head = linear_logprobs, router_logits: bool = False):
+        """The packed forward, checked: completion log-probs ``[B, Lc]`` and entropies (or None), 0 at completion
+        padding (see :meth:`inputs`). ``call``: what to call with the inputs instead of the model (a DDP, DeepSpeed
+        or FSDP wrapper, so that its hooks run). ``router_logits``: keep a MoE model's router logits for
+        :meth:`aux_loss`."""
         extra = {"output_router_logits": True} if router_logits else {}
-        with attention_implementation(model, NAME):
-            if call is None and not is_fsdp2(model) and model.get_decoder() is not model:
-                p = self.plan
-                out = model.get_decoder()(input_ids=p.input_ids, position_ids=p.position_ids,
-                                          attention_mask=p.attention_mask, use_cache=False, **extra,
-                                          **{PLAN_KWARG: self})
-                hidden = out.last_hidden_state
-            else:
-                out = (model if call is None else call)(**self.inputs(), use_cache=False, **extra)
-                hidden = out.hidden_states[-1]
-        self.check()
+        inputs = self.inputs(temperature, entropy=entropy, chunk_size=chunk_size, head=head)
+        with attention_implementation(self.model, NAME):
+            out = (self.model if call is None else call)(**inputs, use_cache=False, **extra)
         if router_logits:
             self.router_logits = out.router_logits
-        return hidden
+        return self.outputs(out)
+
+    def outputs(self, model_output):
+        """Log-probs ``[B, Lc]`` and entropies (or None) from the output of a forward called with :meth:`inputs`,
+        after :meth:`check`; 0 at completion padding. A completion token several rows share gives each of them its
+        value (and, in backward, the sum of their gradients)."""
+        self.check()
+        values = self.plan.unpack_completions(lm_head.selected(model_output, self))
+        return values[..., 0], (values[..., 1] if self.head_request.entropy else None)
 
     def aux_loss(self) -> torch.Tensor:
         """A MoE model's auxiliary load-balancing loss as the stock forward of every row gives it (each packed
@@ -168,11 +174,12 @@ class PackedForward:
 
     def check(self) -> None:
         """Raise :class:`UnsupportedModelError` unless every attention layer of the model took the plan (one call
-        per decoder layer) and none refused it.
+        per decoder layer), none refused it, and the LM head computed the requested log-probs once.
 
         A decoder layer that drops keyword arguments before its attention (StableLM, Nemotron), attention chosen
         outside transformers' ``AttentionInterface`` (Falcon) or token mixers other than attention (hybrid models)
-        would otherwise run plain causal attention over the packed stream: wrong numbers, no error."""
+        would otherwise run plain causal attention over the packed stream: wrong numbers, no error. A forward that
+        never calls its output embeddings on the selected rows gives no log-probs at all."""
         if self.refusal is not None:
             raise self.refusal
         layers = getattr(text_config(self.model), "num_hidden_layers", None)
@@ -183,18 +190,11 @@ class PackedForward:
                 f"which has {layers} layers: its layers drop keyword arguments before attention, choose their "
                 "attention outside transformers' AttentionInterface, or mix tokens outside attention, so the packed "
                 "completions would see each other")
-
-    # -- the LM head -------------------------------------------------------------------------------------------
-    def logprobs(self, hidden: torch.Tensor, temperature: float, *, entropy: bool = False,
-                 chunk_size: Optional[int] = None, head: Head = linear_logprobs):
-        """Completion log-probs ``[B, Lc]`` (and entropies, or None) from the forward's last hidden state: ``head``
-        (by default the memory-lean vocabulary-sliced one) on the predictor rows with the LM head's parameters,
-        unsharded through their FSDP2 unit where sharded. 0 at completion padding."""
-        p = self.plan
-        with unsharded_lm_head(self.root, self.model.get_output_embeddings()) as (weight, bias):
-            picked, ent = head(p.predictor_rows(hidden), weight, bias, p.completion_targets(), float(temperature),
-                               entropy, chunk_size)
-        return p.unpack_completions(picked), (p.unpack_completions(ent) if entropy else None)
+        if self.head_request is not None and self.head_calls != 1:
+            raise UnsupportedModelError(
+                f"shared_prefix: the LM head of {type(self.model).__name__} computed the log-probs {self.head_calls} "
+                "times in one forward (once expected): its forward does not call get_output_embeddings() on the "
+                "rows logits_to_keep selects")
 
 
 def _check_reused(plan, windows, prompt_ids, completion_ids) -> None:

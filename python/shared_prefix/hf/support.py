@@ -177,16 +177,6 @@ def layer_refusal(module: Optional[torch.nn.Module], p: Plan, dropout: float,
     return attention_refusal(p, softcap=kwargs.get("softcap"), dropout=dropout)
 
 
-def lm_head_refusal(model: torch.nn.Module) -> Optional[str]:
-    """Why the model's LM head cannot run on the predictor rows alone (it must be a ``torch.nn.Linear``)."""
-    head = model.get_output_embeddings()
-    if head is None:
-        return f"{type(model).__name__} has no output embeddings (LM head)"
-    if not isinstance(head, torch.nn.Linear):
-        return f"the LM head is a {type(head).__name__}, not a torch.nn.Linear"
-    return None
-
-
 # How transformers' MoE causal LMs (Mixtral, Qwen2/3-MoE, GPT-OSS, OLMoE, …) compute their auxiliary loss.
 _AUX_CALL = re.compile(r"load_balancing_loss_func\(\s*outputs\.router_logits,\s*self\.num_experts,\s*"
                        r"self\.num_experts_per_tok,\s*attention_mask,?\s*\)")
