@@ -75,3 +75,27 @@ def fully_shard_causal_lm(model: torch.nn.Module, head_unit: bool, param_dtype=N
     if head_unit:
         fully_shard(model.lm_head, **kw)
     fully_shard(model, **kw)
+
+
+def torchrun(script, *args, ranks: int = 2, timeout: int = 600) -> None:
+    """Run ``script`` with ``args`` on ``ranks`` CPU processes under torchrun (gloo); fail the test with the ranks'
+    output tail unless every rank succeeds. The interpreter's scripts directory goes first on PATH: DeepSpeed
+    builds an op with ninja from there."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    bindir = str(Path(sys.executable).parent)
+    launcher = shutil.which("torchrun", path=bindir) or shutil.which("torchrun")
+    if launcher is None:
+        pytest.skip("torchrun is not installed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path),
+           "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "")])}
+    port = 29500 + (os.getpid() * 7 + hash(str(args))) % 2000
+    proc = subprocess.run([launcher, "--nproc_per_node", str(ranks), "--master_port", str(port), str(script),
+                           *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
