@@ -1,9 +1,11 @@
-"""The trainer-step bench (``python -m shared_prefix.bench.trainer_step``): both trainers run, every bucket is timed
-and the buckets add up to the step, and the shared-prefix trainer really took its path (no fallback to stock)."""
+"""The trainer-step benches (``python -m shared_prefix.bench.trainer_step`` on one device, ``bench.sharded`` on
+several ranks per engine): both trainers run, every bucket is timed and the buckets add up to the step, and the
+shared-prefix trainer really took its path (no fallback to stock)."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -75,3 +77,23 @@ def test_trainer_step_interrupted_keeps_what_it_measured(tmp_path, monkeypatch):
     assert not stock["interrupted"] and len(stock["steps"]) == 3
     assert ours["interrupted"] and len(ours["steps"]) == 2
     assert "SharedPrefixGRPOTrainer was interrupted after 2 of 3 timed steps" in (tmp_path / "trainer_step.md").read_text()
+
+
+def test_sharded_trainer_step_cpu_tiny(tmp_path):
+    """The sharded bench on 2 CPU ranks for one engine: both trainers ran under it (the weights partitioned as
+    ZeRO-3 keeps them), per-rank step times and peaks were reported, ours saved tokens without a fallback."""
+    pytest.importorskip("deepspeed")
+    from shared_prefix.bench import sharded
+
+    assert sharded.main(["--engines", "zero3", "--prompt-tokens", "32", "--completion-tokens", "4", "--group", "4",
+                         "--steps", "1", "--port", str(29700 + os.getpid() % 200), "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "sharded.json").read_text())
+    runs = report["engines"]["zero3"]
+    for trainer in sharded.TRAINERS:
+        r = runs[trainer]
+        assert r["sharding"] == "zero3" and len(r["ranks"]) == 2, r
+        assert all(x["step_s"] > 0 and x["peak_rss_gib"] > 0 for x in r["ranks"])
+        assert r["step_s"] == max(x["step_s"] for x in r["ranks"])
+    assert runs["shared_prefix"]["tokens_saved_frac"] > 0 and not runs["shared_prefix"]["fallbacks"]
+    table = (tmp_path / "sharded.md").read_text()
+    assert "| zero3 | zero3 |" in table and report["meta"]["deepspeed"]

@@ -171,10 +171,11 @@ def instrument(trainer, timer: StepTimer) -> None:
     trainer.accelerator.backward = timer.wrap(trainer.accelerator.backward, "backward")
 
 
-def grpo_config(args, output_dir: Path):
+def grpo_config(args, output_dir: Path, **extra):
+    """The trainer step's ``GRPOConfig`` (``extra``: more fields, such as an engine's)."""
     import trl
 
-    return trl.GRPOConfig(
+    fields = dict(
         output_dir=str(output_dir), seed=0, max_steps=args.warmup + args.steps, report_to="none", logging_steps=1,
         save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, use_cpu=args.device == "cpu",
         bf16=args.dtype == "bfloat16", fp16=False,
@@ -185,6 +186,7 @@ def grpo_config(args, output_dir: Path):
         max_completion_length=args.completion_tokens,
         generation_kwargs=dict(min_new_tokens=args.completion_tokens),  # no early <eos>: S tokens each
         gradient_checkpointing=args.grad_ckpt, beta=args.beta)
+    return trl.GRPOConfig(**{**fields, **extra})
 
 
 def run_trainer(which: str, args, checkpoint: Path, tok, data, work: Path) -> dict:
