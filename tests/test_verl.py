@@ -41,6 +41,14 @@ def gloo():
     yield
 
 
+@pytest.fixture(autouse=True)
+def engine_on_cpu(monkeypatch):
+    """The unit tests run the engine's methods on CPU modules, also on a machine with a GPU (where verl's platform
+    would move each micro-batch to it)."""
+    monkeypatch.setattr(ti, "get_device_id", lambda: "cpu")
+    monkeypatch.setattr(ti, "get_device_name", lambda: "cpu")
+
+
 @pytest.fixture
 def engine():
     return make_engine()
@@ -477,6 +485,32 @@ def test_two_rank_actor_at_verls_default_precision(tmp_path, verl_checkpoints):
     for key in ("logp", "entropy"):
         mine, theirs = err(ours, key), err(stock, key)
         assert theirs > 1e-4 and mine <= 2 * theirs + 1e-4, (key, mine, theirs)  # bf16 was in effect
+    assert all(v > 0 for v in ours["metrics"]["shared_prefix/tokens_saved_frac"]) and not ours["fallbacks"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("offload", ["fsdp1-params-optimizer", "fsdp2-policy"])
+def test_actor_with_offload_equals_stock_on_gpu(tmp_path, verl_checkpoints, offload):
+    """Parameter and optimizer offload (FSDP1's ``param_offload``/``optimizer_offload``, FSDP2's
+    ``offload_policy``): the engine moves the weights between the GPU and pinned host memory around each stage,
+    which needs a GPU. One rank, NCCL: ours packs and equals the stock actor."""
+    overrides = (["actor_rollout_ref.actor.strategy=fsdp", "actor_rollout_ref.actor.fsdp_config.param_offload=True",
+                  "actor_rollout_ref.actor.fsdp_config.optimizer_offload=True"] if offload.startswith("fsdp1")
+                 else ["actor_rollout_ref.actor.strategy=fsdp2", "actor_rollout_ref.actor.fsdp_config.offload_policy=True"])
+    from pathlib import Path
+
+    from helpers import torchrun
+
+    runs = {}
+    for mode in ("stock", "ours"):
+        out = tmp_path / f"{mode}.pt"
+        torchrun(Path(__file__).with_name("verl_dist_worker.py"), mode, verl_checkpoints / "untied", out,
+                 *FP32, *overrides, ranks=1)
+        runs[mode] = torch.load(out, weights_only=False)
+    stock, ours = runs["stock"], runs["ours"]
+    for key in ("logp", "entropy"):
+        assert max(abs(a - b) for a, b in zip(stock["ranks"][0][key], ours["ranks"][0][key])) <= 1e-5, key
+    assert ((ours["params"] - stock["params"]).norm() / stock["params"].norm()).item() <= 1e-5
     assert all(v > 0 for v in ours["metrics"]["shared_prefix/tokens_saved_frac"]) and not ours["fallbacks"]
 
 

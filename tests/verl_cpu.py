@@ -1,6 +1,7 @@
 """verl on CPU ranks, for the tests: a CPU platform registered through verl's own platform plugin API
 (``PlatformRegistry``, ``set_platform``), so that verl's engines, workers and wrapping code run unchanged on gloo.
-Import this before any verl engine module: some read the device name when imported."""
+Import this before any verl engine module: some read the device name when imported. With a GPU it does nothing:
+verl runs on its own CUDA platform."""
 
 from __future__ import annotations
 
@@ -111,9 +112,6 @@ class PlatformCPU(PlatformBase):
         return None
 
 
-set_platform(PlatformCPU())
-
-
 def _register_fsdp_engines() -> None:
     """verl's FSDP engines, as registered for CUDA, registered for the CPU device too."""
     from verl.workers.engine import EngineRegistry
@@ -124,9 +122,6 @@ def _register_fsdp_engines() -> None:
             EngineRegistry.register(model_type=model_type, backend=["fsdp", "fsdp2"], device="cpu")(engine)
 
 
-_register_fsdp_engines()
-
-
 def _sync_cpu_module_states() -> None:
     """verl builds FSDP1 with ``sync_module_states=True`` (rank 0's weights broadcast to the meta-initialized other
     ranks). FSDP1 refuses CPU tensors there, a check made for NCCL; gloo broadcasts them."""
@@ -135,4 +130,7 @@ def _sync_cpu_module_states() -> None:
     _init_utils._check_module_states_for_sync_module_states = lambda module_states: None
 
 
-_sync_cpu_module_states()
+if not torch.cuda.is_available():
+    set_platform(PlatformCPU())
+    _register_fsdp_engines()
+    _sync_cpu_module_states()

@@ -1,4 +1,4 @@
-"""Worker for test_verl.py's multi-rank tests, on 2 CPU ranks (gloo) under torchrun:
+"""Worker for test_verl.py's multi-rank tests, on 2 CPU ranks (gloo) under torchrun, or on GPUs (NCCL):
 
     verl_dist_worker.py {stock,ours} MODEL OUT [verl overrides ...]
 
@@ -12,8 +12,8 @@ micro-batches, ``ppo_loss``, gradient clipping and optimizer step). ``ours`` add
 on (``external_lib=shared_prefix.verl``, ``use_prefix_grouper=True``); ``stock`` loads it switched off. Rank 0 saves per rank the old log-probs and
 entropies at response positions, the update's metrics, and the trained parameters, whole.
 
-CPU bridges (``verl_cpu``): a CPU platform through verl's platform plugin API, and the attention set to sdpa
-(flash-attention needs a GPU).
+CPU bridges (``verl_cpu``, nothing on a GPU): a CPU platform through verl's platform plugin API. The attention is
+sdpa (flash-attention needs a GPU and its package).
 """
 
 import os
@@ -145,7 +145,9 @@ def plain(value):
 
 def main():
     mode, path, out, overrides = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4:]
-    dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     rank = dist.get_rank()
     cfg = compose(path, mode, overrides)
 
@@ -167,6 +169,7 @@ def main():
     mine = {"logp": logp[mask].tolist(), "entropy": entropy[mask].tolist()}
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, mine)
+    params = params.cpu()
     from shared_prefix import verl as spv
 
     if rank == 0:
