@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import verl_cpu  # noqa: E402,F401  (before any verl engine module)
+import verl_cpu  # noqa: E402  (before any verl engine module)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -33,9 +33,6 @@ PROMPTS = 4  # per rank: the batch has 8 prompts x 4 responses over 2 ranks
 
 
 def compose(path: str, mode: str, overrides: list):
-    import verl
-    from hydra import compose as hydra_compose, initialize_config_dir
-
     base = [f"actor_rollout_ref.model.path={path}", "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
             f"actor_rollout_ref.rollout.n={N}", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
@@ -45,14 +42,13 @@ def compose(path: str, mode: str, overrides: list):
     # Stock loads the plugin too, switched off: with TRL installed, verl's model build needs its TRL check.
     base += ["actor_rollout_ref.model.external_lib=shared_prefix.verl",
              f"actor_rollout_ref.actor.use_prefix_grouper={mode == 'ours'}"]
-    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"),
-                               version_base=None):
-        return hydra_compose("ppo_trainer", overrides=base + overrides)
+    return verl_cpu.trainer_config(base + overrides)
 
 
 def rollout_batch(rank: int, vocab: int):
     """A rollout batch as verl's agent loop returns it for this rank: PROMPTS groups of N responses (ragged,
-    left-padded prompts, right-padded responses of 1-6 tokens), outcome rewards, uids."""
+    left-padded prompts, right-padded responses of 1-6 tokens), outcome rewards, uids, and the empty multimodal
+    dict the agent loop stores for every text-only sample."""
     from verl.protocol import DataProto
 
     g = torch.Generator().manual_seed(100 + rank)
@@ -78,6 +74,7 @@ def rollout_batch(rank: int, vocab: int):
          "token_level_rewards": rewards},
         meta_info={"temperature": 0.9})
     batch.non_tensor_batch["uid"] = np.array(uids, dtype=object)
+    batch.non_tensor_batch["multi_modal_inputs"] = np.array([{} for _ in uids], dtype=object)  # text-only samples
     return batch
 
 

@@ -1,64 +1,41 @@
-"""verl plugin: shared-prefix actor/ref log-probs for verl 0.9.x's FSDP engine, no verl fork.
+"""The plugin's hooks in verl's FSDP engine: ``FSDPEngineWithLMHead.prepare_model_inputs`` and
+``prepare_model_outputs`` (and ``forward_step``, for the metrics).
 
-Load it through verl's hook and switch it on with the existing flag::
-
-    actor_rollout_ref.model.external_lib=shared_prefix.verl
-    actor_rollout_ref.actor.use_prefix_grouper=True        # or: SHARED_PREFIX_VERL=1 in the workers' environment
-
-Supported: verl >= 0.9, < 0.10. Importing this module patches ``FSDPEngineWithLMHead.prepare_model_inputs`` and
-``prepare_model_outputs``: for an eligible micro-batch the engine's own ``forward_step`` (autocast, loss, metrics)
-runs the model once on the packed shared-prefix stream, its LM head computing the log-probs inside the model's
-forward (so FSDP1 and FSDP2 gather and reduce it as for the stock logits), and gets back ``log_probs``/``entropy``
-in exactly its own layout (nested over prompt+response, position t = log p(x[t+1] | x[:t+1]), zeros at prompt positions, which verl's
-losses never read). Groups come from the ``uid`` key (falling back to identical prompts when a uid group's prompts
+For an eligible micro-batch the engine's own ``forward_step`` (autocast, loss, metrics) runs the model once on the
+packed shared-prefix stream, its LM head computing the log-probs inside the model's forward (so FSDP1 and FSDP2
+gather and reduce it as for the stock logits), and gets back ``log_probs``/``entropy`` in exactly its own layout
+(nested over prompt+response, position t = log p(x[t+1] | x[:t+1]), zeros at prompt positions, which verl's losses
+never read). Groups come from the ``uid`` key (falling back to identical prompts when a uid group's prompts
 differ, e.g. verl's synthetic padding samples). Both ``use_remove_padding`` settings take the same path, since the
-engine's ``input_ids`` are nested either way. Everything else (the critic, fused kernels, Ulysses SP, per-sample
-temperatures, multimodal inputs, distillation, ``sum_pi_squared``, eager attention) falls back to stock, the reason
-logged once.
-
-Metrics: each packed micro-batch adds ``shared_prefix/tokens_saved_frac`` (against the stock engine's unpadded
-tokens) and ``shared_prefix/tree_tokens_saved_frac`` (what the prefix tree saves beyond whole prompts) to its
-``forward_step`` metrics, which verl logs under ``actor/`` for updates.
-
-Micro-batches: a uid group split across micro-batches still computes exactly (each part shares its prompt), it
-just saves less. Keep groups together with a fixed micro-batch size that is a multiple of ``rollout.n`` and
-``use_dynamic_bsz=False`` (dynamic batching rearranges samples by length).
+engine's ``input_ids`` are nested either way. Text-only batches pack whatever empty multimodal containers verl's
+agent loop attaches. Everything else (the critic, fused kernels, Ulysses SP, per-sample temperatures, real
+multimodal inputs, distillation, ``sum_pi_squared``, eager attention) falls back to stock, the reason logged once.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from typing import Optional
 
 import torch
 
-from ._refusals import UnsupportedModelError
-from .hf.pipeline import PackedForward, StockFallbacks, tokens_saved, version_refusal
-from .hf.registry import register, takes_plan
-from .hf.support import unsupported_config
+from .._refusals import UnsupportedModelError
+from ..hf.pipeline import PackedForward, tokens_saved
+from ..hf.registry import takes_plan
+from ..hf.support import unsupported_config
+from .settings import enabled, fallbacks
 
-logger = logging.getLogger("shared_prefix")
-SUPPORTED_VERL = (">=0.9", "<0.10")
 _KEY = "_shared_prefix"
 # The plan of the micro-batch the engine's forward_step just packed, for its metrics.
 _PACKED = "_shared_prefix_packed"
-_state = {"enabled": os.environ.get("SHARED_PREFIX_VERL", "") not in ("", "0")}
 # Micro-batch flags that keep the stock path, and the verl setting behind each.
 _FLAG_SETTINGS = {"use_fused_kernels": "actor_rollout_ref.model.use_fused_kernels",
                   "calculate_sum_pi_squared": "actor_rollout_ref.actor.calculate_sum_pi_squared",
                   "distillation_use_topk": "distillation.distillation_loss.loss_settings.use_topk",
                   "distillation_only": "distillation.distillation_loss.loss_settings.use_topk"}
-fallbacks = StockFallbacks("shared_prefix.verl: stock log-probs")
-
-
-def enable(on: bool = True) -> None:
-    """Switch the plugin on (or off) in this process, as ``use_prefix_grouper=True`` does."""
-    _state["enabled"] = bool(on)
 
 
 def _ineligible(engine, mb, ti, tu) -> Optional[str]:
-    if not _state["enabled"]:
+    if not enabled():
         return "disabled"
     if isinstance(engine, ti.FSDPEngineWithValueHead):
         return "value model"
@@ -69,7 +46,7 @@ def _ineligible(engine, mb, ti, tu) -> Optional[str]:
     if getattr(engine, "use_ulysses_sp", False):
         return ("Ulysses sequence parallelism (set actor_rollout_ref.actor.ulysses_sequence_parallel_size=1 to share "
                 "prompts)")
-    if "multi_modal_inputs" in mb.keys():
+    if "multi_modal_inputs" in mb.keys() and _multimodal(mb["multi_modal_inputs"]):
         return "multimodal inputs"
     if isinstance(mb["temperature"], torch.Tensor) and mb["temperature"].numel() > 1:
         return "per-sample temperatures"
@@ -87,7 +64,18 @@ def _ineligible(engine, mb, ti, tu) -> Optional[str]:
     return unsupported_config(cfg)
 
 
-def _response_lengths(mb) -> torch.Tensor:
+def _multimodal(entries) -> bool:
+    """Whether a micro-batch's ``multi_modal_inputs`` hold anything: verl's agent loop stores an empty dict per
+    text-only sample (a ``NonTensorStack`` of them, or a list)."""
+    for entry in entries:
+        value = getattr(entry, "data", entry)  # NonTensorData wraps each sample's dict
+        if value is not None and (not isinstance(value, dict) or len(value) > 0):
+            return True
+    return False
+
+
+def response_lengths(mb) -> torch.Tensor:
+    """Each row's response tokens in a verl micro-batch (nested ``responses``, or the attention mask's tail)."""
     responses = mb["responses"]
     if responses.is_nested:
         return responses.offsets().diff()
@@ -99,7 +87,7 @@ def _unpack(mb):
     ids = mb["input_ids"]
     offsets, flat = ids.offsets(), ids.values()
     total = offsets.diff()
-    resp = _response_lengths(mb).to(total.device)
+    resp = response_lengths(mb).to(total.device)
     prompt = total - resp
     lens = torch.stack([prompt.max(), resp.max()]).tolist()  # one host read per micro-batch, outside the layers
     max_p, max_r = int(lens[0]), max(1, int(lens[1]))
@@ -175,23 +163,12 @@ def _prepare_model_outputs(self, output, output_args, micro_batch, logits_proces
     return out
 
 
-def install() -> bool:
-    """Patch verl's FSDP engine (idempotent). Returns False when verl is not installed."""
-    try:
-        import verl.workers.engine.fsdp.transformer_impl as ti
-        from verl.utils import tensordict_utils as tu
-    except ImportError:
-        return False
+def install(ti, tu) -> None:
+    """Patch ``ti.FSDPEngineWithLMHead`` (verl's ``transformer_impl``; ``tu``: its ``tensordict_utils``).
+    Idempotent."""
     cls = ti.FSDPEngineWithLMHead
     if getattr(cls, "_shared_prefix_installed", False):
-        return True
-    import verl
-
-    why = version_refusal("verl", verl.__version__, SUPPORTED_VERL)
-    if why is not None:
-        logger.warning("shared_prefix.verl: not installed: %s", why)
-        return False
-    register()
+        return
     orig_inputs, orig_outputs, orig_step = cls.prepare_model_inputs, cls.prepare_model_outputs, cls.forward_step
 
     def prepare_model_inputs(self, micro_batch):
@@ -205,7 +182,7 @@ def install() -> bool:
         self.__dict__.pop(_PACKED, None)
         loss, output = orig_step(self, micro_batch, loss_function, forward_only)
         plan = self.__dict__.pop(_PACKED, None)
-        if _state["enabled"] and isinstance(output, dict) and isinstance(output.get("metrics"), dict):
+        if enabled() and isinstance(output, dict) and isinstance(output.get("metrics"), dict):
             # Against the stock engine's unpadded tokens (0 for a micro-batch that took the stock path); verl
             # averages them over the update's micro-batches.
             counts = (plan.num_tokens, plan.stock_tokens, plan.by_prompt_tokens) if plan is not None else (1, 1, 1)
@@ -216,65 +193,3 @@ def install() -> bool:
     cls.prepare_model_outputs = prepare_model_outputs
     cls.forward_step = forward_step
     cls._shared_prefix_installed = True
-    _watch_actor_config()
-    _value_head_check_for_trl()
-    return True
-
-
-def _value_head_check_for_trl() -> None:
-    """verl's ``apply_monkey_patch`` (``verl/models/transformers/monkey_patch.py``), run on every model the engine
-    builds, imports TRL's ``AutoModelForCausalLMWithValueHead`` whenever TRL is importable, to patch that class's
-    ``state_dict``. TRL 1.16 has no such class, so with both installed verl's model build raises ``ImportError``.
-    Its ``is_trl_available`` is wrapped to also ask whether TRL has the class: with TRL 1.16 the patch of a class
-    that does not exist is skipped, and an older TRL is patched as before. Idempotent."""
-    try:
-        from verl.models.transformers import monkey_patch
-    except ImportError:
-        return
-    stock = monkey_patch.is_trl_available
-    if getattr(stock, "_shared_prefix", False):
-        return
-
-    def is_trl_available() -> bool:
-        if not stock():
-            return False
-        import importlib
-        import warnings
-
-        for module in ("trl", "trl.experimental.ppo"):  # where verl looks, the stable one first
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # TRL warns on importing its experimental package
-                    if hasattr(importlib.import_module(module), "AutoModelForCausalLMWithValueHead"):
-                        return True
-            except ImportError:
-                continue
-        return False
-
-    is_trl_available._shared_prefix = True
-    monkey_patch.is_trl_available = is_trl_available
-
-
-def _watch_actor_config() -> None:
-    """``actor_rollout_ref.actor.use_prefix_grouper=True`` switches the plugin on (the flag verl 0.9 keeps in its
-    config but no longer reads)."""
-    try:
-        from verl.workers.config import actor as actor_cfg
-    except ImportError:
-        return
-    for name in ("ActorConfig", "FSDPActorConfig"):
-        klass = getattr(actor_cfg, name, None)
-        post = getattr(klass, "__post_init__", None)
-        if post is None or getattr(post, "_shared_prefix", False):
-            continue
-
-        def wrapped(self, _post=post):
-            _post(self)
-            if getattr(self, "use_prefix_grouper", False):
-                enable(True)
-
-        wrapped._shared_prefix = True
-        klass.__post_init__ = wrapped
-
-
-install()
