@@ -18,7 +18,7 @@ import pytest
 import torch
 
 pytest.importorskip("verl")
-import verl_cpu  # noqa: E402,F401  (before the engine module, which reads the device when imported)
+import verl_setup  # noqa: E402  (before the engine module, which reads the device when imported)
 import torch.distributed as dist  # noqa: E402
 import verl.workers.engine.fsdp.transformer_impl as ti  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
@@ -53,7 +53,7 @@ def engine():
 
 
 def make_engine(tie_word_embeddings=False):
-    return verl_cpu.engine(tie_word_embeddings)
+    return verl_setup.engine(tie_word_embeddings)
 
 
 def micro_batch(remove_padding: bool, temperature=0.7, seed=1, system=False):
@@ -420,6 +420,9 @@ ACTOR_CASES = {
     # Groups of 4 (prompt ≤ 8 + 4 × ≤ 6 tokens) fit 40 tokens whole; at 20 a group splits into sub-groups.
     "fsdp1-dynamic-bsz": (["actor_rollout_ref.actor.strategy=fsdp"] + dynamic_bsz(40), False),
     "fsdp2-dynamic-bsz-groups-over-budget": (["actor_rollout_ref.actor.strategy=fsdp2"] + dynamic_bsz(20), False),
+    # verl's fused-kernel forward (torch backend, as its example scripts set it) for stock; ours packs beside it.
+    "fsdp1-fused-kernels": (["actor_rollout_ref.actor.strategy=fsdp", "actor_rollout_ref.model.use_fused_kernels=True"],
+                            False),
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 pytest.importorskip("verl")
-import verl_cpu  # noqa: E402  (before the engine module, which reads the device when imported)
+import verl_setup  # noqa: E402  (before the engine module, which reads the device when imported)
 import verl.workers.engine.fsdp.transformer_impl as ti  # noqa: E402
 import verl.workers.engine.utils as engine_utils  # noqa: E402
 from verl.protocol import DataProto  # noqa: E402
@@ -152,7 +152,7 @@ def test_dynamic_bsz_training_step_equals_stock():
     dp, rows = rollout(6, 5, seed=7)
     results = {}
     for mode in ("stock", "ours"):
-        engine = verl_cpu.engine()
+        engine = verl_setup.engine()
         spv.enable(mode == "ours")
         td = engine_batch(dp, 160)
         tu.assign_non_tensor(td, global_batch_size=len(rows), dp_size=1)
@@ -209,7 +209,7 @@ def v1_trainer(ranks: int, n: int, prefix_grouper: bool):
     """A v1 PPOTrainer's state as ``_balance_batch`` reads it (verl's own config; the actor's dispatch info)."""
     from verl.trainer.ppo.v1 import trainer_base as tb
 
-    cfg = verl_cpu.trainer_config([f"actor_rollout_ref.rollout.n={n}", "actor_rollout_ref.actor.ppo_mini_batch_size=16",
+    cfg = verl_setup.trainer_config([f"actor_rollout_ref.rollout.n={n}", "actor_rollout_ref.actor.ppo_mini_batch_size=16",
                                    f"actor_rollout_ref.actor.use_prefix_grouper={prefix_grouper}"])
     trainer = types.SimpleNamespace(config=cfg, use_critic=False, global_steps=1,
                                     actor_rollout_wg=types.SimpleNamespace(_dispatch_info={"actor": list(range(ranks))}),
@@ -270,3 +270,73 @@ def test_v1_balance_batch_keeps_groups_and_balances(prompts, n, ranks):
         assert ours["load"] == pytest.approx(best_pairing), (ours["load"], best_pairing)
     else:
         assert ours["load"] <= stock["load"] + 0.005, (stock["load"], ours["load"])
+
+
+# -- the start-up check ----------------------------------------------------------------------------------------
+
+ON = ["actor_rollout_ref.model.external_lib=shared_prefix.verl", "actor_rollout_ref.actor.use_prefix_grouper=True"]
+
+
+def settings_named(overrides):
+    from shared_prefix.verl import check
+
+    return {f.setting: f for f in check.findings(verl_setup.trainer_config(overrides))}
+
+
+def test_check_names_every_setting_that_costs_sharing():
+    from verl.trainer.ppo.v1 import trainer_base as tb
+
+    assert not settings_named(ON + ["actor_rollout_ref.rollout.n=8", "actor_rollout_ref.actor.use_dynamic_bsz=True",
+                                    "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True"])
+    off = settings_named(["actor_rollout_ref.rollout.n=8"])  # verl's defaults: the plugin neither loaded nor on
+    assert set(off) == {"actor_rollout_ref.model.external_lib", "actor_rollout_ref.actor.use_prefix_grouper"}
+    costly = settings_named(ON + ["actor_rollout_ref.rollout.n=5", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
+                                  "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=10",
+                                  "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2",
+                                  "actor_rollout_ref.actor.shuffle=True"])
+    assert set(costly) == {"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
+                           "actor_rollout_ref.actor.ulysses_sequence_parallel_size", "actor_rollout_ref.actor.shuffle"}
+    assert "multiple of 5" in costly["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"].change
+    budget = settings_named(ON + ["actor_rollout_ref.rollout.n=16", "actor_rollout_ref.actor.use_dynamic_bsz=True",
+                                  "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True",
+                                  "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=4096"])
+    assert "raise it to 8704" in budget["actor_rollout_ref.actor.ppo_max_token_len_per_gpu"].change  # 512 + 16 × 512
+    assert getattr(tb.PPOTrainer.fit, "_shared_prefix", False)  # the report is logged when a trainer starts
+
+
+def test_check_from_the_command_line(tmp_path):
+    """``python -m shared_prefix.verl check`` on overrides, and on a whole config as Hydra saves it."""
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    def check(*args):
+        proc = subprocess.run([sys.executable, "-m", "shared_prefix.verl", "check", *args], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    out = check("actor_rollout_ref.rollout.n=5", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8", *ON)
+    assert "ppo_micro_batch_size_per_gpu=8" in out and "multiple of 5" in out and "external_lib" not in out
+    saved = tmp_path / "config.yaml"
+    OmegaConf.save(verl_setup.trainer_config(ON + ["actor_rollout_ref.rollout.n=8"]), saved)
+    assert "every setting keeps prompt sharing on" in check(str(saved))
+
+
+def test_verl_step_bench_cpu_tiny(tmp_path):
+    """The verl actor-step bench on 2 CPU ranks, dynamic-bsz preset: both actors ran, ours saved tokens and kept
+    every group whole in its micro-batches, where verl's own micro-batches would not."""
+    import json
+    import os
+
+    from shared_prefix.bench import verl_step
+
+    assert verl_step.main(["--presets", "dynamic", "--prompts", "6", "--prompt-tokens", "24", "--response-tokens", "8",
+                           "--steps", "1", "--port", str(29800 + os.getpid() % 150), "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "verl_step.json").read_text())["presets"]["dynamic"]
+    stock, ours = runs["stock"], runs["shared_prefix"]
+    assert len(stock["ranks"]) == len(ours["ranks"]) == 2 and stock["step_s"] > 0 and ours["step_s"] > 0
+    assert ours["tokens_saved_frac"] > 0 and stock["tokens_saved_frac"] is None
+    assert ours["sharing_kept"] == 1.0 and stock["sharing_kept"] < 1.0
+    assert "| dynamic |" in (tmp_path / "verl_step.md").read_text()

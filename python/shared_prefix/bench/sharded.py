@@ -33,6 +33,7 @@ import torch
 
 from shared_prefix.bench import engines
 from shared_prefix.bench.cli import git_commit
+from shared_prefix.bench.engines import failure
 from shared_prefix.bench.variants import MODELS
 
 TRAINERS = ("stock", "shared_prefix")
@@ -98,7 +99,7 @@ def launch(args, engine: str, trainer: str, checkpoint: Path, work: Path) -> lis
            "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "")])}  # DeepSpeed builds an op with ninja
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        return [dict(error=f"exit {proc.returncode}: {proc.stderr[-1500:]}")]
+        return [dict(error=f"exit {proc.returncode}: {failure(proc.stderr)}")]
     return [json.loads(Path(f"{result}.rank{r}.json").read_text()) for r in range(args.nproc)]
 
 

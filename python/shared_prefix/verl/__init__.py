@@ -47,12 +47,13 @@ def install() -> bool:
     if why is not None:
         logger.warning("shared_prefix.verl: not installed: %s", why)
         return False
-    from . import batching, engine, trl_value_head
+    from . import batching, check, engine, trl_value_head
 
     register()
     engine.install(ti, tu)
     batching.install(ti, tu)
     trl_value_head.install()
+    check.install()
     watch_actor_config()
     return True
 

@@ -8,8 +8,10 @@ gather and reduce it as for the stock logits), and gets back ``log_probs``/``ent
 never read). Groups come from the ``uid`` key (falling back to identical prompts when a uid group's prompts
 differ, e.g. verl's synthetic padding samples). Both ``use_remove_padding`` settings take the same path, since the
 engine's ``input_ids`` are nested either way. Text-only batches pack whatever empty multimodal containers verl's
-agent loop attaches. Everything else (the critic, fused kernels, Ulysses SP, per-sample temperatures, real
-multimodal inputs, distillation, ``sum_pi_squared``, eager attention) falls back to stock, the reason logged once.
+agent loop attaches. With ``use_fused_kernels`` the packed forward runs the model's decoder and LM head as
+transformers does instead of verl's fused forward, the head computing the log-probs as lean as the fused kernel.
+Everything else (the critic, Ulysses SP, per-sample temperatures, real multimodal inputs, distillation,
+``sum_pi_squared``, eager attention) falls back to stock, the reason logged once.
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ _KEY = "_shared_prefix"
 # The plan of the micro-batch the engine's forward_step just packed, for its metrics.
 _PACKED = "_shared_prefix_packed"
 # Micro-batch flags that keep the stock path, and the verl setting behind each.
-_FLAG_SETTINGS = {"use_fused_kernels": "actor_rollout_ref.model.use_fused_kernels",
-                  "calculate_sum_pi_squared": "actor_rollout_ref.actor.calculate_sum_pi_squared",
+_FLAG_SETTINGS = {"calculate_sum_pi_squared": "actor_rollout_ref.actor.calculate_sum_pi_squared",
                   "distillation_use_topk": "distillation.distillation_loss.loss_settings.use_topk",
                   "distillation_only": "distillation.distillation_loss.loss_settings.use_topk"}
 
@@ -129,8 +130,41 @@ def _prepare_model_inputs(self, micro_batch, _orig, ti, tu):
     temperature = max(temperature, 1e-8)  # as the stock engine clamps it (rollout.temperature=0 is greedy decoding)
     entropy = bool(tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False))
     state = {"forward": forward, "offsets": offsets, "prompt_len": prompt_len, "mask": completion_mask}
+    if tu.get_non_tensor_data(data=micro_batch, key="use_fused_kernels", default=False):
+        _plain_forward_once(_causal_lm(self.module))
     # The engine's forward_step adds use_cache=False.
     return forward.inputs(temperature, entropy=entropy), {_KEY: state}
+
+
+def _causal_lm(module: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal LM inside the engine's module (under FSDP1's wrapper, under a PEFT model)."""
+    module = getattr(module, "_fsdp_wrapped_module", module)
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+
+def _plain_forward_once(lm: torch.nn.Module) -> None:
+    """For the engine's next call of ``lm``: a causal LM forward in place of verl's fused-kernel one.
+
+    ``use_fused_kernels`` replaces the model class's forward with one that drops the keyword arguments attention
+    needs and reads ``lm_head.weight`` directly for every position's next token, where a packed stream has several
+    targets at a shared node's last token. The packed forward instead gets the decoder, then the LM head module on
+    the rows ``logits_to_keep`` selects, as transformers' own forward computes them: the head computes ours there,
+    memory-lean as the fused kernel is. An instance attribute, removed on that call; a call without a plan (or the
+    class forward after it) is verl's."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from ..hf.registry import PLAN_KWARG
+
+    def forward(*args, **kwargs):
+        lm.__dict__.pop("forward", None)
+        if PLAN_KWARG not in kwargs:
+            return type(lm).forward(lm, *args, **kwargs)
+        logits_to_keep = kwargs.pop("logits_to_keep")
+        kwargs.pop("use_cache", None)
+        hidden = lm.get_decoder()(*args, use_cache=False, **kwargs).last_hidden_state
+        return CausalLMOutputWithPast(logits=lm.get_output_embeddings()(hidden[:, logits_to_keep, :]))
+
+    lm.forward = forward
 
 
 def _prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func, _orig, _orig_inputs, tu):
@@ -138,6 +172,7 @@ def _prepare_model_outputs(self, output, output_args, micro_batch, logits_proces
     if state is None:
         return _orig(self, output, output_args, micro_batch, logits_processor_func)
     forward = state["forward"]
+    _causal_lm(self.module).__dict__.pop("forward", None)  # the fused-kernel case's, had the call not happened
     try:
         logp, ent = forward.outputs(output)
     except UnsupportedModelError as e:

@@ -1,8 +1,7 @@
-"""verl for the tests: on CPU ranks, a CPU platform registered through verl's own platform plugin API
-(``PlatformRegistry``, ``set_platform``), so that verl's engines, workers and wrapping code run unchanged on gloo
-(import this before any verl engine module: some read the device name when imported; with a GPU it registers
-nothing, verl runs on its own CUDA platform); and :func:`trainer_config`, verl's trainer config as a user's command
-line composes it."""
+"""verl on CPU ranks, for the bench and the tests: a CPU platform registered through verl's own platform plugin
+API (``PlatformRegistry``, ``set_platform``), so that verl's engines, workers and wrapping code run unchanged on
+gloo. Import this before any verl engine module (some read the device name when imported). With a GPU it does
+nothing: verl runs on its own CUDA platform. Not part of the plugin: verl does not support CPU training."""
 
 from __future__ import annotations
 
@@ -135,39 +134,3 @@ if not torch.cuda.is_available():
     set_platform(PlatformCPU())
     _register_fsdp_engines()
     _sync_cpu_module_states()
-
-
-def trainer_config(overrides: list):
-    """verl's own ``ppo_trainer.yaml`` composed by Hydra with ``overrides`` (``key=value``, as on the command line
-    of ``python -m verl.trainer.main_ppo``)."""
-    import os
-
-    import verl
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"),
-                               version_base=None):
-        return compose("ppo_trainer", overrides=list(overrides))
-
-
-def engine(tie_word_embeddings: bool = False):
-    """verl's ``FSDPEngineWithLMHead`` over a tiny Qwen2 on CPU, unwrapped: the engine's own methods
-    (``forward_step``, ``forward_backward_batch``, the input and output hooks) without its constructor, which
-    builds FSDP and an optimizer."""
-    import verl.utils.torch_functional as verl_F
-    import verl.workers.engine.fsdp.transformer_impl as ti
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    from verl.workers.config import FSDPEngineConfig
-
-    cfg = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie_word_embeddings)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    eng = object.__new__(ti.FSDPEngineWithLMHead)
-    eng.engine_config = FSDPEngineConfig(use_torch_compile=False)
-    eng.module = Qwen2ForCausalLM(cfg)
-    eng.use_ulysses_sp, eng.ulysses_sequence_parallel_size, eng.ulysses_device_mesh = False, 1, None
-    eng.pad_to_length, eng.pad_to_length_bucket = False, 1024
-    eng.compute_entropy_from_logits = verl_F.entropy_from_logits
-    eng._autocast_dtype = torch.float32
-    return eng
