@@ -10,8 +10,6 @@ worker, micro-batching, loss and optimizer. CPU ranks through `verl_cpu` (a CPU 
 
 from __future__ import annotations
 
-import contextlib
-import os
 
 import numpy as np
 import pytest
@@ -20,7 +18,6 @@ import torch
 pytest.importorskip("verl")
 import verl_setup  # noqa: E402  (before the engine module, which reads the device when imported)
 import torch.distributed as dist  # noqa: E402
-import verl.workers.engine.fsdp.transformer_impl as ti  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from verl.protocol import DataProto  # noqa: E402
@@ -30,21 +27,9 @@ from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
 import shared_prefix as sp  # noqa: E402
 import shared_prefix.verl as spv  # noqa: E402
 from shared_prefix.hf import pipeline  # noqa: E402
-from helpers import ensure_gloo  # noqa: E402
+from verl_setup import engine_on_cpu, gloo  # noqa: E402,F401  (fixtures)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def gloo():
-    ensure_gloo()
-    yield
-
-
-@pytest.fixture(autouse=True)
-def engine_on_cpu(monkeypatch):
-    """The unit tests run the engine's methods on CPU modules, also on a machine with a GPU (where verl's platform
-    would move each micro-batch to it)."""
-    monkeypatch.setattr(ti, "get_device_id", lambda: "cpu")
-    monkeypatch.setattr(ti, "get_device_name", lambda: "cpu")
 
 
 @pytest.fixture

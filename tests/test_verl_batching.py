@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import types
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,7 +16,6 @@ pytest.importorskip("verl")
 import verl_setup  # noqa: E402  (before the engine module, which reads the device when imported)
 import verl.workers.engine.fsdp.transformer_impl as ti  # noqa: E402
 import verl.workers.engine.utils as engine_utils  # noqa: E402
-from verl.protocol import DataProto  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.utils.seqlen_balancing import calculate_workload  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
@@ -25,52 +23,26 @@ from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
 import shared_prefix.verl as spv  # noqa: E402
 from shared_prefix import batching  # noqa: E402
 from shared_prefix.verl import batching as vb  # noqa: E402
-from helpers import ensure_gloo  # noqa: E402
+from verl_setup import engine_on_cpu, gloo  # noqa: E402,F401  (fixtures)
 
 VOCAB = 97
 
 
-@pytest.fixture(scope="module", autouse=True)
-def gloo():
-    ensure_gloo()
-    yield
-
-
 @pytest.fixture(autouse=True)
-def engine_on_cpu(monkeypatch):
-    monkeypatch.setattr(ti, "get_device_id", lambda: "cpu")
-    monkeypatch.setattr(ti, "get_device_name", lambda: "cpu")
+def plugin_off_afterwards():
     yield
     spv.enable(False)
 
 
 def rollout(groups: int, n: int, seed: int, prompt=(8, 40), response=(1, 24)):
-    """A rollout batch as verl's agent loop returns it: ``groups`` prompts × ``n`` responses, rows in the agent
-    loop's order (each group's samples together), ragged left-padded prompts and right-padded responses, an
-    empty ``multi_modal_inputs`` dict per sample. Returns the DataProto and, per row, (uid, prompt, response)."""
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
-    B, P, R = groups * n, prompt[1], response[1]
-    prompts, responses = torch.zeros(B, P, dtype=torch.long), torch.zeros(B, R, dtype=torch.long)
-    pm, rm = torch.zeros(B, P, dtype=torch.long), torch.zeros(B, R, dtype=torch.long)
-    rows = []
-    for gi in range(groups):
-        plen = rand(*prompt)
-        ids = torch.randint(2, VOCAB, (plen,), generator=g)
-        for j in range(n):
-            i = gi * n + j
-            r = rand(*response)
-            prompts[i, P - plen:], pm[i, P - plen:] = ids, 1
-            responses[i, :r], rm[i, :r] = torch.randint(2, VOCAB, (r,), generator=g), 1
-            rows.append((f"uid{seed}-{gi}", plen, r))
-    attn = torch.cat([pm, rm], 1)
-    dp = DataProto.from_single_dict(
-        {"prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
-         "attention_mask": attn, "position_ids": (attn.cumsum(1) - 1).clamp(min=0), "response_mask": rm},
-        meta_info={"temperature": 0.8})
-    dp.non_tensor_batch["uid"] = np.array([u for u, _, _ in rows], dtype=object)
-    dp.non_tensor_batch["multi_modal_inputs"] = np.array([{} for _ in rows], dtype=object)
-    return dp, rows
+    """A rollout batch as verl's agent loop returns it (``bench.verl_step.rollout_batch``: ``groups`` prompts × ``n``
+    responses, ragged, an empty multimodal dict per sample), and per row (uid, prompt, response) lengths."""
+    from shared_prefix.bench.verl_step import rollout_batch
+
+    dp = rollout_batch(seed, VOCAB, groups, n, prompt, response)
+    r = dp.batch["response_mask"].sum(1).tolist()
+    p = (dp.batch["attention_mask"].sum(1) - dp.batch["response_mask"].sum(1)).tolist()
+    return dp, [(str(u), pl, rl) for u, pl, rl in zip(dp.non_tensor_batch["uid"], p, r)]
 
 
 def engine_batch(dp, max_tokens: int):
@@ -340,3 +312,30 @@ def test_verl_step_bench_cpu_tiny(tmp_path):
     assert ours["tokens_saved_frac"] > 0 and stock["tokens_saved_frac"] is None
     assert ours["sharing_kept"] == 1.0 and stock["sharing_kept"] < 1.0
     assert "| dynamic |" in (tmp_path / "verl_step.md").read_text()
+
+
+def test_legacy_balance_batch_for_any_group_count():
+    """The legacy trainer (``trainer.use_v1=False``): its own use_prefix_grouper path needs the uid groups to
+    divide the ranks (6 groups over 4 ranks: ValueError); the plugin's gives each rank as many rows, whole groups
+    where the rows allow (one group split over two ranks), and verl's balance metrics."""
+    from verl.trainer.ppo import ray_trainer as rt
+
+    dp, rows = rollout(6, 4, seed=11)
+    cfg = verl_setup.trainer_config(["actor_rollout_ref.rollout.n=4", "actor_rollout_ref.actor.use_prefix_grouper=True",
+                                     "trainer.use_v1=False"])
+    trainer = types.SimpleNamespace(config=cfg, use_prefix_grouper=True,
+                                    actor_rollout_wg=types.SimpleNamespace(_dispatch_info={"actor": [0, 1, 2, 3]}))
+    trainer._get_dp_size = types.MethodType(rt.RayPPOTrainer._get_dp_size, trainer)
+    stock = rt.RayPPOTrainer._balance_batch.__wrapped__
+    with pytest.raises(ValueError, match="num_uid_groups"):
+        stock(trainer, dp, {})
+    metrics = {}
+    rt.RayPPOTrainer._balance_batch(trainer, dp, metrics)
+    keys = [str(u) for u in dp.non_tensor_batch["uid"]]
+    parts = [list(range(r * 6, (r + 1) * 6)) for r in range(4)]
+    pieces = sorted(sum(any(keys[i] == k for i in p) for p in parts) for k in set(keys))
+    assert pieces == [1, 1, 1, 1, 2, 2]  # 24 rows, 6 per rank: two groups must span two ranks
+    p = (dp.batch["attention_mask"].sum(1) - dp.batch["response_mask"].sum(1)).tolist()
+    r = dp.batch["response_mask"].sum(1).tolist()
+    assert metrics[vb.SHARING_KEPT_METRIC] == pytest.approx(batching.sharing_kept(parts, p, r, keys))
+    assert "global_seqlen/balanced_max" in metrics

@@ -1,8 +1,10 @@
 """verl for the tests: CPU ranks (``shared_prefix.bench.verl_cpu``, imported first), verl's trainer config as a
-user's command line composes it, and verl's LM-head engine over a tiny Qwen2 without its constructor."""
+user's command line composes it, verl's LM-head engine over a tiny Qwen2 without its constructor, and the
+fixtures of the modules that drive that engine in this process (import them into the module)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import shared_prefix.bench.verl_cpu  # noqa: F401  (before any verl engine module)
@@ -30,3 +32,22 @@ def engine(tie_word_embeddings: bool = False):
     eng.compute_entropy_from_logits = verl_F.entropy_from_logits
     eng._autocast_dtype = torch.float32
     return eng
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gloo():
+    """A one-rank gloo process group in this process (FSDP and verl's engine need one)."""
+    from helpers import ensure_gloo
+
+    ensure_gloo()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def engine_on_cpu(monkeypatch):
+    """The engine's methods run on CPU modules, also on a machine with a GPU (where verl's platform would move
+    each micro-batch to it)."""
+    import verl.workers.engine.fsdp.transformer_impl as ti
+
+    monkeypatch.setattr(ti, "get_device_id", lambda: "cpu")
+    monkeypatch.setattr(ti, "get_device_name", lambda: "cpu")

@@ -52,6 +52,23 @@ def git_commit() -> str:
         return "unknown"
 
 
+def launch_ranks(module: str, argv: list, ranks: int, port: int, threads: int, result: Path) -> list:
+    """``python -m module argv`` on ``ranks`` processes under torchrun; each rank writes
+    ``{result}.rank{r}.json``. Every rank's results, or one ``{"error": …}`` naming why the launch failed. The
+    interpreter's scripts directory goes first on PATH (DeepSpeed builds an op with ninja from there)."""
+    import shutil
+
+    bindir = str(Path(sys.executable).parent)
+    launcher = shutil.which("torchrun", path=bindir) or shutil.which("torchrun")
+    cmd = [launcher, "--nproc_per_node", str(ranks), "--master_port", str(port), "-m", module, *map(str, argv)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "")])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if "Error" in line and "ChildFailedError" not in line]
+        return [dict(error=f"exit {proc.returncode}: {lines[-1].strip() if lines else proc.stderr[-1500:]}")]
+    return [json.loads(Path(f"{result}.rank{r}.json").read_text()) for r in range(ranks)]
+
+
 def open_device(ap: argparse.ArgumentParser, name: str, threads: int) -> torch.device:
     """``--device`` checked (a parser error without CUDA), and ``--threads`` applied on CPU."""
     device = torch.device(name)

@@ -100,8 +100,3 @@ def sharding(model: torch.nn.Module) -> str:
         return "fsdp2"
     return "whole"
 
-
-def failure(stderr: str) -> str:
-    """The line that says why a torchrun launch failed (a rank's last exception), else the output's tail."""
-    lines = [line for line in stderr.splitlines() if "Error" in line and "ChildFailedError" not in line]
-    return lines[-1].strip() if lines else stderr[-1500:]

@@ -21,9 +21,7 @@ import json
 import os
 import platform
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,8 +30,7 @@ from typing import Optional
 import torch
 
 from shared_prefix.bench import engines
-from shared_prefix.bench.cli import git_commit
-from shared_prefix.bench.engines import failure
+from shared_prefix.bench.cli import git_commit, launch_ranks
 from shared_prefix.bench.variants import MODELS
 
 TRAINERS = ("stock", "shared_prefix")
@@ -85,22 +82,12 @@ def rank_main(args) -> int:
 def launch(args, engine: str, trainer: str, checkpoint: Path, work: Path) -> list:
     """One torchrun launch of ``trainer`` under ``engine``; every rank's results."""
     result = work / f"{engine}-{trainer}"
-    forwarded = ["--model", args.model, "--prompt-tokens", str(args.prompt_tokens), "--completion-tokens",
-                 str(args.completion_tokens), "--group", str(args.group), "--prompts", str(args.prompts),
-                 "--steps", str(args.steps), "--warmup", str(args.warmup), "--beta", str(args.beta),
-                 "--threads", str(args.threads), "--dtype", args.dtype, "--ranks", str(args.nproc),
-                 "--grad-ckpt" if args.grad_ckpt else "--no-grad-ckpt"]
-    bindir = str(Path(sys.executable).parent)
-    launcher = shutil.which("torchrun", path=bindir) or shutil.which("torchrun")
-    cmd = [launcher, "--nproc_per_node", str(args.nproc), "--master_port", str(args.port), "-m",
-           "shared_prefix.bench.sharded", "--rank-worker", "--engine", engine, "--trainer", trainer,
-           "--checkpoint", str(checkpoint), "--workdir", str(work), "--result", str(result), *forwarded]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-           "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "")])}  # DeepSpeed builds an op with ninja
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return [dict(error=f"exit {proc.returncode}: {failure(proc.stderr)}")]
-    return [json.loads(Path(f"{result}.rank{r}.json").read_text()) for r in range(args.nproc)]
+    argv = ["--rank-worker", "--engine", engine, "--trainer", trainer, "--checkpoint", checkpoint, "--workdir", work,
+            "--result", result, "--model", args.model, "--prompt-tokens", args.prompt_tokens, "--completion-tokens",
+            args.completion_tokens, "--group", args.group, "--prompts", args.prompts, "--steps", args.steps,
+            "--warmup", args.warmup, "--beta", args.beta, "--threads", args.threads, "--dtype", args.dtype,
+            "--ranks", args.nproc, "--grad-ckpt" if args.grad_ckpt else "--no-grad-ckpt"]
+    return launch_ranks("shared_prefix.bench.sharded", argv, args.nproc, args.port, args.threads, result)
 
 
 def summary(ranks: list) -> dict:

@@ -25,9 +25,7 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,8 +33,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-
-from shared_prefix.bench.engines import failure
 
 PRESETS = ("fixed", "dynamic")
 PLUGIN = "shared_prefix.verl"
@@ -244,20 +240,15 @@ def rank_main(args) -> int:
 
 
 def launch(args, preset: str, trainer: str, checkpoint: Path, work: Path) -> list:
+    """One torchrun launch of ``trainer`` with ``preset``; every rank's results."""
+    from shared_prefix.bench.cli import launch_ranks
+
     result = work / f"{preset}-{trainer}"
-    bindir = str(Path(sys.executable).parent)
-    launcher = shutil.which("torchrun", path=bindir) or shutil.which("torchrun")
-    cmd = [launcher, "--nproc_per_node", str(args.ranks), "--master_port", str(args.port), "-m",
-           "shared_prefix.bench.verl_step", "--rank-worker", "--preset", preset, "--trainer", trainer,
-           "--checkpoint", str(checkpoint), "--result", str(result), "--ranks", str(args.ranks),
-           "--prompts", str(args.prompts), "--group", str(args.n), "--prompt-tokens", str(args.prompt_tokens),
-           "--response-tokens", str(args.response_tokens), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads), "--model", args.model]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return [dict(error=f"exit {proc.returncode}: {failure(proc.stderr)}")]
-    return [json.loads(Path(f"{result}.rank{r}.json").read_text()) for r in range(args.ranks)]
+    argv = ["--rank-worker", "--preset", preset, "--trainer", trainer, "--checkpoint", checkpoint, "--result", result,
+            "--ranks", args.ranks, "--prompts", args.prompts, "--group", args.n, "--prompt-tokens", args.prompt_tokens,
+            "--response-tokens", args.response_tokens, "--steps", args.steps, "--warmup", args.warmup,
+            "--threads", args.threads, "--model", args.model]
+    return launch_ranks("shared_prefix.bench.verl_step", argv, args.ranks, args.port, args.threads, result)
 
 
 def summary(ranks: list) -> dict:

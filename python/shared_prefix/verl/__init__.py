@@ -28,8 +28,8 @@ import logging
 
 from ..hf.pipeline import version_refusal
 from ..hf.registry import register
-from .engine import _KEY, response_lengths  # noqa: F401  (the engine's state key, for tests and tools)
-from .settings import SUPPORTED_VERL, _state, enable, enabled, fallbacks, watch_actor_config
+from .engine import _KEY, response_lengths  # noqa: F401  (the engine's state key and row lengths, for tools)
+from .settings import SUPPORTED_VERL, _state, enable, enabled, fallbacks, watch_actor_config  # noqa: F401
 
 __all__ = ["enable", "enabled", "fallbacks", "install", "SUPPORTED_VERL"]
 logger = logging.getLogger("shared_prefix")

@@ -23,7 +23,6 @@ the partitioning).
 from __future__ import annotations
 
 import contextvars
-from typing import Optional
 
 import torch
 
@@ -150,8 +149,27 @@ def shard_rows(prompts: list, responses: list, keys: list, ranks: int) -> tuple:
 
 
 def _install_balancing() -> None:
-    _install_v1_balancing()
-    _install_legacy_balancing()
+    import importlib
+
+    for module, name, balance in (("verl.trainer.ppo.v1.trainer_base", "PPOTrainer", _balance_v1),
+                                  ("verl.trainer.ppo.ray_trainer", "RayPPOTrainer", _balance_legacy)):
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        stock = cls._balance_batch
+        if getattr(stock, "_shared_prefix", False):
+            continue
+
+        def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False,
+                           _stock=stock, _balance=balance, _module=importlib.import_module(module)):
+            if not _wanted(self) or (_balance is _balance_legacy and "uid" not in batch.non_tensor_batch):
+                return _stock(self, batch, metrics, logging_prefix=logging_prefix, keep_minibatch=keep_minibatch)
+            return _balance(self, _module, batch, metrics, logging_prefix)
+
+        _balance_batch._shared_prefix = True
+        _balance_batch.__wrapped__ = stock
+        cls._balance_batch = _balance_batch
 
 
 def _wanted(trainer) -> bool:
@@ -159,64 +177,34 @@ def _wanted(trainer) -> bool:
     return bool(actor.get("use_prefix_grouper", False)) or enabled()
 
 
-def _install_v1_balancing() -> None:
-    try:
-        from verl.trainer.ppo.v1 import trainer_base as tb
-    except ImportError:
-        return
-    cls = tb.PPOTrainer
-    stock = cls._balance_batch
-    if getattr(stock, "_shared_prefix", False):
-        return
-
-    def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
-        """The v1 trainer's balancing by groups (see the module): the same dispatch info, padding and metrics."""
-        if not _wanted(self):
-            return stock(self, batch, metrics, logging_prefix=logging_prefix, keep_minibatch=keep_minibatch)
-        role, group = "actor", self.actor_rollout_wg
-        if role not in group._dispatch_info:
-            group._dispatch_info[role] = group._query_dispatch_info(role)
-        ranks = max(group._dispatch_info[role]) + 1
-        batch = tb.upsample_batch_to_divisible_size(batch, self._get_required_batch_multiple(ranks),
-                                                    self.tokenizer.eos_token_id)
-        prompts = [int(tag["prompt_len"]) for tag in batch.tags]
-        responses = [int(tag["response_len"]) for tag in batch.tags]
-        keys = [key.rsplit("_", 2)[0] for key in batch.keys]  # keys are f"{uid}_{session}_{i}"
-        seqlens = [int(tag["seq_len"]) for tag in batch.tags]
-        parts, kept = shard_rows(prompts, responses, keys, ranks)
-        batch.reorder([i for part in parts for i in part])
-        metrics.update(tb.log_seqlen_unbalance(seqlen_list=seqlens, partitions=parts, prefix=logging_prefix))
-        metrics[SHARING_KEPT_METRIC] = kept
-        return batch
-
-    _balance_batch._shared_prefix = True
-    cls._balance_batch = _balance_batch
+def _balance_v1(trainer, tb, batch, metrics, prefix: str):
+    """The v1 trainer's balancing by groups: its dispatch info, padding and metrics, whole groups per rank."""
+    role, group = "actor", trainer.actor_rollout_wg
+    if role not in group._dispatch_info:
+        group._dispatch_info[role] = group._query_dispatch_info(role)
+    ranks = max(group._dispatch_info[role]) + 1
+    batch = tb.upsample_batch_to_divisible_size(batch, trainer._get_required_batch_multiple(ranks),
+                                                trainer.tokenizer.eos_token_id)
+    prompts = [int(tag["prompt_len"]) for tag in batch.tags]
+    responses = [int(tag["response_len"]) for tag in batch.tags]
+    keys = [key.rsplit("_", 2)[0] for key in batch.keys]  # keys are f"{uid}_{session}_{i}"
+    seqlens = [int(tag["seq_len"]) for tag in batch.tags]
+    parts, kept = shard_rows(prompts, responses, keys, ranks)
+    batch.reorder([i for part in parts for i in part])
+    metrics.update(tb.log_seqlen_unbalance(seqlen_list=seqlens, partitions=parts, prefix=prefix))
+    metrics[SHARING_KEPT_METRIC] = kept
+    return batch
 
 
-def _install_legacy_balancing() -> None:
-    try:
-        from verl.trainer.ppo import ray_trainer as rt
-    except ImportError:
-        return
-    cls = rt.RayPPOTrainer
-    stock = cls._balance_batch
-    if getattr(stock, "_shared_prefix", False):
-        return
-
-    def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
-        """The legacy trainer's balancing by groups (see the module), for any group count."""
-        if not (_wanted(self) and "uid" in batch.non_tensor_batch):
-            return stock(self, batch, metrics, logging_prefix=logging_prefix, keep_minibatch=keep_minibatch)
-        mask = batch.batch["attention_mask"]
-        seqlens = mask.view(mask.shape[0], -1).sum(-1)
-        responses = mask[:, -batch.batch["responses"].shape[1]:].sum(-1)
-        keys = [str(u) for u in batch.non_tensor_batch["uid"]]
-        parts, kept = shard_rows((seqlens - responses).tolist(), responses.tolist(), keys,
-                                 self._get_dp_size(self.actor_rollout_wg, "actor"))
-        batch.reorder(torch.tensor([i for part in parts for i in part]))
-        metrics.update(rt.log_seqlen_unbalance(seqlen_list=seqlens.tolist(), partitions=parts, prefix=logging_prefix))
-        metrics[SHARING_KEPT_METRIC] = kept
-        return batch
-
-    _balance_batch._shared_prefix = True
-    cls._balance_batch = _balance_batch
+def _balance_legacy(trainer, rt, batch, metrics, prefix: str):
+    """The legacy trainer's balancing by groups, for any group count (its own needs them to divide the ranks)."""
+    mask = batch.batch["attention_mask"]
+    seqlens = mask.view(mask.shape[0], -1).sum(-1)
+    responses = mask[:, -batch.batch["responses"].shape[1]:].sum(-1)
+    keys = [str(u) for u in batch.non_tensor_batch["uid"]]
+    parts, kept = shard_rows((seqlens - responses).tolist(), responses.tolist(), keys,
+                             trainer._get_dp_size(trainer.actor_rollout_wg, "actor"))
+    batch.reorder(torch.tensor([i for part in parts for i in part]))
+    metrics.update(rt.log_seqlen_unbalance(seqlen_list=seqlens.tolist(), partitions=parts, prefix=prefix))
+    metrics[SHARING_KEPT_METRIC] = kept
+    return batch
