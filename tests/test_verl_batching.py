@@ -107,26 +107,40 @@ def test_a_group_larger_than_the_budget_splits_into_sub_groups():
     assert 0.5 < kept(idx, rows) < 1.0
 
 
-def test_fixed_micro_batch_size_is_verls_own():
-    """Without dynamic batch size the engine keeps verl's contiguous chunks (the balancing keeps groups
-    contiguous)."""
-    dp, rows = rollout(4, 4, seed=1)
+def test_fixed_micro_batches_are_cut_at_group_boundaries():
+    """Without dynamic batch size: as many contiguous micro-batches as verl's, each cut at the group boundary
+    nearest verl's, so groups of 5 stay whole with a micro-batch size of 16 (verl's run_qwen2-7b.sh); verl's own
+    chunks where groups are fewer than the chunks."""
+    dp, rows = rollout(16, 5, seed=1)
+    td = engine_batch(dp, 1000)
+    tu.assign_non_tensor(td, use_dynamic_bsz=False, micro_batch_size_per_gpu=16)
+    mbs, idx = ours_micro_batches(td)
+    sizes = [len(mb) for mb in mbs]
+    assert idx is None and len(mbs) == 5 and sum(sizes) == 80 and all(s % 5 == 0 for s in sizes)
+    stock_mbs, _ = engine_utils.prepare_micro_batches(data=td, dp_group=None)
+    assert [len(mb) for mb in stock_mbs] == [16] * 5
+    bounds = [0] + list(torch.tensor(sizes).cumsum(0).tolist())
+    assert kept([list(range(a, b)) for a, b in zip(bounds, bounds[1:])], rows) == 1.0
+    assert kept([list(range(a, a + 16)) for a in range(0, 80, 16)], rows) < 0.95
+    dp, rows = rollout(2, 8, seed=2)  # 2 groups, 4 chunks of 4: verl's own
     td = engine_batch(dp, 1000)
     tu.assign_non_tensor(td, use_dynamic_bsz=False, micro_batch_size_per_gpu=4)
-    mbs, idx = ours_micro_batches(td)
-    assert idx is None and [len(mb) for mb in mbs] == [4, 4, 4, 4]
+    assert [len(mb) for mb in ours_micro_batches(td)[0]] == [4, 4, 4, 4]
 
 
-def test_dynamic_bsz_training_step_equals_stock():
-    """The engine's forward_backward_batch over a dynamic-bsz batch, ours against verl's stock micro-batches:
-    log-probs and entropies back in the batch's row order, and every gradient, equal; every micro-batch packed
-    (the text-only batch carries empty multimodal dicts)."""
-    dp, rows = rollout(6, 5, seed=7)
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic-bsz", "fixed-micro-batches"])
+def test_training_step_equals_stock(dynamic):
+    """The engine's forward_backward_batch, ours against verl's stock micro-batches (dynamic: by tokens; fixed: 4
+    rows each, against groups of 3): log-probs and entropies back in the batch's row order, and every gradient,
+    equal; every micro-batch packed (the text-only batch carries empty multimodal dicts)."""
+    dp, rows = rollout(8, 3, seed=7) if not dynamic else rollout(6, 5, seed=7)
     results = {}
     for mode in ("stock", "ours"):
         engine = verl_setup.engine()
         spv.enable(mode == "ours")
         td = engine_batch(dp, 160)
+        if not dynamic:
+            tu.assign_non_tensor(td, use_dynamic_bsz=False, micro_batch_size_per_gpu=4)
         tu.assign_non_tensor(td, global_batch_size=len(rows), dp_size=1)
         def loss_fn(model_output, data, dp_group=None):
             # Fixed weights at response positions (each a function of its row and token, whatever the batching).

@@ -8,9 +8,12 @@ the partitioning).
   each share the prompt where a group exceeds the budget), sized by the packed tokens (the prompt once, plus each
   response) against ``max_token_len_per_gpu × sp_size``, balanced by verl's workload estimate of the packed
   forward, and as many on every data-parallel rank (the count is all-reduced, as verl does). The index lists go
-  back to verl, which restores the rows' order after the forward. A fixed micro-batch size keeps verl's contiguous
-  chunks: with the balancing below each rank's groups are contiguous, so a size that is a multiple of
-  ``rollout.n`` keeps them whole.
+  back to verl, which restores the rows' order after the forward.
+- **Fixed micro-batches** (``ppo_micro_batch_size_per_gpu``): as many contiguous chunks as verl makes, each cut at
+  the group boundary nearest verl's, so that a size that is not a multiple of ``rollout.n`` (verl's
+  ``run_qwen2-7b.sh``: 16 with n = 5) keeps groups whole too; a chunk is then up to n - 1 rows longer or
+  shorter than the size. Groups must be contiguous in the rank's batch, which the agent loop's order and the
+  balancing below give; otherwise verl's own chunks.
 - **Data-parallel balancing.** The v1 trainer's ``_balance_batch`` reorders rows across ranks by sequence length,
   splitting groups; the legacy trainer's ``use_prefix_grouper`` path needs the group count to divide the ranks.
   Both are wrapped, when the trainer's ``actor_rollout_ref.actor.use_prefix_grouper`` is set (or the plugin is on):
@@ -23,6 +26,7 @@ the partitioning).
 from __future__ import annotations
 
 import contextvars
+from typing import Optional
 
 import torch
 
@@ -58,9 +62,14 @@ def install(ti, tu) -> None:
             kwargs = dict(dp_group=dp_group, num_batches_divided_by=num_batches_divided_by,
                           same_micro_num_in_dp=same_micro_num_in_dp, min_num_micro_batch=min_num_micro_batch,
                           use_dynamic_bsz_balance=use_dynamic_bsz_balance)
-            if _ENGINE.get() is None or not enabled() or not _dynamic(data, tu) or "uid" not in data.keys():
+            if _ENGINE.get() is None or not enabled() or "uid" not in data.keys():
                 return stock_prepare(data, **kwargs)
-            return group_micro_batches(data, tu, **kwargs)
+            if _dynamic(data, tu):
+                return group_micro_batches(data, tu, **kwargs)
+            chunks = group_chunks([str(k) for k in data["uid"]], int(data["micro_batch_size_per_gpu"]))
+            if chunks is None:
+                return stock_prepare(data, **kwargs)
+            return [tu.index_select_tensor_dict(data, list(range(a, b))) for a, b in chunks], None
 
         prepare_micro_batches._shared_prefix = True
         ti.prepare_micro_batches = prepare_micro_batches
@@ -76,6 +85,24 @@ def _linear_workload() -> int:
     from verl.utils.seqlen_balancing import calculate_workload
 
     return int(calculate_workload(torch.tensor([1], dtype=torch.int64))[0]) - 1
+
+
+def group_chunks(keys: list, size: int) -> Optional[list]:
+    """verl's fixed micro-batches (``len(keys) / size`` contiguous chunks, as many on every rank) cut at group
+    boundaries: ``(start, end)`` per chunk, each boundary the group boundary nearest verl's. The rows keep their
+    order, so verl's outputs need no reordering, and the loss, normalized over the whole batch, is unchanged. None
+    where groups are not contiguous, or fewer than the chunks (verl's own chunks then)."""
+    count = len(keys) // size if size > 0 and len(keys) % size == 0 else 0
+    starts = [0] + [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]]
+    if count < 1 or len(starts) != len(set(keys)) or len(starts) < count:
+        return None
+    cuts = []
+    for j in range(1, count):  # the group boundary nearest j·size, after the last cut, leaving one per later chunk
+        lo = starts.index(cuts[-1]) + 1 if cuts else 1
+        hi = len(starts) - (count - j)
+        cuts.append(min(starts[lo: hi + 1], key=lambda b: (abs(b - j * size), b)))
+    bounds = [0, *cuts, len(keys)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def group_micro_batches(data, tu, dp_group=None, num_batches_divided_by=None, same_micro_num_in_dp=True,
