@@ -276,13 +276,13 @@ def test_check_names_every_setting_that_costs_sharing():
                                     "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True"])
     off = settings_named(["actor_rollout_ref.rollout.n=8"])  # verl's defaults: the plugin neither loaded nor on
     assert set(off) == {"actor_rollout_ref.model.external_lib", "actor_rollout_ref.actor.use_prefix_grouper"}
-    costly = settings_named(ON + ["actor_rollout_ref.rollout.n=5", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
-                                  "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=10",
+    costly = settings_named(ON + ["actor_rollout_ref.rollout.n=5", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+                                  "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8",
                                   "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2",
                                   "actor_rollout_ref.actor.shuffle=True"])
     assert set(costly) == {"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
                            "actor_rollout_ref.actor.ulysses_sequence_parallel_size", "actor_rollout_ref.actor.shuffle"}
-    assert "multiple of 5" in costly["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"].change
+    assert "at least 5" in costly["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"].change
     budget = settings_named(ON + ["actor_rollout_ref.rollout.n=16", "actor_rollout_ref.actor.use_dynamic_bsz=True",
                                   "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True",
                                   "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=4096"])
@@ -303,8 +303,8 @@ def test_check_from_the_command_line(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc.stdout
 
-    out = check("actor_rollout_ref.rollout.n=5", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8", *ON)
-    assert "ppo_micro_batch_size_per_gpu=8" in out and "multiple of 5" in out and "external_lib" not in out
+    out = check("actor_rollout_ref.rollout.n=5", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4", *ON)
+    assert "ppo_micro_batch_size_per_gpu=4" in out and "at least 5" in out and "external_lib" not in out
     saved = tmp_path / "config.yaml"
     OmegaConf.save(verl_setup.trainer_config(ON + ["actor_rollout_ref.rollout.n=8"]), saved)
     assert "every setting keeps prompt sharing on" in check(str(saved))

@@ -8,8 +8,8 @@ passes (the preset's, from verl's example scripts, scaled to the bench's lengths
 and the trainer's own sequence for it (``RayPPOTrainer._compute_old_log_prob``, GRPO advantages,
 ``_update_actor``). Presets:
 
-- ``fixed``: ``run_qwen2-7b.sh``: n = 5, ``ppo_micro_batch_size_per_gpu`` 16 (its 128 over 8 GPUs), which splits
-  groups of 5;
+- ``fixed``: ``run_qwen2-7b.sh``: n = 5, ``ppo_micro_batch_size_per_gpu`` 16 (its 128 over 8 GPUs), which verl's
+  chunks cut through groups of 5;
 - ``dynamic``: ``run_qwen2-7b_seq_balance.sh``: n = 5, ``use_dynamic_bsz`` with ``ppo_max_token_len_per_gpu`` at
   its ratio to a group's longest packed length (24000 against 512 + 5 × 1024).
 
@@ -142,9 +142,11 @@ def micro_batch_sharing(batch, cfg, plugin_on: bool) -> Optional[float]:
                          max_token_len_per_gpu=actor.ppo_max_token_len_per_gpu,
                          micro_batch_size_per_gpu=actor.ppo_micro_batch_size_per_gpu)
     n = len(td)
+    keys = [str(u) for u in td["uid"]]
     if not actor.use_dynamic_bsz:
         size = int(actor.ppo_micro_batch_size_per_gpu)
-        parts = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        chunks = (vb.group_chunks(keys, size) if plugin_on else None) or [(i, min(i + size, n)) for i in range(0, n, size)]
+        parts = [list(range(a, b)) for a, b in chunks]
     elif plugin_on:
         parts = vb.group_micro_batches(td, tu)[1]
     else:
@@ -153,7 +155,7 @@ def micro_batch_sharing(batch, cfg, plugin_on: bool) -> Optional[float]:
         parts = rearrange_micro_batches(td, max_token_len=int(actor.ppo_max_token_len_per_gpu))[1]
     total = td["input_ids"].offsets().diff()
     responses = vb.response_lengths(td).to(total.device)
-    return batching.sharing_kept(parts, (total - responses).tolist(), responses.tolist(), [str(u) for u in td["uid"]])
+    return batching.sharing_kept(parts, (total - responses).tolist(), responses.tolist(), keys)
 
 
 def whole_params(module) -> torch.Tensor:

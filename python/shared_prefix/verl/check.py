@@ -84,14 +84,14 @@ def findings(cfg, *, plugin_enabled: Optional[bool] = None) -> list:
                                f"reduced: a group of n={n} at the data's maximum lengths packs to {longest} tokens "
                                "and is split into sub-groups (each still sharing its prompt)",
                                f"raise it to {-(-longest // sp)} to keep every group whole"))
-    else:
+    else:  # fixed micro-batches are cut at group boundaries: only one smaller than a group must split it
         for path, what in ((f"{actor}.ppo_micro_batch_size_per_gpu", "the update"),
                            (f"{rollout}.log_prob_micro_batch_size_per_gpu", "the old log-probs"),
                            (f"{ref}.log_prob_micro_batch_size_per_gpu", "the reference log-probs")):
             size = _get(cfg, path)
-            if size and n > 1 and int(size) % n:
-                out.append(Finding(path, size, f"reduced: micro-batches of {what} split groups of n={n}",
-                                   f"use a multiple of {n}, or use_dynamic_bsz=True (micro-batches of whole groups)"))
+            if size and int(size) < n:
+                out.append(Finding(path, size, f"reduced: micro-batches of {what} are smaller than a group of n={n}",
+                                   f"use at least {n}, or use_dynamic_bsz=True (micro-batches of whole groups)"))
     return out
 
 
