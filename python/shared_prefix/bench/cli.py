@@ -69,6 +69,15 @@ def launch_ranks(module: str, argv: list, ranks: int, port: int, threads: int, r
     return [json.loads(Path(f"{result}.rank{r}.json").read_text()) for r in range(ranks)]
 
 
+def write_report(out, stem: str, report: dict, table: str) -> None:
+    """``{stem}.json`` (the report) and ``{stem}.md`` (its table) in ``out``; the table printed."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(table)
+    print(table)
+
+
 def open_device(ap: argparse.ArgumentParser, name: str, threads: int) -> torch.device:
     """``--device`` checked (a parser error without CUDA), and ``--threads`` applied on CPU."""
     device = torch.device(name)

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from shared_prefix.bench import engines
-from shared_prefix.bench.cli import git_commit, launch_ranks
+from shared_prefix.bench.cli import git_commit, launch_ranks, write_report
 from shared_prefix.bench.variants import MODELS
 
 TRAINERS = ("stock", "shared_prefix")
@@ -205,12 +205,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                           torch=torch.__version__, transformers=transformers.__version__, trl=trl.__version__,
                           deepspeed=deepspeed.__version__, commit=git_commit(),
                           date=datetime.date.today().isoformat())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sharded.json").write_text(json.dumps(report, indent=1) + "\n")
-    table = markdown(report)
-    (out / "sharded.md").write_text(table)
-    print(table)
+    write_report(args.out, "sharded", report, markdown(report))
     failed = [e for e, r in report["engines"].items() if any("error" in t for t in r.values())]
     return 1 if failed else 0
 

@@ -323,7 +323,7 @@ def main(argv: Optional[list] = None) -> int:
     import verl
 
     from shared_prefix.bench import trainer_step as ts
-    from shared_prefix.bench.cli import device_name, git_commit
+    from shared_prefix.bench.cli import device_name, git_commit, write_report
     from shared_prefix.bench.variants import MODELS
 
     cuda = torch.cuda.is_available()
@@ -344,12 +344,7 @@ def main(argv: Optional[list] = None) -> int:
                           response_tokens=args.response_tokens, steps=args.steps, warmup=args.warmup,
                           torch=torch.__version__, transformers=transformers.__version__, verl=verl.__version__,
                           commit=git_commit(), date=datetime.date.today().isoformat())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "verl_step.json").write_text(json.dumps(report, indent=1) + "\n")
-    table = markdown(report)
-    (out / "verl_step.md").write_text(table)
-    print(table)
+    write_report(args.out, "verl_step", report, markdown(report))
     return 1 if any("error" in t for r in report["presets"].values() for t in r.values()) else 0
 
 

@@ -32,7 +32,7 @@ import torch
 
 from .. import batching as grouping
 from .engine import response_lengths
-from .settings import enabled
+from .settings import enabled, trainer_classes
 
 # The engine whose forward_backward_batch is running, while it runs: its micro-batches are made by groups.
 _ENGINE: contextvars.ContextVar = contextvars.ContextVar("shared_prefix_verl_engine", default=None)
@@ -176,20 +176,14 @@ def shard_rows(prompts: list, responses: list, keys: list, ranks: int) -> tuple:
 
 
 def _install_balancing() -> None:
-    import importlib
-
-    for module, name, balance in (("verl.trainer.ppo.v1.trainer_base", "PPOTrainer", _balance_v1),
-                                  ("verl.trainer.ppo.ray_trainer", "RayPPOTrainer", _balance_legacy)):
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
+    for module, cls in trainer_classes():
+        balance = _balance_v1 if cls.__name__ == "PPOTrainer" else _balance_legacy
         stock = cls._balance_batch
         if getattr(stock, "_shared_prefix", False):
             continue
 
         def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False,
-                           _stock=stock, _balance=balance, _module=importlib.import_module(module)):
+                           _stock=stock, _balance=balance, _module=module):
             if not _wanted(self) or (_balance is _balance_legacy and "uid" not in batch.non_tensor_batch):
                 return _stock(self, batch, metrics, logging_prefix=logging_prefix, keep_minibatch=keep_minibatch)
             return _balance(self, _module, batch, metrics, logging_prefix)

@@ -105,14 +105,9 @@ def report(cfg, *, plugin_enabled: Optional[bool] = None) -> str:
 
 def install() -> None:
     """Log :func:`report` once when a trainer starts (``fit``) with the plugin on. Idempotent."""
-    import importlib
+    from .settings import trainer_classes
 
-    for module, name in (("verl.trainer.ppo.v1.trainer_base", "PPOTrainer"),
-                         ("verl.trainer.ppo.ray_trainer", "RayPPOTrainer")):
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
+    for _, cls in trainer_classes():
         stock = cls.fit
         if getattr(stock, "_shared_prefix", False):
             continue

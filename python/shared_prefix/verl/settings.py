@@ -41,3 +41,19 @@ def watch_actor_config() -> None:
 
         wrapped._shared_prefix = True
         klass.__post_init__ = wrapped
+
+
+def trainer_classes() -> list:
+    """verl's PPO trainers that this verl has, as ``(module, class)``: the v1 trainer (``trainer.use_v1``, the
+    default) and the legacy one."""
+    import importlib
+
+    found = []
+    for module, name in (("verl.trainer.ppo.v1.trainer_base", "PPOTrainer"),
+                         ("verl.trainer.ppo.ray_trainer", "RayPPOTrainer")):
+        try:
+            mod = importlib.import_module(module)
+            found.append((mod, getattr(mod, name)))
+        except (ImportError, AttributeError):
+            continue
+    return found
