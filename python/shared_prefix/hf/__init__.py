@@ -20,6 +20,7 @@ from .._logprobs import check_linear_head, check_token_ids
 from .._plan import Plan
 from .._refusals import UnsupportedModelError
 from .checkpointing import checkpointing_on, enable_checkpointing
+from .lm_head import output_linear
 from .pipeline import PackedForward, StockFallbacks
 from .registry import NAME, PLAN_KWARG, register
 from .support import model_windows, unsupported_config, unsupported_for
@@ -69,7 +70,7 @@ def completion_logprobs(
         embeddings = model.get_input_embeddings()
         if isinstance(embeddings, torch.nn.Embedding):  # the valid tokens only: ids at padding are never read
             check_token_ids(p.input_ids, embeddings.num_embeddings, "prompt_ids, completion_ids")
-        head = model.get_output_embeddings()
+        head = output_linear(model)
         if head is None:
             raise TypeError(f"model: {type(model).__name__} has no output embeddings (LM head)")
         check_linear_head(head)
