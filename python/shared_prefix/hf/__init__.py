@@ -5,8 +5,9 @@
 - :func:`register`: the ``"shared_prefix"`` attention implementation (``registry``); a model set to it behaves as
   ``"sdpa"`` unless handed a plan.
 - :class:`PackedForward`: the packed forward every integration runs (``pipeline``).
-- Model support (``support``), the LM head inside the model's forward under every engine (``lm_head``) and
-  activation checkpointing (``checkpointing``).
+- Model support (``support``), the LM head inside the model's forward under every engine (``lm_head``),
+  sequence parallelism over the packed stream (``sequence_parallel``) and activation checkpointing
+  (``checkpointing``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from .checkpointing import checkpointing_on, enable_checkpointing
 from .lm_head import output_linear
 from .pipeline import PackedForward, StockFallbacks
 from .registry import NAME, PLAN_KWARG, register
+from .sequence_parallel import SequenceParallel
 from .support import model_windows, unsupported_config, unsupported_for
 
-__all__ = ["completion_logprobs", "register", "PackedForward", "StockFallbacks", "UnsupportedModelError",
-           "model_windows", "unsupported_config", "unsupported_for", "checkpointing_on",
+__all__ = ["completion_logprobs", "register", "PackedForward", "SequenceParallel", "StockFallbacks",
+           "UnsupportedModelError", "model_windows", "unsupported_config", "unsupported_for", "checkpointing_on",
            "enable_checkpointing", "NAME", "PLAN_KWARG"]
 
 

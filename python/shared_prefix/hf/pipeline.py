@@ -30,6 +30,7 @@ from .._refusals import UnsupportedModelError
 from . import lm_head
 from .lm_head import Head, HeadRequest, lm_head_refusal
 from .registry import NAME, PLAN_KWARG, attention_implementation, register
+from .sequence_parallel import SequenceParallel, StreamSlice, head_refusal
 from .support import load_balancing_loss, model_windows, text_config, unsupported_config, unsupported_for
 
 logger = logging.getLogger("shared_prefix")
@@ -55,16 +56,25 @@ class PackedForward:
 
     ``defer_refusals``: a layer that cannot take the plan records why and the forward goes on (for callers that
     cannot stop the forward midway, such as verl's engine); ``check`` then raises. Otherwise it raises at once.
+
+    ``sequence_parallel``: run on this rank's slice of the stream of a Ulysses group (``stream``, a
+    :class:`StreamSlice`); the attention layers exchange over the group and ``outputs`` gathers the log-probs.
     """
 
-    def __init__(self, model: torch.nn.Module, plan: Plan, *, defer_refusals: bool = False):
+    def __init__(self, model: torch.nn.Module, plan: Plan, *, defer_refusals: bool = False,
+                 sequence_parallel: Optional[SequenceParallel] = None):
         if not isinstance(plan, Plan):
             raise TypeError(f"plan: expected a shared_prefix.Plan, got {type(plan).__name__}")
+        if sequence_parallel is not None and not isinstance(sequence_parallel, SequenceParallel):
+            raise TypeError(f"sequence_parallel: expected a shared_prefix.hf.SequenceParallel, got "
+                            f"{type(sequence_parallel).__name__}")
         register()  # the implementation run() switches the model to
         lm_head.install(model)
         self.model = model
         self.plan = plan
         self.defer_refusals = defer_refusals
+        group = sequence_parallel if sequence_parallel is not None and sequence_parallel.size > 1 else None
+        self.stream: Optional[StreamSlice] = None if group is None else StreamSlice(plan, group)
         self.attention_calls = 0
         self.head_calls = 0
         self.head_request: Optional[HeadRequest] = None
@@ -84,6 +94,7 @@ class PackedForward:
         defer_refusals: bool = False,
         plan: Optional[Plan] = None,
         validate: Optional[Callable[[Plan], None]] = None,
+        sequence_parallel: Optional[SequenceParallel] = None,
         **planning,
     ) -> "PackedForward":
         """Plan the micro-batch for ``model`` and check everything that can be checked before a forward: the
@@ -94,8 +105,11 @@ class PackedForward:
         ``planning``: :func:`shared_prefix.plan`'s ``group_sizes``/``group_ids``, ``max_depth`` and
         ``min_node_tokens``. ``plan``: one made earlier for these very tensors with the model's windows, reused.
         ``stock_seq_len``: the sequence length the stock forward's RoPE sees: TRL's padded width, ``"longest"`` for a
-        batch as long as its longest row (verl's), or None when each row is its own forward."""
+        batch as long as its longest row (verl's), or None when each row is its own forward.
+        ``sequence_parallel``: this rank's Ulysses group (see the class)."""
         why = unsupported_config(text_config(model))
+        if why is None and sequence_parallel is not None:
+            why = head_refusal(text_config(model), sequence_parallel.size)
         if why is not None:
             raise UnsupportedModelError(f"shared_prefix: {why}, which is not supported")
         windows = model_windows(model)
@@ -112,7 +126,7 @@ class PackedForward:
         why = unsupported_for(model, p, p.max_seqlen if stock_seq_len == "longest" else stock_seq_len)
         if why is not None:
             raise UnsupportedModelError(f"shared_prefix: {why}, which is not supported", per_batch=True)
-        return cls(model, p, defer_refusals=defer_refusals)
+        return cls(model, p, defer_refusals=defer_refusals, sequence_parallel=sequence_parallel)
 
     # -- what the attention layers and the LM head report ---------------------------------------------------------
     def count_layer(self) -> None:
@@ -136,10 +150,15 @@ class PackedForward:
         completion tokens at ``temperature`` (and entropies), in slices of ``chunk_size`` vocabulary columns
         (``None``: picked from the row count and the vocabulary size). ``head``: by default the memory-lean
         vocabulary-sliced one; :meth:`outputs` reads the result from the model's output."""
-        p = self.plan
-        self.head_request = HeadRequest(head, p.completion_targets(), float(temperature), bool(entropy), chunk_size)
-        return {"input_ids": p.input_ids, "position_ids": p.position_ids, "attention_mask": p.attention_mask,
-                "logits_to_keep": p.predictor_index, PLAN_KWARG: self}
+        p, stream = self.plan, self.stream
+        targets = p.completion_targets()
+        if stream is None:
+            tokens = {"input_ids": p.input_ids, "position_ids": p.position_ids, "attention_mask": p.attention_mask}
+            keep = p.predictor_index
+        else:  # this rank's slice, and the predictor rows inside it
+            tokens, keep, targets = stream.inputs(), stream.keep, targets.index_select(0, stream.entries)
+        self.head_request = HeadRequest(head, targets, float(temperature), bool(entropy), chunk_size)
+        return {**tokens, "logits_to_keep": keep, PLAN_KWARG: self}
 
     def run(self, call: Optional[Callable] = None, *, temperature: float, entropy: bool = False,
             chunk_size: Optional[int] = None, head: Head = linear_logprobs, router_logits: bool = False):
@@ -160,7 +179,10 @@ class PackedForward:
         after :meth:`check`; 0 at completion padding. A completion token several rows share gives each of them its
         value (and, in backward, the sum of their gradients)."""
         self.check()
-        values = self.plan.unpack_completions(lm_head.selected(model_output, self))
+        values = lm_head.selected(model_output, self)
+        if self.stream is not None:
+            values = self.stream.gather(values)
+        values = self.plan.unpack_completions(values)
         return values[..., 0], (values[..., 1] if self.head_request.entropy else None)
 
     def aux_loss(self) -> torch.Tensor:

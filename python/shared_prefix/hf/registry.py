@@ -93,20 +93,26 @@ def _planned_attention(module, query, key, value, planned: Any, scaling, dropout
         raise ValueError(
             f"{PLAN_KWARG}: the model must run on the packed stream [1, T] (plan.input_ids), got batch {query.shape[0]}"
         )
-    # HF hands [1, H, T, D]; ours is [T, H, D] (a view, no copy).
-    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
     window = layer_window(module, p, kwargs)
     window = window if window in p.windows else None  # only after a deferred refusal: the result is dropped
-    try:
-        out = attention(q, k, v, p, scale=scaling, window=window, sinks=kwargs.get("s_aux"))
-    except RuntimeError as e:
-        # A torch built with FLASHATTENTION_DISABLE_LOCAL refuses windows in FA2 with this message (before any
-        # launch): the model cannot run here, which TRL and verl answer with the stock method.
-        if window is None or "does not support local attention" not in str(e):
-            raise
-        _refuse(module, forward, f"this torch build's flash-attention has no sliding windows ({e})", False)
-        out = attention(q, k, v, p, scale=scaling, sinks=kwargs.get("s_aux"))  # deferred: discarded by the caller
-    return out.unsqueeze(0), None
+
+    def run(q, k, v, sinks):
+        try:
+            return attention(q, k, v, p, scale=scaling, window=window, sinks=sinks)
+        except RuntimeError as e:
+            # A torch built with FLASHATTENTION_DISABLE_LOCAL refuses windows in FA2 with this message (before any
+            # launch): the model cannot run here, which TRL and verl answer with the stock method.
+            if window is None or "does not support local attention" not in str(e):
+                raise
+            _refuse(module, forward, f"this torch build's flash-attention has no sliding windows ({e})", False)
+            return attention(q, k, v, p, scale=scaling, sinks=sinks)  # deferred: discarded by the caller
+
+    stream = getattr(forward, "stream", None)
+    if stream is not None:  # a slice of the stream: exchanged over the sequence-parallel group around the plan's
+        return stream.attention(query, key, value, kwargs.get("s_aux"), run).unsqueeze(0), None
+    # HF hands [1, H, T, D]; ours is [T, H, D] (a view, no copy).
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
+    return run(q, k, v, kwargs.get("s_aux")).unsqueeze(0), None
 
 
 def shared_prefix_attention_forward(

@@ -60,9 +60,6 @@ def findings(cfg, *, plugin_enabled: Optional[bool] = None) -> list:
     if n < 2:
         out.append(Finding(f"{rollout}.n", n, "off: one response per prompt shares nothing", "sample n ≥ 2"))
     sp = int(_get(cfg, f"{actor}.ulysses_sequence_parallel_size", 1) or 1)
-    if sp > 1:
-        out.append(Finding(f"{actor}.ulysses_sequence_parallel_size", sp,
-                           "off: Ulysses sequence parallelism takes the stock path", "set it to 1"))
     attn = _get(cfg, "actor_rollout_ref.model.override_config.attn_implementation")
     if attn == "eager":
         out.append(Finding("actor_rollout_ref.model.override_config.attn_implementation", attn,

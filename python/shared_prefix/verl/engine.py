@@ -10,8 +10,11 @@ differ, e.g. verl's synthetic padding samples). Both ``use_remove_padding`` sett
 engine's ``input_ids`` are nested either way. Text-only batches pack whatever empty multimodal containers verl's
 agent loop attaches. With ``use_fused_kernels`` the packed forward runs the model's decoder and LM head as
 transformers does instead of verl's fused forward, the head computing the log-probs as lean as the fused kernel.
-Everything else (the critic, Ulysses SP, per-sample temperatures, real multimodal inputs, distillation,
-``sum_pi_squared``, eager attention) falls back to stock, the reason logged once.
+Under Ulysses sequence parallelism each rank of the group runs its slice of the packed stream, the attention
+exchanged over the group with verl's own helpers and the log-probs gathered as verl gathers them
+(``hf.sequence_parallel``). Everything else (the critic, per-sample temperatures, real multimodal inputs,
+vision-language models under Ulysses, distillation, ``sum_pi_squared``, eager attention) falls back to stock, the
+reason logged once.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import torch
 from .._refusals import UnsupportedModelError
 from ..hf.pipeline import PackedForward, tokens_saved
 from ..hf.registry import takes_plan
-from ..hf.support import unsupported_config
+from ..hf.sequence_parallel import SequenceParallel, head_refusal
+from ..hf.support import as_text_config, unsupported_config
 from .settings import enabled, fallbacks
 
 _KEY = "_shared_prefix"
@@ -44,9 +48,6 @@ def _ineligible(engine, mb, ti, tu) -> Optional[str]:
     for key, setting in _FLAG_SETTINGS.items():
         if flag(key):
             return f"{key} is set (set {setting}=False to share prompts)"
-    if getattr(engine, "use_ulysses_sp", False):
-        return ("Ulysses sequence parallelism (set actor_rollout_ref.actor.ulysses_sequence_parallel_size=1 to share "
-                "prompts)")
     if "multi_modal_inputs" in mb.keys() and _multimodal(mb["multi_modal_inputs"]):
         return "multimodal inputs"
     if isinstance(mb["temperature"], torch.Tensor) and mb["temperature"].numel() > 1:
@@ -62,7 +63,30 @@ def _ineligible(engine, mb, ti, tu) -> Optional[str]:
     if cfg is None or not takes_plan(cfg._attn_implementation):
         return (f"attention implementation {getattr(cfg, '_attn_implementation', None)!r} cannot take a plan (set "
                 "actor_rollout_ref.model.override_config.attn_implementation to flash_attention_2 or sdpa)")
+    if getattr(engine, "use_ulysses_sp", False):
+        if hasattr(cfg, "vision_config"):
+            return ("a vision-language model under Ulysses sequence parallelism (set "
+                    "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1 to share prompts)")
+        why = head_refusal(as_text_config(cfg), engine.ulysses_sequence_parallel_size)
+        if why is not None:
+            return f"{why} (set actor_rollout_ref.actor.ulysses_sequence_parallel_size to a size they split over)"
     return unsupported_config(cfg)
+
+
+def _sequence_parallel(engine) -> Optional[SequenceParallel]:
+    """The engine's Ulysses group, with verl's own exchanges and gather (the gradient scaled by the group size, as
+    verl's gather of the stock log-probs scales it for FSDP's average over every rank)."""
+    if not getattr(engine, "use_ulysses_sp", False):
+        return None
+    import torch.distributed as dist
+    from verl.utils import ulysses
+
+    group = engine.ulysses_parallel_group
+    return SequenceParallel(
+        size=int(engine.ulysses_sequence_parallel_size), rank=dist.get_rank(group),
+        to_heads=lambda x, seq, head: ulysses.gather_seq_scatter_heads(x, seq_dim=seq, head_dim=head, group=group),
+        to_sequence=lambda x, seq, head: ulysses.gather_heads_scatter_seq(x, head_dim=head, seq_dim=seq, group=group),
+        gather=lambda x: ulysses.gather_outputs_and_unpad(x, gather_dim=0, grad_scaler=True, group=group))
 
 
 def _multimodal(entries) -> bool:
@@ -116,7 +140,7 @@ def _prepare_model_inputs(self, micro_batch, _orig, ti, tu):
     # verl's position ids count each row's valid tokens: its RoPE sees the longest row, as the packed stream does.
     # The engine runs the forward between these two hooks, so a layer that cannot take the plan records why and
     # the forward goes on; prepare_model_outputs then discards it and runs the stock forward.
-    packed = dict(stock_seq_len="longest", defer_refusals=True)
+    packed = dict(stock_seq_len="longest", defer_refusals=True, sequence_parallel=_sequence_parallel(self))
     try:
         try:
             forward = PackedForward.prepare(self.module, *batch, group_ids=uid, **packed)
