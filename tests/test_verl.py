@@ -428,14 +428,14 @@ def verl_checkpoints(tmp_path_factory):
     return root
 
 
-def actor_run(tmp_path, checkpoints, mode, overrides, tied=False, tag=""):
+def actor_run(tmp_path, checkpoints, mode, overrides, tied=False, tag="", ranks=2):
     from pathlib import Path
 
     from helpers import torchrun
 
     out = tmp_path / f"{mode}{tag}.pt"
     torchrun(Path(__file__).with_name("verl_dist_worker.py"), mode, checkpoints / ("tied" if tied else "untied"), out,
-             *overrides)
+             *overrides, ranks=ranks)
     return torch.load(out, weights_only=False)
 
 
@@ -474,6 +474,57 @@ def test_two_rank_actor_at_verls_default_precision(tmp_path, verl_checkpoints):
         mine, theirs = err(ours, key), err(stock, key)
         assert theirs > 1e-4 and mine <= 2 * theirs + 1e-4, (key, mine, theirs)  # bf16 was in effect
     assert all(v > 0 for v in ours["metrics"]["shared_prefix/tokens_saved_frac"]) and not ours["fallbacks"]
+
+
+def ulysses(size):
+    return [f"actor_rollout_ref.actor.ulysses_sequence_parallel_size={size}"]
+
+
+LONG_PROMPTS = "prompt_len=12,24"  # beside responses of 1-6 tokens: prompts cross the slices' boundaries
+# (overrides, ranks); the tiny model has 4 query and 2 key/value heads.
+ULYSSES_CASES = {
+    "sp2-fsdp2-long-prompts": ([LONG_PROMPTS, "actor_rollout_ref.actor.strategy=fsdp2"] + ulysses(2), 2),
+    # verl multiplies the token budget by the group size: 2 × 40 tokens per micro-batch.
+    "sp2-fsdp1-dynamic-bsz": (["actor_rollout_ref.actor.strategy=fsdp"] + ulysses(2) + dynamic_bsz(40), 2),
+    # 2 key/value heads over 4 ranks: each repeated for the 2 ranks its query heads go to, as verl's Ulysses does.
+    "sp4-fsdp2-kv-heads-repeated": ([LONG_PROMPTS, "actor_rollout_ref.actor.strategy=fsdp2"] + ulysses(4), 4),
+    # (dp, sp) = (2, 2): FSDP across all 4 ranks, each sequence-parallel group its own batch.
+    "dp2-sp2-fsdp1": (["actor_rollout_ref.actor.strategy=fsdp"] + ulysses(2), 4),
+}
+
+
+@pytest.mark.parametrize("case", list(ULYSSES_CASES))
+def test_ulysses_actor_as_verl_builds_it_equals_stock_ulysses(tmp_path, verl_checkpoints, case):
+    """Ulysses sequence parallelism, stock (verl's own all-to-all around flash-attention: on CPU ranks an exact
+    varlen SDPA, ``verl_cpu``) against ours (each rank's slice of the packed stream, attention exchanged with
+    verl's helpers, log-probs gathered as verl gathers them), with gradient checkpointing as verl's default: old
+    log-probs and entropies, the gradient norm and the parameters after the update equal, and every micro-batch
+    packed. The slices held what the case is for: a prompt across a slice boundary, verl-style tail padding,
+    one-token responses, a rank without predictor rows."""
+    overrides, ranks = ULYSSES_CASES[case]
+    size = int(next(o for o in overrides if "ulysses" in o).split("=")[1])
+    stock = actor_run(tmp_path, verl_checkpoints, "stock", FP32 + overrides, ranks=ranks)
+    ours = actor_run(tmp_path, verl_checkpoints, "ours", FP32 + overrides, ranks=ranks)
+    assert stock["sequence_parallel"] == ours["sequence_parallel"] == size and len(ours["ranks"]) == ranks
+    for s, o in zip(stock["ranks"], ours["ranks"]):
+        for key in ("logp", "entropy"):
+            assert max(abs(a - b) for a, b in zip(s[key], o[key])) <= 1e-5, key
+    # A group's ranks hold one batch; the groups theirs.
+    groups = [ours["ranks"][g: g + size] for g in range(0, ranks, size)]
+    assert all(r["logp"] == group[0]["logp"] for group in groups for r in group)
+    assert len(groups) == 1 or groups[0][0]["logp"] != groups[1][0]["logp"]
+    norms = list(zip(stock["metrics"]["grad_norm"], ours["metrics"]["grad_norm"], strict=True))  # per optimizer step
+    assert norms and all(abs(g_ours - g_stock) <= 1e-4 * g_stock for g_stock, g_ours in norms)
+    assert ((ours["params"] - stock["params"]).norm() / stock["params"].norm()).item() <= 1e-5
+    saved = ours["metrics"]["shared_prefix/tokens_saved_frac"]
+    assert saved and all(v > 0 for v in saved) and not ours["fallbacks"]
+    slices = [f for r in ours["ranks"] for f in r["slices"]]
+    assert slices and not any(r["slices"] for r in stock["ranks"])
+    assert any(f["pad"] > 0 for f in slices) and any(f["shortest_response"] == 1 for f in slices)
+    if LONG_PROMPTS in overrides:
+        assert all(f["prompt_crosses"] for f in slices)
+    if size == 4:
+        assert any(f["rows"] == 0 for f in slices)  # the first slice holds prompt tokens only
 
 
 @pytest.mark.cuda

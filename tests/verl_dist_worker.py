@@ -1,6 +1,6 @@
 """Worker for test_verl.py's multi-rank tests, on 2 CPU ranks (gloo) under torchrun, or on GPUs (NCCL):
 
-    verl_dist_worker.py {stock,ours} MODEL OUT [verl overrides ...]
+    verl_dist_worker.py {stock,ours} MODEL OUT [verl overrides ...] [prompt_len=LO,HI]
 
 verl's actor as its trainer builds it: the Hydra config composed from verl's own ``ppo_trainer.yaml`` with the
 overrides a user passes on the command line, ``ActorRolloutRefWorker(config.actor_rollout_ref, role="actor")``
@@ -14,7 +14,10 @@ micro-batches, ``ppo_loss``, gradient clipping and optimizer step): the steps of
 update's metrics, and the trained parameters, whole.
 
 CPU bridge (``shared_prefix.bench.verl_cpu``, nothing on a GPU): a CPU platform through verl's platform plugin API.
-The attention is sdpa (flash-attention needs a GPU and its package).
+The attention is sdpa (flash-attention needs a GPU and its package), except under Ulysses sequence parallelism,
+which verl runs around flash-attention only: on CPU ranks ``verl_cpu``'s exact varlen SDPA stands in for it, and
+its all-to-all runs over gloo's ``all_to_all_single``. The ranks of one sequence-parallel group get the same batch,
+as verl's dispatch gives them; ``ours`` also saves what each of its packed forwards' slices held.
 """
 
 import sys
@@ -45,24 +48,53 @@ def plain(value):
         return str(value)
 
 
+def record_slices() -> list:
+    """What each packed forward's slice of the stream held, as they run: the stream's tokens, the padding, whether
+    a prompt crosses a slice boundary, the shortest response, and this rank's predictor rows."""
+    from shared_prefix.hf import pipeline
+
+    seen = []
+    init = pipeline.PackedForward.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        s = self.stream
+        if s is not None:
+            bounds = range(s.length, s.padded, s.length)
+            crossing = any(n.start < b < n.start + n.tokens for n in self.plan.nodes if n.parent < 0 for b in bounds)
+            seen.append({"tokens": self.plan.num_tokens, "pad": s.padded - self.plan.num_tokens,
+                         "prompt_crosses": crossing, "rows": int(s.entries.numel()),
+                         "shortest_response": min(n.tokens for n in self.plan.nodes if n.parent >= 0)})
+
+    pipeline.PackedForward.__init__ = recording
+    return seen
+
+
 def main():
     mode, path, out, overrides = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4:]
+    prompt_len = (2, 8)  # the rollout's prompt lengths (not a verl setting)
+    for o in [o for o in overrides if o.startswith("prompt_len=")]:
+        prompt_len = tuple(int(v) for v in o.split("=")[1].split(","))
+        overrides.remove(o)
     rank = vs.init_ranks()
     cfg = vs.compose(path, mode == "ours", BASE + overrides)
+    sp = int(cfg.actor_rollout_ref.actor.ulysses_sequence_parallel_size)
+    slices = record_slices()
     worker = vs.build_actor(cfg)
     engine = worker.actor.engine
-    batch = vs.rollout_batch(100 + rank, engine.model_config.hf_config.vocab_size, PROMPTS, N)
+    batch = vs.rollout_batch(100 + rank // sp, engine.model_config.hf_config.vocab_size, PROMPTS, N, prompt_len)
     logp, entropy, _ = vs.old_log_prob(worker, batch)
     batch.batch["old_log_probs"] = logp
     metrics = vs.update_actor(worker, batch, cfg)
     params = vs.whole_params(engine.module).cpu()
     mask = batch.batch["response_mask"].bool()
     ranks = [None] * dist.get_world_size()
-    dist.all_gather_object(ranks, {"logp": logp[mask].tolist(), "entropy": entropy[mask].tolist()})
+    dist.all_gather_object(ranks, {"logp": logp[mask].tolist(), "entropy": entropy[mask].tolist(), "slices": slices})
     from shared_prefix import verl as spv
 
     if rank == 0:
         torch.save({"ranks": ranks, "params": params, "sharding": engines.sharding(engine.module),
+                    "sequence_parallel": int(engine.ulysses_sequence_parallel_size) if engine.use_ulysses_sp else 1,
                     "lora": any("lora" in n for n, _ in engine.module.named_parameters()),
                     "metrics": {k: plain(v) for k, v in metrics.items()}, "fallbacks": sorted(spv.fallbacks.said)}, out)
     dist.barrier()

@@ -1,7 +1,15 @@
 """verl on CPU ranks, for the bench and the tests: a CPU platform registered through verl's own platform plugin
 API (``PlatformRegistry``, ``set_platform``), so that verl's engines, workers and wrapping code run unchanged on
 gloo. Import this before any verl engine module (some read the device name when imported). With a GPU it does
-nothing: verl runs on its own CUDA platform. Not part of the plugin: verl does not support CPU training."""
+nothing: verl runs on its own CUDA platform. Not part of the plugin: verl does not support CPU training.
+
+For verl's stock Ulysses sequence parallelism, two gaps of CPU ranks are bridged under verl's own code:
+
+- gloo has no list-form ``all_to_all`` (which ``verl.utils.ulysses.all_to_all_tensor`` calls): the same exchange
+  over ``all_to_all_single``;
+- CPU has no flash-attention, the only attention verl's Ulysses wraps: ``attn_implementation="flash_attention_2"``
+  loads on CPU, and the varlen attention that verl's wrapper calls between its exchanges is SDPA per packed
+  sequence (split where ``position_ids`` restart at 0), exact."""
 
 from __future__ import annotations
 
@@ -130,7 +138,64 @@ def _sync_cpu_module_states() -> None:
     _init_utils._check_module_states_for_sync_module_states = lambda module_states: None
 
 
+def _gloo_all_to_all(local_input, scatter_dim, gather_dim, group=None, async_op=False):
+    """``verl.utils.ulysses.all_to_all_tensor`` over ``all_to_all_single``: equal chunks of ``scatter_dim`` to the
+    ranks in order, the received ones concatenated along ``gather_dim``."""
+    import torch.distributed as dist
+    from verl.utils import ulysses
+
+    group = ulysses.get_ulysses_sequence_parallel_group() if group is None else group
+    size = dist.get_world_size(group)
+    x = local_input.movedim(scatter_dim, 0)
+    x = x.reshape(size, x.shape[0] // size, *x.shape[1:]).contiguous()
+    received = torch.empty_like(x)
+    dist.all_to_all_single(received, x, group=group)
+    out = torch.cat([received[r].movedim(0, scatter_dim) for r in range(size)], dim=gather_dim).contiguous()
+    return (lambda: out) if async_op else out
+
+
+def _cpu_varlen_attention(query, key, value, attention_mask, query_length, *args, position_ids=None,
+                          is_causal=True, softmax_scale=None, sliding_window=None, softcap=None, s_aux=None,
+                          dropout=0.0, **kwargs):
+    """What flash-attention's varlen forward computes for a packed ``[1, S, H, D]`` stream: causal attention within
+    each sequence (``position_ids`` restart at 0), GQA key/value heads shared, on CPU."""
+    if attention_mask is not None or position_ids is None or query.shape[0] != 1:
+        raise NotImplementedError("the CPU varlen attention takes one packed stream with position_ids, no mask")
+    if sliding_window is not None or softcap is not None or s_aux is not None or dropout or not is_causal:
+        raise NotImplementedError("the CPU varlen attention has no windows, softcap, sinks or dropout")
+    positions = position_ids.reshape(-1)
+    starts = (positions == 0).nonzero().reshape(-1).tolist() + [positions.numel()]
+    out = []
+    for a, b in zip(starts[:-1], starts[1:]):
+        q, k, v = (t[0, a:b].transpose(0, 1)[None] for t in (query, key, value))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale,
+                                                             enable_gqa=True)
+        out.append(o[0].transpose(0, 1))
+    return torch.cat(out)[None]
+
+
+def _flash_attention_on_cpu() -> None:
+    """``attn_implementation="flash_attention_2"`` on CPU: the load-time checks pass, and verl's Ulysses wrapper
+    (installed by verl's ``apply_monkey_patch``) runs around :func:`_cpu_varlen_attention`."""
+    from transformers import PreTrainedModel
+    from verl.models.transformers import monkey_patch
+
+    check = PreTrainedModel._check_and_adjust_attn_implementation
+
+    def adjust(self, attn_implementation, *args, **kwargs):
+        if attn_implementation == "flash_attention_2":
+            return attn_implementation
+        return check(self, attn_implementation, *args, **kwargs)
+
+    PreTrainedModel._check_and_adjust_attn_implementation = adjust
+    monkey_patch._flash_attention_forward = _cpu_varlen_attention
+
+
 if not torch.cuda.is_available():
     set_platform(PlatformCPU())
     _register_fsdp_engines()
     _sync_cpu_module_states()
+    from verl.utils import ulysses as _ulysses
+
+    _ulysses.all_to_all_tensor = _gloo_all_to_all
+    _flash_attention_on_cpu()

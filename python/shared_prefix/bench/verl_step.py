@@ -11,12 +11,17 @@ and the trainer's own sequence for it (``RayPPOTrainer._compute_old_log_prob``, 
 - ``fixed``: ``run_qwen2-7b.sh``: n = 5, ``ppo_micro_batch_size_per_gpu`` 16 (its 128 over 8 GPUs), which verl's
   chunks cut through groups of 5;
 - ``dynamic``: ``run_qwen2-7b_seq_balance.sh``: n = 5, ``use_dynamic_bsz`` with ``ppo_max_token_len_per_gpu`` at
-  its ratio to a group's longest packed length (24000 against 512 + 5 × 1024).
+  its ratio to a group's longest packed length (24000 against 512 + 5 × 1024);
+- ``ulysses``: the ``fixed`` preset under Ulysses sequence parallelism (``ulysses_sequence_parallel_size`` =
+  ``--ulysses``, flash-attention as verl requires it; on CPU ranks ``verl_cpu``'s exact varlen SDPA), for long
+  shared prompts (e.g. ``--prompt-tokens 8192 --group 8 --response-tokens 64``). The ranks of one group hold the
+  same batch, as verl's dispatch gives them.
 
 Per preset and trainer: the slowest rank's median step (old log-probs + update) over ``--steps`` timed steps after
-one warm-up; the tokens shared_prefix saved (its metric); and the sharing kept within the micro-batches: the share
-of the ideal saving (every group in one micro-batch) that verl's own micro-batches would keep if packed, against
-ours. Writes ``verl_step.json`` and ``verl_step.md``. The functions here are also what the multi-rank tests drive.
+one warm-up; the largest rank's peak memory (the GPU's peak allocation over the timed steps, or on CPU the process's
+peak resident set, interpreter and libraries included, the same for both trainers); the tokens shared_prefix saved
+(its metric); and the sharing kept within the micro-batches: the share of the ideal saving (every group in one
+micro-batch) that verl's own micro-batches would keep if packed, against ours. Writes ``verl_step.json`` and ``verl_step.md``. The functions here are also what the multi-rank tests drive.
 """
 
 from __future__ import annotations
@@ -34,17 +39,23 @@ from typing import Optional
 
 import torch
 
-PRESETS = ("fixed", "dynamic")
+PRESETS = ("fixed", "dynamic", "ulysses")
 PLUGIN = "shared_prefix.verl"
 
 
-def compose(path: str, plugin_on: bool, overrides: list):
+def compose(path: str, plugin_on: bool, overrides: list, attention: Optional[str] = None):
     """verl's trainer config for the actor of ``path`` with ``overrides``; the plugin loaded (it keeps verl's
-    model build working beside TRL 1.16) and switched on or off. sdpa attention (flash-attention needs its
-    package and a GPU)."""
+    model build working beside TRL 1.16) and switched on or off. ``attention``: by default sdpa (flash-attention
+    needs its package and a GPU), except under Ulysses sequence parallelism, which verl runs with flash-attention
+    only (on CPU ranks: ``verl_cpu``'s bridge)."""
     from shared_prefix.verl.check import load
 
-    base = [f"actor_rollout_ref.model.path={path}", "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+    if attention is None:
+        ulysses = any(o.split("=")[0].endswith("actor.ulysses_sequence_parallel_size") and o.split("=")[1] != "1"
+                      for o in overrides)
+        attention = "flash_attention_2" if ulysses else "sdpa"
+    base = [f"actor_rollout_ref.model.path={path}",
+            f"+actor_rollout_ref.model.override_config.attn_implementation={attention}",
             f"actor_rollout_ref.model.external_lib={PLUGIN}",
             f"actor_rollout_ref.actor.use_prefix_grouper={plugin_on}"]
     return load(base + list(overrides))
@@ -96,15 +107,18 @@ def rollout_batch(seed: int, vocab: int, prompts: int, n: int, prompt_len=(2, 8)
 
 def old_log_prob(worker, batch):
     """``RayPPOTrainer._compute_old_log_prob``'s steps: the batch without padding, the worker's log-probs and
-    entropies, back to padded responses; and the worker's metrics."""
+    entropies, back to padded responses; and the worker's metrics. Under Ulysses sequence parallelism verl
+    collects them from the first rank of each group, and its dispatch hands them to the group's every rank."""
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
     td = left_right_2_no_padding(batch.to_tensordict())
     tu.assign_non_tensor(td, calculate_entropy=True, calculate_sum_pi_squared=False, compute_loss=False)
     output = worker.compute_log_prob(td)
-    return (no_padding_2_padding(tu.get(output, "log_probs"), td).float(),
-            no_padding_2_padding(tu.get(output, "entropy"), td).float(), tu.get(output, "metrics"))
+    if output is not None:
+        output = (no_padding_2_padding(tu.get(output, "log_probs"), td).float(),
+                  no_padding_2_padding(tu.get(output, "entropy"), td).float(), tu.get(output, "metrics"))
+    return from_group_leader(output, sequence_parallel_size(worker))
 
 
 def update_actor(worker, batch, cfg):
@@ -124,7 +138,23 @@ def update_actor(worker, batch, cfg):
                          distillation_use_topk=False, distillation_only=False, global_batch_size=mini,
                          mini_batch_size=mini, epochs=actor.ppo_epochs, seed=actor.data_loader_seed,
                          dataloader_kwargs={"shuffle": actor.shuffle}, compute_loss=True)
-    return tu.get(worker.update_actor(td), "metrics")
+    output = worker.update_actor(td)
+    return from_group_leader(None if output is None else tu.get(output, "metrics"), sequence_parallel_size(worker))
+
+
+def sequence_parallel_size(worker) -> int:
+    return int(worker.actor.engine.ulysses_sequence_parallel_size)
+
+
+def from_group_leader(value, sp: int):
+    """``value`` as the first rank of this rank's sequence-parallel group (of ``sp`` consecutive ranks) has it."""
+    if sp <= 1:
+        return value
+    import torch.distributed as dist
+
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, value)
+    return every[dist.get_rank() // sp * sp]
 
 
 def micro_batch_sharing(batch, cfg, plugin_on: bool) -> Optional[float]:
@@ -190,15 +220,19 @@ def init_ranks() -> int:
 def preset_overrides(preset: str, args) -> list:
     """The preset's settings (verl's example scripts), at the bench's lengths."""
     n = args.n
+    groups = args.ranks // (args.ulysses if preset == "ulysses" else 1)  # data-parallel ranks, a batch each
     common = [f"actor_rollout_ref.rollout.n={n}",
-              f"actor_rollout_ref.actor.ppo_mini_batch_size={args.prompts * args.ranks}",
+              f"actor_rollout_ref.actor.ppo_mini_batch_size={args.prompts * groups}",
               "actor_rollout_ref.actor.entropy_coeff=0", "actor_rollout_ref.actor.use_kl_loss=False"]
     if not torch.cuda.is_available():  # CPU ranks train in fp32 (verl's bf16 policy is for GPUs)
         common += [f"+actor_rollout_ref.actor.fsdp_config.mixed_precision.{k}=fp32"
                    for k in ("param_dtype", "reduce_dtype", "buffer_dtype")]
+    fixed = ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16",
+             "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16"]
     if preset == "fixed":
-        return common + ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16",
-                         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16"]
+        return common + fixed
+    if preset == "ulysses":
+        return common + fixed + [f"actor_rollout_ref.actor.ulysses_sequence_parallel_size={args.ulysses}"]
     longest = args.prompt_tokens + n * args.response_tokens
     budget = max(args.prompt_tokens + args.response_tokens, round(longest * 24000 / (512 + 5 * 1024)))
     return common + ["actor_rollout_ref.actor.use_dynamic_bsz=True",
@@ -217,9 +251,12 @@ def rank_main(args) -> int:
     cfg = compose(args.checkpoint, on, preset_overrides(args.preset, args))
     worker = build_actor(cfg)
     vocab = worker.actor.engine.model_config.hf_config.vocab_size
+    group = rank // sequence_parallel_size(worker)  # the data-parallel rank: one batch per Ulysses group
     times, saved, kept = [], [], []
     for step in range(args.warmup + args.steps):
-        batch = rollout_batch(1000 * step + rank, vocab, args.prompts, args.n,
+        if step == args.warmup and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        batch = rollout_batch(1000 * step + group, vocab, args.prompts, args.n,
                               (args.prompt_tokens // 2, args.prompt_tokens), (1, args.response_tokens))
         kept.append(micro_batch_sharing(batch, cfg, on))
         dist.barrier()
@@ -232,7 +269,11 @@ def rank_main(args) -> int:
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             saved += list(metrics.get("shared_prefix/tokens_saved_frac", []))
-    result = dict(rank=rank, step_s=statistics.median(times), steps_s=times,
+    import resource
+
+    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
+    result = dict(rank=rank, step_s=statistics.median(times), steps_s=times, peak_mem_gib=peak / 2**30,
                   tokens_saved_frac=statistics.mean(float(v) for v in saved) if saved else None,
                   sharing_kept=[k for k in kept if k is not None])
     Path(f"{args.result}.rank{rank}.json").write_text(json.dumps(result))
@@ -249,7 +290,7 @@ def launch(args, preset: str, trainer: str, checkpoint: Path, work: Path) -> lis
     argv = ["--rank-worker", "--preset", preset, "--trainer", trainer, "--checkpoint", checkpoint, "--result", result,
             "--ranks", args.ranks, "--prompts", args.prompts, "--group", args.n, "--prompt-tokens", args.prompt_tokens,
             "--response-tokens", args.response_tokens, "--steps", args.steps, "--warmup", args.warmup,
-            "--threads", args.threads, "--model", args.model]
+            "--threads", args.threads, "--model", args.model, "--ulysses", args.ulysses]
     return launch_ranks("shared_prefix.bench.verl_step", argv, args.ranks, args.port, args.threads, result)
 
 
@@ -258,30 +299,34 @@ def summary(ranks: list) -> dict:
         return dict(error=next(r["error"] for r in ranks if "error" in r))
     kept = [k for r in ranks for k in r["sharing_kept"]]
     saved = [r["tokens_saved_frac"] for r in ranks if r["tokens_saved_frac"] is not None]
-    return dict(step_s=max(r["step_s"] for r in ranks), ranks=ranks,
-                sharing_kept=statistics.mean(kept) if kept else None,
+    return dict(step_s=max(r["step_s"] for r in ranks), peak_mem_gib=max(r["peak_mem_gib"] for r in ranks),
+                ranks=ranks, sharing_kept=statistics.mean(kept) if kept else None,
                 tokens_saved_frac=statistics.mean(saved) if saved else None)
 
 
 def markdown(report: dict) -> str:
     m = report["meta"]
+    mem = "peak GPU allocation" if m["backend"] == "nccl" else "peak resident set (process)"
     lines = [f"Device: {m['device_name']}, {m['ranks']} ranks ({m['backend']}); model {m['model']} (random weights); "
              f"torch {m['torch']}, transformers {m['transformers']}, verl {m['verl']}; commit {m['commit']}; "
              f"{m['date']}.", "",
              f"verl's actor step (old log-probs + update) per rank: {m['prompts']} prompts of "
              f"{m['prompt_tokens'] // 2}-{m['prompt_tokens']} tokens × n={m['n']} responses of 1-{m['response_tokens']} "
-             f"tokens; median of {m['steps']} timed steps after {m['warmup']} warm-up, the slowest rank's. Sharing "
-             "kept: the share of the ideal saving (every group in one micro-batch) the update's micro-batches keep.", "",
-             "| preset | stock step s | ours step s | speedup | tokens saved | sharing kept, verl's micro-batches | "
-             "sharing kept, ours |", "|---|---:|---:|---:|---:|---:|---:|"]
+             f"tokens; median of {m['steps']} timed steps after {m['warmup']} warm-up, the slowest rank's. Memory: "
+             f"the largest rank's {mem}. Sharing kept: the share of the ideal saving (every group in one micro-batch) "
+             "the update's micro-batches keep.", "",
+             "| preset | stock step s | ours step s | speedup | stock GiB | ours GiB | tokens saved | sharing kept, "
+             "verl's micro-batches | sharing kept, ours |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for preset, runs in report["presets"].items():
         stock, ours = runs["stock"], runs["shared_prefix"]
         if "error" in stock or "error" in ours:
-            lines.append(f"| {preset} | failed: {(stock.get('error') or ours.get('error'))[:100]!r} | | | | | |")
+            lines.append(f"| {preset} | failed: {(stock.get('error') or ours.get('error'))[:100]!r} | | | | | | | |")
             continue
+        label = f"ulysses (sp = {m['ulysses']})" if preset == "ulysses" else preset
         pct = lambda v: "—" if v is None else f"{v:.1%}"  # noqa: E731
-        lines.append(f"| {preset} | {stock['step_s']:.3f} | {ours['step_s']:.3f} | "
-                     f"{stock['step_s'] / ours['step_s']:.2f}× | {pct(ours['tokens_saved_frac'])} | "
+        lines.append(f"| {label} | {stock['step_s']:.3f} | {ours['step_s']:.3f} | "
+                     f"{stock['step_s'] / ours['step_s']:.2f}× | {stock['peak_mem_gib']:.2f} | "
+                     f"{ours['peak_mem_gib']:.2f} | {pct(ours['tokens_saved_frac'])} | "
                      f"{pct(stock['sharing_kept'])} | {pct(ours['sharing_kept'])} |")
     return "\n".join(lines) + "\n"
 
@@ -301,6 +346,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per rank (default 1)")
+    ap.add_argument("--ulysses", type=int, default=2, help="the ulysses preset's sequence-parallel size (default 2)")
     ap.add_argument("--port", type=int, default=29450)
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
@@ -319,6 +365,8 @@ def main(argv: Optional[list] = None) -> int:
         ap.error(f"--presets: choose from {', '.join(PRESETS)}")
     if args.ranks < 1 or args.prompts < 1 or args.n < 2 or args.steps < 1 or args.warmup < 0:
         ap.error("--ranks, --prompts, --steps at least 1, --group at least 2")
+    if "ulysses" in chosen and (args.ulysses < 2 or args.ranks % args.ulysses):
+        ap.error("--ulysses: at least 2, and a divisor of --ranks")
     import transformers
     import verl
 
@@ -342,6 +390,7 @@ def main(argv: Optional[list] = None) -> int:
     report["meta"] = dict(device_name=name, ranks=args.ranks, backend="nccl" if cuda else "gloo", model=args.model,
                           prompts=args.prompts, n=args.n, prompt_tokens=args.prompt_tokens,
                           response_tokens=args.response_tokens, steps=args.steps, warmup=args.warmup,
+                          ulysses=args.ulysses,
                           torch=torch.__version__, transformers=transformers.__version__, verl=verl.__version__,
                           commit=git_commit(), date=datetime.date.today().isoformat())
     write_report(args.out, "verl_step", report, markdown(report))
