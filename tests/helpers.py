@@ -1,10 +1,12 @@
-"""Independent references for the tests: each row run alone, with plain math (no shared_prefix code)."""
+"""What several test modules share: independent references (each row run alone, with plain math or the stock
+model), the tiny models and ragged grouped batches they run on, and the launchers of multi-rank tests."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import transformers
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window=None,
@@ -99,3 +101,92 @@ def torchrun(script, *args, ranks: int = 2, timeout: int = 600) -> None:
     proc = subprocess.run([launcher, "--nproc_per_node", str(ranks), "--master_port", str(port), str(script),
                            *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+
+
+# -- tiny models and ragged grouped batches, and the stock model's per-row reference -----------------------
+
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": 4096}),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {}),
+}
+VOCAB = 61
+
+
+def tiny_model(family: str, dtype=torch.float64, attn="sdpa", **extra):
+    cfg_cls, model_cls, kw = FAMILIES[family]
+    args = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # GQA
+        head_dim=8,
+        max_position_embeddings=256,
+        attention_dropout=0.0,
+        tie_word_embeddings=family == "gemma",
+    )
+    cfg = cfg_cls(**{**args, **kw, **extra})
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    return model_cls(cfg).to(dtype)
+
+
+def make_batch(seed=0, left_pad_prompt=True, groups=((9, (5, 3, 0)), (4, (2,)), (17, (6, 6)))):
+    """Rows for several groups, shuffled; one empty completion; prompts left-padded, completions right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for plen, comps in groups:
+        prompt = torch.randint(1, VOCAB, (plen,), generator=g)
+        rows += [(prompt, torch.randint(1, VOCAB, (s,), generator=g)) for s in comps]
+    order = torch.randperm(len(rows), generator=g).tolist()
+    rows = [rows[i] for i in order]
+    lp = max(p.shape[0] for p, _ in rows) + 2
+    lc = max(c.shape[0] for _, c in rows) + 1
+    pid, pmask = padded([p for p, _ in rows], lp, left_pad_prompt)
+    cid, cmask = padded([c for _, c in rows], lc, False)
+    return rows, pid, pmask.long(), cid, cmask
+
+
+def stock_logprobs(model, rows, lc, temperature):
+    """Each row alone: [prompt, completion] through the stock model, log_softmax(logits / T) at the completion."""
+    out = []
+    for prompt, comp in rows:
+        ids = torch.cat([prompt, comp])[None]
+        logits = model(input_ids=ids).logits[0].double()
+        logp = torch.log_softmax(logits / temperature, -1)
+        p = prompt.shape[0]
+        pred = logp[p - 1 : p - 1 + comp.shape[0]]
+        lp = pred.gather(-1, comp[:, None])[:, 0]
+        ent = -(pred.exp() * pred).sum(-1)
+        pad = lc - comp.shape[0]
+        out.append((torch.cat([lp, lp.new_zeros(pad)]), torch.cat([ent, ent.new_zeros(pad)])))
+    return torch.stack([a for a, _ in out]), torch.stack([b for _, b in out])
+
+
+def param_grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_matches_stock(model, logp_tol=1e-9, grad_tol=1e-6, batch=None, **planning):
+    """completion_logprobs (values, entropies, every parameter's gradient) against the rows run alone, fp64.
+    ``batch``: ``(rows, prompt_ids, prompt_mask, completion_ids, completion_mask)`` (default: ``make_batch()``);
+    ``planning``: how far prefixes are shared."""
+    rows, pid, pmask, cid, cmask = make_batch() if batch is None else batch
+    w = torch.randn(cid.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref, ref_ent = stock_logprobs(model, rows, cid.shape[1], 0.7)
+    ref_grads = param_grads(model, (ref * w).sum() + 0.1 * (ref_ent * w).sum())
+    import shared_prefix as sp
+
+    lp, ent = sp.completion_logprobs(model, pid, pmask, cid, cmask, temperature=0.7, return_entropy=True,
+                                     **planning)
+    assert (lp - ref).abs().max().item() <= logp_tol and (ent - ref_ent).abs().max().item() <= logp_tol
+    grads = param_grads(model, (lp * w).sum() + 0.1 * (ent * w).sum())
+    assert grads.keys() == ref_grads.keys()
+    worst = max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-300)).item() for n in grads)
+    assert worst <= grad_tol, worst

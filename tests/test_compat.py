@@ -269,7 +269,7 @@ def test_transformers_registration_matches_stock_rows():
     """Code written for the original's transformers integration (register_attention, prefix_grouper=pg) runs on
     ours and gives each row's stock log-probs."""
     from shared_prefix.compat import register_attention
-    from test_hf import make_batch, stock_logprobs, tiny_model
+    from helpers import make_batch, stock_logprobs, tiny_model
 
     model = tiny_model("qwen2")
     rows, *_ = make_batch(seed=3, groups=((9, (5, 3, 1)), (4, (2,)), (6, (4, 4))))

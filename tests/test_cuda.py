@@ -15,7 +15,7 @@ import shared_prefix as sp
 from helpers import causal_attention, padded, rel
 from shared_prefix._kernels import self_calls
 from test_attention import build_case, leaves, reference
-from test_hf import make_batch, stock_logprobs, tiny_model
+from helpers import make_batch, stock_logprobs, tiny_model
 
 # The references split the packed stream as [prompts | completions] (one-level plans); see test_tree.py for trees.
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("prompts_only")]

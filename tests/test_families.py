@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import shared_prefix as sp
-from test_hf import VOCAB, assert_matches_stock
+from helpers import VOCAB, assert_matches_stock
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, max_position_embeddings=256, attention_dropout=0.0, pad_token_id=0)
@@ -109,7 +109,7 @@ def test_longrope_refuses_rows_on_both_sides():
     """With original_max_position_embeddings=16 the stock rows of 6-23 tokens pick different factors, one packed
     forward only one set: refused, so TRL and verl fall back to their stock method. Against a stock forward of a
     given length (TRL's padded width), only a length on the other side of the limit from the longest row is."""
-    from test_hf import make_batch
+    from helpers import make_batch
 
     model = _longrope(16)
     _, pid, pmask, cid, cmask = make_batch()
@@ -126,7 +126,7 @@ def test_longrope_refuses_rows_on_both_sides():
 def test_dynamic_rope_within_and_beyond_max_positions():
     """Dynamic NTK scaling leaves the frequencies alone within max_position_embeddings (exact there) and rescales
     them by the forward's length beyond it (refused)."""
-    from test_hf import make_batch
+    from helpers import make_batch
 
     rope = dict(rope_type="dynamic", rope_theta=1e4, factor=2.0)
     assert_matches_stock(build("Qwen2Config", dict(rope_parameters=rope)), logp_tol=1e-8)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import shared_prefix as sp
 from shared_prefix._logprobs import head_logprobs, token_logprobs
 from shared_prefix.bench.measure import peak_memory_bytes
-from test_hf import make_batch, param_grads, stock_logprobs, tiny_model
+from helpers import make_batch, param_grads, stock_logprobs, tiny_model
 
 # Fresh empty tensors are NaN-filled in every test here (conftest.py): the head's weight and bias gradients are
 # allocated empty and written slice by slice, so a slice left unwritten fails instead of passing by luck.

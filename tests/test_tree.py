@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import shared_prefix as sp
 from helpers import causal_attention, padded, rel
-from test_hf import VOCAB, param_grads, stock_logprobs, tiny_model
+from helpers import VOCAB, param_grads, stock_logprobs, tiny_model
 
 pytestmark = pytest.mark.usefixtures("uninitialized_memory_is_nan")
 

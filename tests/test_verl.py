@@ -267,6 +267,28 @@ def test_fallbacks_are_stock(engine, caplog):
     spv.enable(False)
 
 
+def test_ulysses_settings_ours_cannot_split_name_the_setting(engine):
+    """Under Ulysses a head count the group size does not split, and a vision-language model, keep the stock path,
+    the reason naming verl's setting; a size that splits the heads packs."""
+    import verl.workers.engine.fsdp.transformer_impl as ti
+
+    from shared_prefix.verl import engine as plugin_engine
+
+    td, _ = micro_batch(True)
+    spv.enable(True)
+    try:
+        engine.use_ulysses_sp, engine.ulysses_sequence_parallel_size = True, 4  # 4 query, 2 key/value heads
+        assert plugin_engine._ineligible(engine, td, ti, tu) is None
+        engine.ulysses_sequence_parallel_size = 3
+        why = plugin_engine._ineligible(engine, td, ti, tu)
+        assert "4 attention heads do not split over 3" in why and "ulysses_sequence_parallel_size" in why
+        engine.ulysses_sequence_parallel_size = 2
+        engine.module.config.vision_config = {}
+        assert "vision-language" in plugin_engine._ineligible(engine, td, ti, tu)
+    finally:
+        spv.enable(False)
+
+
 def test_plugin_matches_stock_engine_under_fsdp1(engine):
     """FSDP1 as verl builds it by default (flat parameters, ``use_orig_params=False``; one rank): the head runs
     inside the wrapped forward, so ours packs and equals the stock engine, values and every flat gradient."""

@@ -311,21 +311,28 @@ def test_check_from_the_command_line(tmp_path):
 
 
 def test_verl_step_bench_cpu_tiny(tmp_path):
-    """The verl actor-step bench on 2 CPU ranks, dynamic-bsz preset: both actors ran, ours saved tokens and kept
-    every group whole in its micro-batches, where verl's own micro-batches would not."""
+    """The verl actor-step bench on 2 CPU ranks, the dynamic-bsz and the Ulysses presets: both actors ran and
+    reported their peak memory, ours saved tokens and kept every group whole in its micro-batches, where verl's own
+    dynamic micro-batches would not."""
     import json
     import os
 
     from shared_prefix.bench import verl_step
 
-    assert verl_step.main(["--presets", "dynamic", "--prompts", "6", "--prompt-tokens", "24", "--response-tokens", "8",
-                           "--steps", "1", "--port", str(29800 + os.getpid() % 150), "--out", str(tmp_path)]) == 0
-    runs = json.loads((tmp_path / "verl_step.json").read_text())["presets"]["dynamic"]
-    stock, ours = runs["stock"], runs["shared_prefix"]
-    assert len(stock["ranks"]) == len(ours["ranks"]) == 2 and stock["step_s"] > 0 and ours["step_s"] > 0
-    assert ours["tokens_saved_frac"] > 0 and stock["tokens_saved_frac"] is None
-    assert ours["sharing_kept"] == 1.0 and stock["sharing_kept"] < 1.0
-    assert "| dynamic |" in (tmp_path / "verl_step.md").read_text()
+    # 16 prompts: the Ulysses preset's fixed micro-batches of 16 rows divide its 16 × 5 rows.
+    assert verl_step.main(["--presets", "dynamic,ulysses", "--prompts", "16", "--prompt-tokens", "24",
+                           "--response-tokens", "8", "--steps", "1", "--port", str(29800 + os.getpid() % 150),
+                           "--out", str(tmp_path)]) == 0
+    presets = json.loads((tmp_path / "verl_step.json").read_text())["presets"]
+    for preset, runs in presets.items():
+        stock, ours = runs["stock"], runs["shared_prefix"]
+        assert len(stock["ranks"]) == len(ours["ranks"]) == 2 and stock["step_s"] > 0 and ours["step_s"] > 0
+        assert stock["peak_mem_gib"] > 0 and ours["peak_mem_gib"] > 0
+        assert ours["tokens_saved_frac"] > 0 and stock["tokens_saved_frac"] is None
+        assert ours["sharing_kept"] == 1.0
+    assert presets["dynamic"]["stock"]["sharing_kept"] < 1.0
+    table = (tmp_path / "verl_step.md").read_text()
+    assert "| dynamic |" in table and "| ulysses (sp = 2) |" in table
 
 
 def test_legacy_balance_batch_for_any_group_count():
