@@ -517,3 +517,17 @@ def test_logps_and_grads_equal_stock_under_fsdp1_flat_parameters(tmp_path, head_
     (lp_s, ent_s, g_s), (lp_o, ent_o, g_o) = results
     assert (lp_o - lp_s).abs().max().item() <= 1e-6 and (ent_o - ent_s).abs().max().item() <= 1e-6
     assert g_s and all(((g_o[n] - g_s[n]).norm() / g_s[n].norm()).item() <= 1e-5 for n in g_s)
+
+
+@pytest.mark.parametrize("sizes", [dict(sp_size=2, sp_backend="deepspeed"), dict(cp_size=2)], ids=["sp", "cp"])
+@pytest.mark.parametrize("kind", ["GRPOConfig", "RLOOConfig"])
+def test_trl_refuses_sequence_parallelism_before_our_trainers_run(tmp_path, kind, sizes):
+    """TRL 1.16's GRPO and RLOO configs refuse accelerate's sequence and context parallelism
+    (``ParallelismConfig(sp_size|cp_size > 1)``): they build the model inputs after generation, which accelerate's
+    input sharding cannot split. Our trainers take TRL's configs, so no TRL run has a sequence-parallel forward for
+    the plan to go through (the README says so); this fails when a TRL release starts to allow one."""
+    import trl
+    from accelerate import ParallelismConfig
+
+    with pytest.raises(ValueError, match="does not support sequence-dim parallelism"):
+        config(tmp_path, getattr(trl, kind), parallelism_config=ParallelismConfig(**sizes))

@@ -9,7 +9,9 @@ The sequence (:class:`PackedForward`):
 2. the forward on the packed stream, through the model's own forward: ``run`` (the model, or a wrapper such as
    DDP, DeepSpeed's engine or FSDP), or the caller's own call (verl's engine) with ``inputs()``. Every attention
    layer counts itself on this object, and the LM head, called by the model on the predictor rows alone, computes
-   the requested log-probs in its own module call (``lm_head``), where every engine hands it whole weights;
+   the requested log-probs in its own module call (``lm_head``), where every engine hands it whole weights. Under
+   sequence parallelism each rank runs its slice of the stream and the layers exchange over the group
+   (``sequence_parallel``);
 3. ``check``: every decoder layer took the plan, none refused it and the head ran once, else the forward's
    numbers are discarded; ``outputs`` then gives the log-probs (and entropies) in ``[B, Lc]`` order.
 
