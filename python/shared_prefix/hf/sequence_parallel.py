@@ -121,10 +121,12 @@ class StreamSlice:
         why = split_refusal(heads, kv, g.size)
         if why is not None:
             raise UnsupportedModelError(f"shared_prefix: {why}")
+        # [1, length, H, D]: the projections' own layout (HF's [1, H, length, D] is its transposed view).
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
         if kv < g.size:  # each key/value head repeated for the ranks its query heads go to
-            key, value = (t.repeat_interleave(g.size // kv, dim=1) for t in (key, value))
-        # [1, H, length, D] -> [1, H / size, padded, D] -> the plan's [T, H / size, D] (views).
-        q, k, v = (g.to_heads(t, 2, 1)[0, :, :n].transpose(0, 1) for t in (query, key, value))
+            key, value = (t.repeat_interleave(g.size // kv, dim=2) for t in (key, value))
+        # -> [1, padded, H / size, D], contiguous -> the plan's [T, H / size, D] (a view).
+        q, k, v = (g.to_heads(t, 1, 2)[0, :n] for t in (query, key, value))
         if sinks is not None:
             per = heads // g.size
             sinks = sinks[g.rank * per: (g.rank + 1) * per]
