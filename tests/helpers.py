@@ -4,6 +4,7 @@ model), the tiny models and ragged grouped batches they run on, and the launcher
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 import transformers
@@ -190,3 +191,125 @@ def assert_matches_stock(model, logp_tol=1e-9, grad_tol=1e-6, batch=None, **plan
     assert grads.keys() == ref_grads.keys()
     worst = max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-300)).item() for n in grads)
     assert worst <= grad_tol, worst
+
+
+# -- attention cases: random q/k/v per prompt and completion, and each row alone -------------------------
+
+def build_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle):
+    """Random prompts (one per group) and ragged completions, as leaves; rows optionally shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    hq = hkv * ratio
+
+    def leaf(n, h):
+        return torch.randn(n, h, dim, generator=g, dtype=torch.float64).requires_grad_()
+
+    prompts = [{"len": p, "q": leaf(p, hq), "k": leaf(p, hkv), "v": leaf(p, hkv)} for p, _ in groups]
+    rows = []
+    for gi, (_, comps) in enumerate(groups):
+        for s in comps:
+            rows.append({"group": gi, "q": leaf(s, hq), "k": leaf(s, hkv), "v": leaf(s, hkv)})
+    if shuffle:
+        random.Random(seed).shuffle(rows)
+    # Token ids: a prompt's ids identify its group, so default grouping recovers the groups.
+    prompt_ids = [torch.full((prompts[r["group"]]["len"],), r["group"] + 1) for r in rows]
+    for r, ids in zip(rows, prompt_ids):
+        ids[0] = 100 + r["group"]
+    return prompts, rows, prompt_ids, hq
+
+
+def reference(prompts, rows, scale, window=None):
+    """Per row: [prompt, completion] alone; returns prompt outputs per group and completion outputs per row."""
+    prompt_out, comp_out = {}, []
+    for r in rows:
+        p = prompts[r["group"]]
+        q, k, v = (torch.cat([p[n], r[n]]) for n in ("q", "k", "v"))
+        o = causal_attention(q, k, v, scale, window)
+        prompt_out.setdefault(r["group"], o[: p["len"]])
+        comp_out.append(o[p["len"] :])
+    return prompt_out, comp_out
+
+
+def case_leaves(prompts, rows):
+    """Every q/k/v leaf of a ``build_case`` case: the prompts', then the rows'."""
+    return [p[n] for p in prompts for n in ("q", "k", "v")] + [r[n] for r in rows for n in ("q", "k", "v")]
+
+
+# -- prefix-tree batches: rows that share prefixes at several levels, q/k/v per distinct prefix ----------
+
+def tree_rows(seed: int, depth: int, n_rows: int = 9, vocab: int = VOCAB):
+    """Rows (prompt, completion) whose sharing reaches about ``depth`` levels: system prompts shared by some
+    prompts, prompts shared by several rows, completions that branch at random points, one row repeated end to
+    end, one empty completion, one row sharing nothing."""
+    rng = random.Random(seed)
+    tok = lambda n: [rng.randrange(1, vocab) for _ in range(n)]  # noqa: E731
+    systems = [tok(rng.randrange(3, 12)) for _ in range(2)]
+    prompts = [rng.choice(systems) + tok(rng.randrange(1, 6)) for _ in range(3)]
+    rows = []
+    for _ in range(n_rows - 3):
+        prompt = rng.choice(prompts)
+        completion = []
+        for _ in range(depth):  # a branch point per level: continue a sibling's completion, or start fresh
+            siblings = [c for p, c in rows if p == prompt and len(c) > len(completion)]
+            if siblings and rng.random() < 0.7:
+                completion = rng.choice(siblings)[: len(completion) + rng.randrange(1, 5)]
+            else:
+                break
+        rows.append((prompt, completion + tok(rng.randrange(0, 6))))
+    rows.append(rows[0])  # identical end to end
+    rows.append((rng.choice(prompts), []))  # an empty completion
+    rows.append((tok(rng.randrange(2, 8)), tok(rng.randrange(1, 5))))  # shares nothing
+    rng.shuffle(rows)
+    return [(torch.tensor(p), torch.tensor(c, dtype=torch.long)) for p, c in rows]
+
+
+def as_batch(rows, left_prompt=True, left_completion=False):
+    lp = max(p.shape[0] for p, _ in rows) + 1
+    lc = max(c.shape[0] for _, c in rows) + 1
+    pid, pmask = padded([p for p, _ in rows], lp, left_prompt)
+    cid, cmask = padded([c for _, c in rows], lc, left_completion)
+    return pid, pmask, cid, cmask
+
+
+def features(rows, hq, hkv, dim, seed):
+    """q/k/v for every token as a function of its whole prefix (what a model computes), so that rows sharing a
+    prefix have identical values there: one fp64 leaf per distinct prefix."""
+    g = torch.Generator().manual_seed(seed)
+    leaves = {}
+
+    def of(prefix, name, heads):
+        key = (prefix, name)
+        if key not in leaves:
+            leaves[key] = torch.randn(heads, dim, generator=g, dtype=torch.float64).requires_grad_()
+        return leaves[key]
+
+    per_row = []
+    for p, c in rows:
+        seq = tuple(torch.cat([p, c]).tolist())
+        per_row.append({n: torch.stack([of(seq[: i + 1], n, h) for i in range(len(seq))])
+                        for n, h in (("q", hq), ("k", hkv), ("v", hkv))})
+    return leaves, per_row
+
+
+def pack_features(plan, rows, per_row, lp, lc, left_prompt=True, left_completion=False, device=None):
+    """Each row's q/k/v split at its prompt, padded as the batch is, packed by ``plan``."""
+    packed = {}
+    for n in ("q", "k", "v"):
+        px, _ = padded([x[n][: p.shape[0]] for x, (p, _) in zip(per_row, rows)], lp, left_prompt)
+        cx, _ = padded([x[n][p.shape[0]:] for x, (p, _) in zip(per_row, rows)], lc, left_completion)
+        packed[n] = plan.pack(px.to(device or px.device), cx.to(device or cx.device))[0]
+    return packed
+
+
+# -- an LM head's inputs ----------------------------------------------------------------------------
+
+def head_leaves(n=23, hidden=16, vocab=97, bias=True, dtype=torch.float64, seed=0):
+    """Hidden rows ``[n, hidden]`` (a leaf), an LM head and target ids, random from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(hidden, vocab, bias=bias).to(dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, hidden, generator=g, dtype=dtype))
+        if bias:
+            head.bias.copy_(torch.randn(vocab, generator=g, dtype=dtype))
+    h = torch.randn(n, hidden, generator=g, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    return h, head, targets

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import random
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import shared_prefix as sp
-from helpers import causal_attention, padded, rel
+from helpers import build_case, case_leaves, causal_attention, padded, reference, rel
 from shared_prefix import _core
 from shared_prefix._kernels import cudnn_bucket, self_calls
 
@@ -20,28 +19,6 @@ from shared_prefix._kernels import cudnn_bucket, self_calls
 # The references here split the packed stream as [prompts | completions]: plans share whole prompts (test_tree.py
 # tests prefix trees).
 pytestmark = pytest.mark.usefixtures("uninitialized_memory_is_nan", "prompts_only")
-
-
-def build_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle):
-    """Random prompts (one per group) and ragged completions, as leaves; rows optionally shuffled."""
-    g = torch.Generator().manual_seed(seed)
-    hq = hkv * ratio
-
-    def leaf(n, h):
-        return torch.randn(n, h, dim, generator=g, dtype=torch.float64).requires_grad_()
-
-    prompts = [{"len": p, "q": leaf(p, hq), "k": leaf(p, hkv), "v": leaf(p, hkv)} for p, _ in groups]
-    rows = []
-    for gi, (_, comps) in enumerate(groups):
-        for s in comps:
-            rows.append({"group": gi, "q": leaf(s, hq), "k": leaf(s, hkv), "v": leaf(s, hkv)})
-    if shuffle:
-        random.Random(seed).shuffle(rows)
-    # Token ids: a prompt's ids identify its group, so default grouping recovers the groups.
-    prompt_ids = [torch.full((prompts[r["group"]]["len"],), r["group"] + 1) for r in rows]
-    for r, ids in zip(rows, prompt_ids):
-        ids[0] = 100 + r["group"]
-    return prompts, rows, prompt_ids, hq
 
 
 def run_case(prompts, rows, prompt_ids, left_prompt, left_completion, scale, kernels=None, window=None):
@@ -58,18 +35,6 @@ def run_case(prompts, rows, prompt_ids, left_prompt, left_completion, scale, ker
         packed[name] = plan.pack(px, cx)[0]
     out = sp.attention(packed["q"], packed["k"], packed["v"], plan, scale=scale, kernels=kernels, window=window)
     return plan, out, cmask
-
-
-def reference(prompts, rows, scale, window=None):
-    """Per row: [prompt, completion] alone; returns prompt outputs per group and completion outputs per row."""
-    prompt_out, comp_out = {}, []
-    for r in rows:
-        p = prompts[r["group"]]
-        q, k, v = (torch.cat([p[n], r[n]]) for n in ("q", "k", "v"))
-        o = causal_attention(q, k, v, scale, window)
-        prompt_out.setdefault(r["group"], o[: p["len"]])
-        comp_out.append(o[p["len"] :])
-    return prompt_out, comp_out
 
 
 def compare(prompts, rows, plan, out, cmask, prompt_out, comp_out, tol=1e-10):
@@ -89,10 +54,6 @@ def compare(prompts, rows, plan, out, cmask, prompt_out, comp_out, tol=1e-10):
     assert torch.all(ours_comp[~cmask] == 0)
 
 
-def leaves(prompts, rows):
-    return [p[n] for p in prompts for n in ("q", "k", "v")] + [r[n] for r in rows for n in ("q", "k", "v")]
-
-
 def check_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle, kernels=None, value_dim=None,
                window=None):
     prompts, rows, prompt_ids, _ = build_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuffle)
@@ -108,7 +69,7 @@ def check_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuf
     # Gradients: the same scalar loss on both sides (each prompt output counted once, every completion output).
     g = torch.Generator().manual_seed(seed + 1)
     w = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    ours = torch.autograd.grad((out * w).sum(), leaves(prompts, rows), allow_unused=True)
+    ours = torch.autograd.grad((out * w).sum(), case_leaves(prompts, rows), allow_unused=True)
     first_row_of_group = {}
     for i, r in enumerate(rows):
         first_row_of_group.setdefault(r["group"], i)
@@ -116,7 +77,7 @@ def check_case(seed, groups, hkv, ratio, dim, left_prompt, left_completion, shuf
     w_comp = plan.unpack_completions(w[plan.prefix_tokens :])
     loss = sum((prompt_out[gi] * wp).sum() for gi, wp in zip(first_row_of_group, w_prompts))
     loss = loss + sum((c * w_comp[i][cmask[i]]).sum() for i, c in enumerate(comp_out))
-    refs = torch.autograd.grad(loss, leaves(prompts, rows), allow_unused=True)
+    refs = torch.autograd.grad(loss, case_leaves(prompts, rows), allow_unused=True)
     for a, b in zip(ours, refs):
         a = torch.zeros_like(b) if a is None and b is not None else a
         if b is None:
@@ -215,7 +176,7 @@ def test_attention_sinks(window, kernels):
         ref = causal_attention(p["q"], p["k"], p["v"], 0.4, window, sinks)
         assert rel(got, ref) < 1e-10
         loss, ref_loss = loss + (got * wp).sum(), ref_loss + (ref * wp).sum()
-    inputs = leaves(prompts, rows) + [sinks]
+    inputs = case_leaves(prompts, rows) + [sinks]
     ours = torch.autograd.grad(loss, inputs, allow_unused=True)
     refs = torch.autograd.grad(ref_loss, inputs, allow_unused=True)
     assert refs[-1].abs().max() > 1e-3  # the sinks do get a gradient

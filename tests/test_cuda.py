@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import shared_prefix as sp
-from helpers import causal_attention, padded, rel
+from helpers import (as_batch, build_case, case_leaves, causal_attention, features, head_leaves, make_batch,
+                     pack_features, padded, reference, rel, stock_logprobs, tiny_model, tree_rows)
 from shared_prefix._kernels import self_calls
-from test_attention import build_case, leaves, reference
-from helpers import make_batch, stock_logprobs, tiny_model
 
 # The references split the packed stream as [prompts | completions] (one-level plans); see test_tree.py for trees.
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("prompts_only")]
@@ -124,8 +123,6 @@ def test_prefix_tree_against_fp32_math(mode, kernels):
     """A plan of several levels (a shared system prompt, branching completions, GQA) on the fp16/bf16 kernels:
     values and gradients against the fp32 explicit-math kernel on the GPU (which the CPU tests check against each
     row alone in fp64), forward and backward without a host sync."""
-    from test_tree import as_batch, features, pack_features, tree_rows
-
     rows = tree_rows(11, 4, vocab=1000)
     pid, pmask, cid, cmask = (x.to(DEV) for x in as_batch(rows))
     plan = sp.plan(pid, pmask, cid, cmask, max_depth=4, min_node_tokens=1)
@@ -167,8 +164,6 @@ def test_fuzz_ragged_trees(case):
     forward and backward under ``set_sync_debug_mode("error")``: against each row alone in fp64 (values, and the
     gradients carried back to every distinct prefix's q/k/v), and, tighter, against the explicit-math kernel on the
     same rounded inputs (fp32 for fp16/bf16, fp64 for fp32)."""
-    from test_tree import as_batch, features, pack_features, tree_rows
-
     rng = random.Random(case)
     depth, hkv, ratio = rng.randint(1, 4), rng.choice([1, 2]), rng.choice([1, 2, 7])
     kernels, mode = rng.choice([None, "flash", "cudnn_views", "cudnn"]), rng.choice(["fused", "split"])
@@ -239,7 +234,7 @@ def check_against_fp64(dtype, kernels, left, window=None, groups=None):
 
     # Gradients of the same loss, against fp64 per-row autograd.
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ours_g = torch.autograd.grad((out.double() * w.to(DEV)).sum(), leaves(gp, gr), allow_unused=True)
+    ours_g = torch.autograd.grad((out.double() * w.to(DEV)).sum(), case_leaves(gp, gr), allow_unused=True)
     first = {}
     for i, r in enumerate(rows):
         first.setdefault(r["group"], i)
@@ -248,7 +243,7 @@ def check_against_fp64(dtype, kernels, left, window=None, groups=None):
     w_c = plan.unpack_completions(w[plan.prefix_tokens :].to(DEV)).cpu()
     loss = sum((prompt_ref[g] * wp).sum() for g, wp in zip(first, w_pr))
     loss = loss + sum((c * w_c[i][cmask[i]]).sum() for i, c in enumerate(comp_ref))
-    ref_g = torch.autograd.grad(loss, leaves(prompts, rows), allow_unused=True)
+    ref_g = torch.autograd.grad(loss, case_leaves(prompts, rows), allow_unused=True)
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     for a, b in zip(ours_g, ref_g):
         if b is None or b.norm() == 0:
@@ -345,8 +340,6 @@ def test_completion_logprobs_under_cuda_autocast():
 
 def _head_case(dtype, n=96, hidden=64, vocab=5000):
     """fp64 CPU leaves of an LM head and their copies on the GPU in ``dtype``."""
-    from test_logprobs import leaves as head_leaves
-
     h, head, targets = head_leaves(n=n, hidden=hidden, vocab=vocab, bias=False)
     with torch.no_grad():
         head.weight.mul_(0.2)  # logits of a few units, as a trained head's

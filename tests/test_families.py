@@ -81,7 +81,7 @@ def test_family_matches_stock(cls_name):
 @pytest.mark.parametrize("cls_name", sorted(FAMILIES))
 def test_family_matches_stock_over_a_prefix_tree(cls_name):
     """A batch sharing a system prompt and branching completions, planned as a tree of several levels."""
-    from test_tree import as_batch, tree_rows
+    from helpers import as_batch, tree_rows
 
     model = build(cls_name, FAMILIES[cls_name], attn="eager" if cls_name in EAGER else "sdpa")
     rows = tree_rows(5, 3, vocab=COMMON["vocab_size"])

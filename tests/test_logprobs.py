@@ -10,29 +10,17 @@ from hypothesis import strategies as st
 import shared_prefix as sp
 from shared_prefix._logprobs import head_logprobs, token_logprobs
 from shared_prefix.bench.measure import peak_memory_bytes
-from helpers import make_batch, param_grads, stock_logprobs, tiny_model
+from helpers import head_leaves, make_batch, param_grads, stock_logprobs, tiny_model
 
 # Fresh empty tensors are NaN-filled in every test here (conftest.py): the head's weight and bias gradients are
 # allocated empty and written slice by slice, so a slice left unwritten fails instead of passing by luck.
 pytestmark = pytest.mark.usefixtures("uninitialized_memory_is_nan")
 
 
-def leaves(n=23, hidden=16, vocab=97, bias=True, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(hidden, vocab, bias=bias).to(dtype)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(vocab, hidden, generator=g, dtype=dtype))
-        if bias:
-            head.bias.copy_(torch.randn(vocab, generator=g, dtype=dtype))
-    h = torch.randn(n, hidden, generator=g, dtype=dtype, requires_grad=True)
-    targets = torch.randint(0, vocab, (n,), generator=g)
-    return h, head, targets
-
-
 @pytest.mark.parametrize("chunk", [1, 4, 7, 23, 100, None])
 @pytest.mark.parametrize("bias", [False, True])
 def test_chunked_matches_unchunked(chunk, bias):
-    h, head, targets = leaves(bias=bias)
+    h, head, targets = head_leaves(bias=bias)
     w1, w2 = torch.randn(23, dtype=torch.float64), torch.randn(23, dtype=torch.float64)
     params = [h, head.weight] + ([head.bias] if bias else [])
 
@@ -46,7 +34,7 @@ def test_chunked_matches_unchunked(chunk, bias):
 
 
 def test_without_entropy_and_partial_grads():
-    h, head, targets = leaves(bias=False)
+    h, head, targets = head_leaves(bias=False)
     head.weight.requires_grad_(False)
     lp, ent = head_logprobs(h, head, targets, 1.0, False, 5)
     assert ent is None and lp.dtype == torch.float64
@@ -58,7 +46,7 @@ def test_without_entropy_and_partial_grads():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_half_head_close_to_unchunked(dtype, temperature):
-    h, head, targets = leaves(n=64, hidden=32, vocab=301, bias=False, dtype=dtype)
+    h, head, targets = head_leaves(n=64, hidden=32, vocab=301, bias=False, dtype=dtype)
     lp, _ = head_logprobs(h, head, targets, temperature, False, 8)
     assert lp.dtype == torch.float32
     ref, _ = token_logprobs(head(h), targets, temperature, False)
@@ -70,7 +58,7 @@ def test_half_head_close_to_unchunked(dtype, temperature):
 
 def test_peak_memory_drops():
     """The full [rows, vocab] fp32 logits never exist at once: peak is a chunk's, not all rows'."""
-    h, head, targets = leaves(n=512, hidden=64, vocab=16384, bias=False, dtype=torch.float32)
+    h, head, targets = head_leaves(n=512, hidden=64, vocab=16384, bias=False, dtype=torch.float32)
     h = h.detach().requires_grad_()
 
     def chunked():
@@ -99,7 +87,7 @@ def test_tied_embeddings_model_chunked():
 
 
 def test_bad_chunk_size():
-    h, head, targets = leaves()
+    h, head, targets = head_leaves()
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="chunk_size"):
             head_logprobs(h, head, targets, 1.0, False, bad)
@@ -113,7 +101,7 @@ def test_autocast_backward_recomputes_like_forward(temperature):
     logits), not an fp32 recompute of it. Reference: the fp64 gradient of the bf16 computation (bf16 operands,
     bf16-rounded logits). Plain autograd is within bf16 rounding of the logits' gradient (~2e-3) of it; a backward
     that recomputed the logits in fp32 is off by ~0.2 at these logit magnitudes."""
-    h, head, targets = leaves(n=24, hidden=32, vocab=211, bias=False, dtype=torch.float32)
+    h, head, targets = head_leaves(n=24, hidden=32, vocab=211, bias=False, dtype=torch.float32)
     with torch.no_grad():
         head.weight.mul_(10)  # large logits, so their bf16 rounding changes the softmax visibly
     w = torch.randn(24, generator=torch.Generator().manual_seed(5))
@@ -139,7 +127,7 @@ def test_autocast_backward_recomputes_like_forward(temperature):
 def test_weight_gradient_is_the_only_weight_sized_tensor():
     """bf16 head: each slice of the weight gradient is written once, with no fp32 weight-sized accumulator or
     temporaries (row chunks needed about 4× the weight's bytes on top of its gradient)."""
-    h, head, targets = leaves(n=64, hidden=64, vocab=65536, bias=False, dtype=torch.bfloat16)
+    h, head, targets = head_leaves(n=64, hidden=64, vocab=65536, bias=False, dtype=torch.bfloat16)
     h = h.detach().requires_grad_()
     weight_bytes = head.weight.numel() * 2
 
@@ -152,7 +140,7 @@ def test_weight_gradient_is_the_only_weight_sized_tensor():
 
 
 def test_targets_out_of_vocabulary():
-    h, head, targets = leaves()
+    h, head, targets = head_leaves()
     for bad in (97, -1):
         t = targets.clone()
         t[3] = bad
@@ -165,7 +153,7 @@ def test_targets_out_of_vocabulary():
 def test_entropy_keeps_precision_when_peaked(scale, temperature):
     """fp32, peaked distributions (large logits, low temperature): the sliced entropy and its gradient are as close
     to fp64 as the plain fp32 path's, and never negative (lse - E_p[logit] would cancel here)."""
-    h64, head64, targets = leaves(n=8, hidden=16, vocab=4096, bias=True, seed=3)
+    h64, head64, targets = head_leaves(n=8, hidden=16, vocab=4096, bias=True, seed=3)
     with torch.no_grad():
         head64.weight.mul_(scale / 4)  # logits ~ N(0, scale²)
     w = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
@@ -190,7 +178,7 @@ def test_entropy_keeps_precision_when_peaked(scale, temperature):
 def test_entropy_only_and_unused_outputs():
     """Gradient through the entropy alone (log-probs unused), and through the log-probs alone with the entropy
     computed but unused: both equal the plain path's."""
-    h, head, targets = leaves()
+    h, head, targets = head_leaves()
     for use_lp, use_ent in ((False, True), (True, False)):
         def loss(lp, ent):
             return (lp.sum() if use_lp else 0) + ((ent * ent).sum() if use_ent else 0)
@@ -202,14 +190,14 @@ def test_entropy_only_and_unused_outputs():
 
 
 def test_double_backward_refused():
-    h, head, targets = leaves()
+    h, head, targets = head_leaves()
     lp, _ = head_logprobs(h, head, targets, 1.0, False, 9)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(lp.sum(), [h], create_graph=True)
 
 
 def test_bad_shapes():
-    h, head, targets = leaves()
+    h, head, targets = head_leaves()
     with pytest.raises(ValueError, match="hidden"):
         head_logprobs(h[None], head, targets, 1.0, False, 9)
     with pytest.raises(ValueError, match="targets"):
@@ -226,7 +214,7 @@ def test_bad_shapes():
 def test_slices_match_plain_autograd(n, hidden, vocab, chunk, temperature, bias, entropy, logit_scale, seed):
     """Random shapes and slice widths (dividing the vocabulary or not, wider than it or 1), fp64: values, entropies
     and the gradients of hidden rows, weight and bias equal plain autograd's."""
-    h, head, targets = leaves(n=n, hidden=hidden, vocab=vocab, bias=bias, seed=seed)
+    h, head, targets = head_leaves(n=n, hidden=hidden, vocab=vocab, bias=bias, seed=seed)
     with torch.no_grad():
         head.weight.mul_(logit_scale)
     g = torch.Generator().manual_seed(seed + 1)

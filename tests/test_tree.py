@@ -4,7 +4,6 @@ rollouts), rows sharing nothing, rows identical end to end and empty completions
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
@@ -12,76 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shared_prefix as sp
-from helpers import causal_attention, padded, rel
-from helpers import VOCAB, param_grads, stock_logprobs, tiny_model
+from helpers import (as_batch, causal_attention, features, pack_features, padded, param_grads, rel, stock_logprobs,
+                     tiny_model, tree_rows)
 
 pytestmark = pytest.mark.usefixtures("uninitialized_memory_is_nan")
 
 
-def tree_rows(seed: int, depth: int, n_rows: int = 9, vocab: int = VOCAB):
-    """Rows (prompt, completion) whose sharing reaches about ``depth`` levels: system prompts shared by some
-    prompts, prompts shared by several rows, completions that branch at random points, one row repeated end to
-    end, one empty completion, one row sharing nothing."""
-    rng = random.Random(seed)
-    tok = lambda n: [rng.randrange(1, vocab) for _ in range(n)]  # noqa: E731
-    systems = [tok(rng.randrange(3, 12)) for _ in range(2)]
-    prompts = [rng.choice(systems) + tok(rng.randrange(1, 6)) for _ in range(3)]
-    rows = []
-    for _ in range(n_rows - 3):
-        prompt = rng.choice(prompts)
-        completion = []
-        for _ in range(depth):  # a branch point per level: continue a sibling's completion, or start fresh
-            siblings = [c for p, c in rows if p == prompt and len(c) > len(completion)]
-            if siblings and rng.random() < 0.7:
-                completion = rng.choice(siblings)[: len(completion) + rng.randrange(1, 5)]
-            else:
-                break
-        rows.append((prompt, completion + tok(rng.randrange(0, 6))))
-    rows.append(rows[0])  # identical end to end
-    rows.append((rng.choice(prompts), []))  # an empty completion
-    rows.append((tok(rng.randrange(2, 8)), tok(rng.randrange(1, 5))))  # shares nothing
-    rng.shuffle(rows)
-    return [(torch.tensor(p), torch.tensor(c, dtype=torch.long)) for p, c in rows]
-
-
-def as_batch(rows, left_prompt=True, left_completion=False):
-    lp = max(p.shape[0] for p, _ in rows) + 1
-    lc = max(c.shape[0] for _, c in rows) + 1
-    pid, pmask = padded([p for p, _ in rows], lp, left_prompt)
-    cid, cmask = padded([c for _, c in rows], lc, left_completion)
-    return pid, pmask, cid, cmask
-
-
 # -- attention alone ----------------------------------------------------------------------------------------------
-
-def features(rows, hq, hkv, dim, seed):
-    """q/k/v for every token as a function of its whole prefix (what a model computes), so that rows sharing a
-    prefix have identical values there: one fp64 leaf per distinct prefix."""
-    g = torch.Generator().manual_seed(seed)
-    leaves = {}
-
-    def of(prefix, name, heads):
-        key = (prefix, name)
-        if key not in leaves:
-            leaves[key] = torch.randn(heads, dim, generator=g, dtype=torch.float64).requires_grad_()
-        return leaves[key]
-
-    per_row = []
-    for p, c in rows:
-        seq = tuple(torch.cat([p, c]).tolist())
-        per_row.append({n: torch.stack([of(seq[: i + 1], n, h) for i in range(len(seq))])
-                        for n, h in (("q", hq), ("k", hkv), ("v", hkv))})
-    return leaves, per_row
-
-
-def pack_features(plan, rows, per_row, lp, lc, left_prompt=True, left_completion=False, device=None):
-    """Each row's q/k/v split at its prompt, padded as the batch is, packed by ``plan``."""
-    packed = {}
-    for n in ("q", "k", "v"):
-        px, _ = padded([x[n][: p.shape[0]] for x, (p, _) in zip(per_row, rows)], lp, left_prompt)
-        cx, _ = padded([x[n][p.shape[0]:] for x, (p, _) in zip(per_row, rows)], lc, left_completion)
-        packed[n] = plan.pack(px.to(device or px.device), cx.to(device or cx.device))[0]
-    return packed
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
