@@ -190,19 +190,31 @@ def test_bench_default_variants_on_cpu(tmp_path, monkeypatch):
                      "prefix_grouper"]]
 
 
-def test_bench_rejects_bad_arguments(tmp_path):
-    for argv in (["--config", "12x3x2"], ["--config", "0x3x2x1"], ["--variants", "nope"], ["--steps", "2"],
-                 ["--window", "0"], ["--config", "12x3x2x1", "--system", "12"], ["--system", "-1"],
-                 ["--config", "12x3x2x1", "--branches", "3"], ["--config", "12x1x2x1", "--branches", "2"]):
-        with pytest.raises(SystemExit):
+def test_bench_rejects_bad_arguments(tmp_path, capsys):
+    """Each bad argument stops the bench with argparse's usage error (exit 2) naming that argument."""
+    for argv, named in ((["--config", "12x3x2"], "--config"), (["--config", "0x3x2x1"], "--config"),
+                        (["--variants", "nope"], "--variants"), (["--steps", "2"], "--steps"),
+                        (["--window", "0"], "--window"), (["--config", "12x3x2x1", "--system", "12"], "--system"),
+                        (["--system", "-1"], "--system"), (["--config", "12x3x2x1", "--branches", "3"], "--branches"),
+                        (["--config", "12x1x2x1", "--branches", "2"], "--branches")):
+        with pytest.raises(SystemExit) as stopped:
             bench.main(argv + ["--out", str(tmp_path)])
+        assert stopped.value.code == 2, argv
+        assert named in capsys.readouterr().err, argv
 
 
 def test_demo_runs(capsys):
+    """The demo's table: both methods, ours forwarding fewer tokens with log-probs and gradients equal to stock."""
     assert demo.main(["--prompts", "2", "--group", "3", "--prompt-len", "40", "--completion-len", "6",
                       "--hidden", "32", "--layers", "2", "--vocab", "128", "--threads", "1"]) == 0
-    text = capsys.readouterr().out
-    assert "shared_prefix" in text and "stock" in text
+    import re
+
+    rows = {m[1]: m[2].split() for m in re.finditer(r"^(stock \(TRL-style rows\)|shared_prefix) +([\d,]+ .*)$",
+                                                    capsys.readouterr().out, re.M)}
+    assert set(rows) == {"stock (TRL-style rows)", "shared_prefix"}
+    stock, ours = rows["stock (TRL-style rows)"], rows["shared_prefix"]  # tokens, Δlogp, grad, time, mem, speedup
+    assert int(ours[0].replace(",", "")) < int(stock[0].replace(",", ""))
+    assert float(ours[1]) <= 1e-5 and float(ours[2]) <= 1e-5 and stock[-1] == "1.00×"
 
 
 def test_measure_methods_keeps_going():
