@@ -62,6 +62,18 @@ def ensure_gloo() -> None:
         dist.init_process_group("gloo", rank=0, world_size=1)
 
 
+def stream_slice_facts(forward) -> dict:
+    """What a sequence-parallel ``PackedForward``'s slice of the stream held: the stream's tokens, its tail padding,
+    whether a prompt (a root node) crosses a slice boundary, this rank's predictor rows, and the shortest
+    completion node."""
+    s, plan = forward.stream, forward.plan
+    bounds = range(s.length, s.padded, s.length)
+    return {"tokens": plan.num_tokens, "pad": s.padded - plan.num_tokens, "rows": int(s.entries.numel()),
+            "prompt_crosses": any(n.start < b < n.start + n.tokens for n in plan.nodes if n.parent < 0
+                                  for b in bounds),
+            "shortest_response": min((n.tokens for n in plan.nodes if n.parent >= 0), default=0)}
+
+
 def fully_shard_causal_lm(model: torch.nn.Module, head_unit: bool, param_dtype=None) -> None:
     """FSDP2 on a one-rank CPU mesh with reshard_after_forward: each decoder layer, the LM head as its own unit
     when ``head_unit``, then the root; ``param_dtype`` sets a mixed-precision policy (fp32 gradient reduction)."""

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dfn
 
-from helpers import make_batch, param_grads, stock_logprobs, tiny_model
+from helpers import make_batch, param_grads, stock_logprobs, stream_slice_facts, tiny_model
 from shared_prefix.hf import PackedForward, SequenceParallel
 
 # Prompts of 4-17 tokens, completions of 1-6 (an empty one too): prompts cross the slices' boundaries.
@@ -56,14 +56,9 @@ def errors(name: str, extra: dict) -> dict:
     grads = param_grads(model, (lp * w).sum() + 0.1 * (ent * w).sum())
     for g in grads.values():
         dist.all_reduce(g, op=dist.ReduceOp.AVG)
-    stream = forward.stream
-    bounds = range(stream.length, stream.padded, stream.length)
     return {"logp": (lp - ref).abs().max().item(), "entropy": (ent - ref_ent).abs().max().item(),
             "grad": max(((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in ref_grads),
-            "same_params": grads.keys() == ref_grads.keys(), "pad": stream.padded - forward.plan.num_tokens,
-            "prompt_crosses": any(n.start < b < n.start + n.tokens for n in forward.plan.nodes if n.parent < 0
-                                  for b in bounds),
-            "rows": int(stream.entries.numel())}
+            "same_params": grads.keys() == ref_grads.keys(), **stream_slice_facts(forward)}
 
 
 def main():

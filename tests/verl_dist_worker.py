@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from helpers import stream_slice_facts
 from shared_prefix.bench import engines
 from shared_prefix.bench import verl_step as vs
 
@@ -58,13 +59,8 @@ def record_slices() -> list:
 
     def recording(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        s = self.stream
-        if s is not None:
-            bounds = range(s.length, s.padded, s.length)
-            crossing = any(n.start < b < n.start + n.tokens for n in self.plan.nodes if n.parent < 0 for b in bounds)
-            seen.append({"tokens": self.plan.num_tokens, "pad": s.padded - self.plan.num_tokens,
-                         "prompt_crosses": crossing, "rows": int(s.entries.numel()),
-                         "shortest_response": min(n.tokens for n in self.plan.nodes if n.parent >= 0)})
+        if self.stream is not None:
+            seen.append(stream_slice_facts(self))
 
     pipeline.PackedForward.__init__ = recording
     return seen

@@ -21,7 +21,8 @@ Per preset and trainer: the slowest rank's median step (old log-probs + update) 
 one warm-up; the largest rank's peak memory (the GPU's peak allocation over the timed steps, or on CPU the process's
 peak resident set, interpreter and libraries included, the same for both trainers); the tokens shared_prefix saved
 (its metric); and the sharing kept within the micro-batches: the share of the ideal saving (every group in one
-micro-batch) that verl's own micro-batches would keep if packed, against ours. Writes ``verl_step.json`` and ``verl_step.md``. The functions here are also what the multi-rank tests drive.
+micro-batch) that verl's own micro-batches would keep if packed, against ours. Writes ``verl_step.json`` and
+``verl_step.md``. The functions here are also what the multi-rank tests drive.
 """
 
 from __future__ import annotations
@@ -43,17 +44,16 @@ PRESETS = ("fixed", "dynamic", "ulysses")
 PLUGIN = "shared_prefix.verl"
 
 
-def compose(path: str, plugin_on: bool, overrides: list, attention: Optional[str] = None):
+def compose(path: str, plugin_on: bool, overrides: list):
     """verl's trainer config for the actor of ``path`` with ``overrides``; the plugin loaded (it keeps verl's
-    model build working beside TRL 1.16) and switched on or off. ``attention``: by default sdpa (flash-attention
-    needs its package and a GPU), except under Ulysses sequence parallelism, which verl runs with flash-attention
-    only (on CPU ranks: ``verl_cpu``'s bridge)."""
+    model build working beside TRL 1.16) and switched on or off. The attention is sdpa (flash-attention needs its
+    package and a GPU), except under Ulysses sequence parallelism, which verl runs with flash-attention only (on
+    CPU ranks: ``verl_cpu``'s bridge)."""
     from shared_prefix.verl.check import load
 
-    if attention is None:
-        ulysses = any(o.split("=")[0].endswith("actor.ulysses_sequence_parallel_size") and o.split("=")[1] != "1"
-                      for o in overrides)
-        attention = "flash_attention_2" if ulysses else "sdpa"
+    ulysses = any(o.split("=")[0].endswith("actor.ulysses_sequence_parallel_size") and o.split("=")[1] != "1"
+                  for o in overrides)
+    attention = "flash_attention_2" if ulysses else "sdpa"
     base = [f"actor_rollout_ref.model.path={path}",
             f"+actor_rollout_ref.model.override_config.attn_implementation={attention}",
             f"actor_rollout_ref.model.external_lib={PLUGIN}",

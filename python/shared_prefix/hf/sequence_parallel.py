@@ -85,7 +85,7 @@ class StreamSlice:
         owner = torch.div(predictor, self.length, rounding_mode="floor")
         counts = torch.bincount(owner, minlength=size)
         # Every rank's block of the gather holds as many entries as the fullest rank's.
-        self.block = int(counts.max()) if predictor.numel() else 0
+        self.block = int(counts.max())
         mine = (owner == group.rank).nonzero().squeeze(1)
         #: This rank's predictor entries (ascending), and their positions in its slice (``logits_to_keep``).
         self.entries = mine

@@ -9,9 +9,9 @@ Supported: verl >= 0.9, < 0.10. Importing it (verl imports ``external_lib`` in e
 config, the trainer's included) installs, idempotently:
 
 - ``engine``: the packed forward in ``FSDPEngineWithLMHead`` (FSDP1 and FSDP2, Ulysses sequence parallelism),
-  log-probs and entropies in the engine's own layout, and the metrics ``shared_prefix/tokens_saved_frac`` (against the stock engine's unpadded
-  tokens; 0 for a micro-batch that took the stock path) and ``shared_prefix/tree_tokens_saved_frac`` per
-  micro-batch, which verl logs under ``actor/``;
+  log-probs and entropies in the engine's own layout, and the metrics ``shared_prefix/tokens_saved_frac``
+  (against the stock engine's unpadded tokens; 0 for a micro-batch that took the stock path) and
+  ``shared_prefix/tree_tokens_saved_frac`` per micro-batch, which verl logs under ``actor/``;
 - ``batching``: micro-batches under ``use_dynamic_bsz`` that keep each ``uid`` group whole, sized by the tokens the
   packed forward computes, and data-parallel balancing (the v1 trainer's and the legacy trainer's
   ``_balance_batch``) that keeps groups on one rank;
