@@ -1,6 +1,6 @@
-// ATen entry points that tch does not bind (flash-attention 2 varlen and cuDNN attention, forward and backward),
-// exposed as extern "C" on at::Tensor pointers (tch's C_tensor). Errors come back as a message, never as a C++
-// exception crossing into Rust.
+// ATen entry points that tch does not bind (flash-attention 2 varlen and cuDNN attention, forward and backward, and
+// tensors over memory with a deleter), exposed as extern "C" on at::Tensor pointers (tch's C_tensor). Errors come
+// back as a message, never as a C++ exception crossing into Rust.
 #include <ATen/ATen.h>
 #include <ATen/ops/_flash_attention_backward.h>
 #include <ATen/ops/_flash_attention_forward.h>
@@ -99,6 +99,22 @@ const char* sp_cudnn_bwd(const at::Tensor* dout, const at::Tensor* q, const at::
     *dq = new at::Tensor(std::get<0>(res));
     *dk = new at::Tensor(std::get<1>(res));
     *dv = new at::Tensor(std::get<2>(res));
+  });
+}
+
+// A one-element int64 CPU tensor holding `id`, whose storage calls `release(id)` when it is freed: a plan's handle.
+// torch traces it as a tensor, and the plan it names lives as long as any tensor (autograd's saved ones included)
+// holds that storage.
+const char* sp_handle_tensor(int64_t id, void (*release)(int64_t), at::Tensor** out) {
+  return guarded([&] {
+    auto* cell = new int64_t(id);
+    auto deleter = [release](void* p) {
+      auto* c = static_cast<int64_t*>(p);
+      int64_t value = *c;
+      delete c;
+      release(value);
+    };
+    *out = new at::Tensor(at::from_blob(cell, {1}, deleter, at::TensorOptions().dtype(at::kLong)));
   });
 }
 }

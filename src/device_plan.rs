@@ -98,8 +98,7 @@ impl DevicePlan {
     /// get key tables (plans of at most two levels), longer ones never cut a row and their layers take the plain
     /// path.
     pub fn new(host: Plan, device: Device, windows: &[usize], extra: &[&[i64]]) -> Result<(DevicePlan, Vec<Tensor>)> {
-        let max_seqlen = host.max_seqlen();
-        let mut wanted: Vec<usize> = windows.iter().copied().filter(|&w| w < max_seqlen).collect();
+        let mut wanted: Vec<usize> = windows.iter().copied().filter(|&w| host.cuts(w)).collect();
         wanted.sort_unstable();
         wanted.dedup();
         let l = &host.layout;

@@ -7,7 +7,8 @@
 //! - `executor`: the calls of a layer, their merge and the exact backward;
 //! - backends: `flash` (FA2 varlen), `cudnn`, `cpu_flash`, `math`; the dense ones through `dense::Runs`;
 //!   the C++ shim's ABI in `shim`;
-//! - `device_plan` (a plan's tables on its device) and `seam` (what every backend implements).
+//! - `device_plan` (a plan's tables on its device), `handle` (the tensor a plan crosses torch's op boundary as)
+//!   and `seam` (what every backend implements).
 
 mod cpu_flash;
 mod cudnn;
@@ -15,6 +16,7 @@ mod dense;
 mod device_plan;
 mod executor;
 mod flash;
+mod handle;
 mod math;
 mod policy;
 mod py_attention;

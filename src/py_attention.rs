@@ -3,7 +3,7 @@
 
 use crate::device_plan::{device_name, DevicePlan};
 use crate::policy::{self, NoBackend, SelfCalls};
-use crate::py_plan::{torch_err, CorePlan};
+use crate::py_plan::{resolve, torch_err};
 use crate::seam::Kernels;
 use crate::{executor, math};
 use pyo3::exceptions::{PyNotImplementedError, PyTypeError, PyValueError};
@@ -65,17 +65,18 @@ fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, plan: &DevicePlan) -> PyResult<
     Ok(())
 }
 
-/// A window must be one the plan was made with (its key tables live on the device already: building them here
-/// would copy host→device inside a layer).
-fn check_window(p: &DevicePlan, window: Option<usize>) -> PyResult<()> {
-    match window {
+/// The window a call applies: None for one that cuts no row (at least the plan's longest). Any other must be one
+/// the plan was made with (its key tables live on the device already: building them here would copy host→device
+/// inside a layer).
+fn check_window(p: &DevicePlan, window: Option<usize>) -> PyResult<Option<usize>> {
+    match window.filter(|&w| p.host.cuts(w)) {
         Some(w) if p.window_tables(w).is_none() => Err(PyValueError::new_err(format!(
             "window: the plan holds no key tables for a sliding window of {w} (it has {:?}); make the plan with \
-             windows=[{w}, ...] (windows of at least the longest row, {}, need none: pass window=None)",
+             windows=[{w}, ...] (windows of at least the longest row, {}, need none)",
             p.windows(),
             p.host.max_seqlen()
         ))),
-        _ => Ok(()),
+        cut => Ok(cut),
     }
 }
 
@@ -86,14 +87,14 @@ fn attention_forward(
     q: PyTensor,
     k: PyTensor,
     v: PyTensor,
-    plan: &CorePlan,
+    plan: PyTensor,
     scale: f64,
     kernels: Option<&str>,
     window: Option<usize>,
 ) -> PyResult<(PyTensor, PyTensor)> {
-    let p = &plan.inner;
+    let p = &*resolve(&plan)?;
     check_qkv(&q, &k, &v, p)?;
-    check_window(p, window)?;
+    let window = check_window(p, window)?;
     let kern = backend(&q, kernels, window)?;
     let split = policy::split_self_calls(kern, p);
     // The GIL stays held: libtorch ops here are short, and tch tensors are not Sync.
@@ -112,14 +113,14 @@ fn attention_backward(
     v: PyTensor,
     out: PyTensor,
     lse: PyTensor,
-    plan: &CorePlan,
+    plan: PyTensor,
     scale: f64,
     kernels: Option<&str>,
     window: Option<usize>,
 ) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
-    let p = &plan.inner;
+    let p = &*resolve(&plan)?;
     check_qkv(&q, &k, &v, p)?;
-    check_window(p, window)?;
+    let window = check_window(p, window)?;
     if dout.size() != q.size() || out.size() != q.size() {
         return Err(PyValueError::new_err("dout/out: shape must equal q's"));
     }
@@ -140,8 +141,8 @@ fn attention_backward(
 
 /// `(call, "cudnn" | "flash")` for each full-attention call of `plan` under the CUDA fp16/bf16 default, in order.
 #[pyfunction]
-fn auto_kernels(plan: &CorePlan) -> Vec<(String, &'static str)> {
-    policy::auto_kernels(&plan.inner)
+fn auto_kernels(plan: PyTensor) -> PyResult<Vec<(String, &'static str)>> {
+    Ok(policy::auto_kernels(&*resolve(&plan)?))
 }
 
 /// Sets the explicit-math kernel's score budget per block of query rows (bytes, at least 1); returns the previous

@@ -1,13 +1,14 @@
 //! Bindings for planning: `make_plan` (a micro-batch), `make_compat_plan` (the original Prefix Grouper's grouped
-//! layout) and `mask_positions`. A plan reaches Python as an opaque `CorePlan` (what attention takes) and a dict of
-//! what the Python `Plan` exposes; the Python side declares and documents those fields.
+//! layout) and `mask_positions`. A plan reaches Python as its handle (a tensor, what attention takes: see `handle`)
+//! and a dict of what the Python `Plan` exposes; the Python side declares and documents those fields.
 
-use crate::device_plan::{device_name, DevicePlan};
-use crate::policy;
+use crate::device_plan::DevicePlan;
+use crate::{handle, policy};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use pyo3_tch::PyTensor;
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 /// A libtorch error as the Python exception every binding raises for it (never a panic).
@@ -15,23 +16,14 @@ pub fn torch_err(e: tch::TchError) -> PyErr {
     PyRuntimeError::new_err(format!("shared_prefix: libtorch error: {e}"))
 }
 
-/// A plan on its device: the segment tables and tuning its attention calls use. Immutable; shared by every
-/// layer of a forward and backward.
-#[pyclass(frozen, module = "shared_prefix._core", name = "CorePlan")]
-pub struct CorePlan {
-    pub inner: DevicePlan,
-}
-
-#[pymethods]
-impl CorePlan {
-    fn __repr__(&self) -> String {
-        format!("CorePlan(tokens={}, device={})", self.inner.host.num_tokens(), device_name(self.inner.device))
-    }
+/// The live plan a handle names, as the Python exception for an argument `plan` that names none.
+pub fn resolve(plan: &Tensor) -> PyResult<Arc<DevicePlan>> {
+    handle::resolve(plan).map_err(|e| PyValueError::new_err(format!("plan: {e}")))
 }
 
 /// The plan on `device` with the Python-facing index tensors in the same host→device copy, tuned by the policy.
 fn on_device<'py>(py: Python<'py>, mut host: planner::Plan, device: Device, windows: &[usize], extra: &[&[i64]])
-    -> PyResult<(CorePlan, Bound<'py, PyDict>, Vec<Tensor>)> {
+    -> PyResult<(PyTensor, Bound<'py, PyDict>, Vec<Tensor>)> {
     let scored_tail = host.scored_tail();
     // The per-token maps only Python uses move out of the plan the layers keep.
     const MAPS: [&str; 6] = ["src_index", "position_ids", "scored", "predictor", "completion_flat", "entry_scored"];
@@ -71,11 +63,15 @@ fn on_device<'py>(py: Python<'py>, mut host: planner::Plan, device: Device, wind
     let (mut plan, mut tensors) = DevicePlan::new(host, device, windows, &all).map_err(torch_err)?;
     plan.tuning = policy::observe(&plan);
     info.set_item("windows", plan.windows())?;
+    let mut made_for = windows.to_vec();
+    made_for.sort_unstable();
+    made_for.dedup();
+    info.set_item("made_for_windows", made_for)?;
     let rest = tensors.split_off(maps.len());
     for (name, t) in MAPS.into_iter().zip(tensors) {
         info.set_item(name, PyTensor(t))?;
     }
-    Ok((CorePlan { inner: plan }, info, rest))
+    Ok((PyTensor(handle::publish(plan).map_err(torch_err)?), info, rest))
 }
 
 /// Dense labels for arbitrary hashable group ids (equality as Python defines it).
@@ -117,7 +113,7 @@ fn dense_labels(py: Python<'_>, ids: &Bound<'_, PyAny>, rows: usize) -> PyResult
     Ok(out)
 }
 
-/// Plan a micro-batch: `(CorePlan, info)`. Shapes and dtypes are checked by the Python wrapper; the planner
+/// Plan a micro-batch: `(handle, info)`. Shapes and dtypes are checked by the Python wrapper; the planner
 /// re-checks lengths.
 ///
 /// `tree`: `(max_depth, min_node)` to share every common prefix (`planner::Sharing::Tree`), None for whole
@@ -137,7 +133,7 @@ fn make_plan<'py>(
     group_ids: Option<Bound<'py, PyAny>>,
     windows: Option<Vec<usize>>,
     tree: Option<(usize, usize)>,
-) -> PyResult<(CorePlan, Bound<'py, PyDict>)> {
+) -> PyResult<(PyTensor, Bound<'py, PyDict>)> {
     let windows = windows.unwrap_or_default();
     if windows.contains(&0) {
         return Err(PyValueError::new_err("windows: every sliding window must be at least 1 token"));
@@ -189,7 +185,7 @@ fn make_plan<'py>(
         })
         .max()
         .unwrap_or(0);
-    let cut = windows.iter().any(|&w| w < longest_row);
+    let cut = windows.iter().any(|&w| planner::window_cuts(w, longest_row));
     let sharing = match tree {
         Some((max_depth, min_node)) => planner::Sharing::Tree { max_depth: if cut { 1 } else { max_depth }, min_node },
         None => planner::Sharing::Prompts,
@@ -219,7 +215,7 @@ fn host_bools(t: &Tensor) -> PyResult<Vec<bool>> {
     Ok(host_i64(t)?.into_iter().map(|x| x != 0).collect())
 }
 
-/// The original Prefix Grouper's grouped layout on `device`: `(CorePlan, info, indices, (width, max_prefix,
+/// The original Prefix Grouper's grouped layout on `device`: `(handle, info, indices, (width, max_prefix,
 /// max_suffix))`, where `indices` holds `grouped_prefix`, `grouped_suffix`, `ungrouped_prefix`,
 /// `ungrouped_suffix`, `sample_group` and `padding_mask`, all in the plan's one host→device copy.
 #[pyfunction]
@@ -233,7 +229,7 @@ fn make_compat_plan<'py>(
     device: &str,
     padding_mask: Option<PyTensor>,
     left: bool,
-) -> PyResult<(CorePlan, Bound<'py, PyDict>, Bound<'py, PyDict>, (usize, usize, usize))> {
+) -> PyResult<(PyTensor, Bound<'py, PyDict>, Bound<'py, PyDict>, (usize, usize, usize))> {
     let device = parse_device(device)?;
     let mask_host = padding_mask.as_ref().map(|m| host_bools(m)).transpose()?;
     let padding = match (&mask_host, &padding_mask) {
@@ -280,7 +276,6 @@ fn mask_positions(mask: PyTensor) -> PyResult<PyTensor> {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<CorePlan>()?;
     m.add_function(wrap_pyfunction!(make_plan, m)?)?;
     m.add_function(wrap_pyfunction!(make_compat_plan, m)?)?;
     m.add_function(wrap_pyfunction!(mask_positions, m)?)?;

@@ -68,6 +68,10 @@ extern "C" {
     ) -> *const c_char;
 }
 
+extern "C" {
+    pub fn sp_handle_tensor(id: i64, release: extern "C" fn(i64), out: *mut *mut C_tensor) -> *const c_char;
+}
+
 pub fn check(err: *const c_char) -> Result<()> {
     if err.is_null() {
         return Ok(());

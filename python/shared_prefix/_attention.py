@@ -1,8 +1,8 @@
-"""Shared-prefix attention as a differentiable op. The forward and the exact backward both run in Rust."""
+"""Shared-prefix attention on packed tensors: the public call, its argument checks and the autocast rule, in front of
+the ``shared_prefix::attention_forward`` op (:mod:`shared_prefix._ops`)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import os
@@ -10,50 +10,10 @@ from typing import Optional
 
 import torch
 
-from . import _core
+from ._ops import attention_forward
 from ._plan import Plan
 
 _FLOAT_KINDS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class _SharedPrefixAttention(torch.autograd.Function):
-    # The log-sum-exp of flash kernels is not differentiable, so autograd through the merge would be silently
-    # wrong; the backward here calls each kernel's backward with the merged out/lse instead (DESIGN: exact backward).
-    @staticmethod
-    def forward(ctx, q, k, v, core_plan, scale, kernels, window, sinks):  # type: ignore[override]
-        out, lse = _core.attention_forward(q, k, v, core_plan, scale, kernels, window)
-        if sinks is not None:
-            # A sink is one more key per head with logit s_h and a zero value: it joins the softmax's denominator.
-            # The kernels' backward with the final out/lse stays exact (the sink adds nothing to rowsum(dO∘O)).
-            with_sink = torch.logaddexp(lse, sinks.to(lse.dtype))
-            out = (out.to(lse.dtype) * (lse - with_sink).exp_().unsqueeze(-1)).to(out.dtype)
-            lse = with_sink
-        ctx.save_for_backward(q, k, v, out, lse, sinks)
-        ctx.core_plan = core_plan
-        ctx.scale = scale
-        ctx.kernels = kernels
-        ctx.window = window
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
-        if torch.is_grad_enabled():
-            # create_graph=True: the kernels' backward is not differentiable. Refuse rather than return gradients
-            # without their second-order terms.
-            raise RuntimeError("shared_prefix.attention has no double backward (create_graph=True)")
-        q, k, v, out, lse, sinks = ctx.saved_tensors
-        # backward() may be called inside an autocast region (whose casts reach the ops the Rust side dispatches);
-        # the kernels' backward runs in the forward's dtypes. Entering the context only when needed saves host time.
-        device = q.device.type
-        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
-            dq, dk, dv = _core.attention_backward(dout, q, k, v, out, lse, ctx.core_plan, ctx.scale, ctx.kernels,
-                                                  ctx.window)
-            d_sinks = None
-            if sinks is not None and ctx.needs_input_grad[7]:
-                # d s_h = -Σ_rows p_sink · rowsum(dO∘O), p_sink = e^(s_h - lse).
-                row = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
-                d_sinks = -((sinks.to(lse.dtype) - lse).exp() * row).sum(0).to(sinks.dtype)
-        return dq, dk, dv, None, None, None, None, d_sinks
 
 
 def attention(
@@ -121,7 +81,7 @@ def attention(
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
             raise ValueError(f"window: expected a positive int (a sliding window in tokens) or None, got {window!r}")
-        window = int(window) if window < plan.max_seqlen else None  # a window as long as every row cuts nothing
+        window = int(window)
     if kernels is None:
         kernels = os.environ.get("SHARED_PREFIX_KERNELS") or None
     dv = v.shape[-1] if v.dim() == 3 else None
@@ -143,9 +103,7 @@ def _apply(q, k, v, plan: Plan, scale: float, kernels: Optional[str], window: Op
         # stays fp64). Under autocast HF's RoPE returns fp32 q/k beside a bf16 v (cos/sin follow the fp32 hidden
         # states), which SDPA accepts only because autocast casts them. Autograd casts the gradients back.
         q, k, v = (_autocast_operand(t, device) for t in (q, k, v))
-        with torch.autocast(device, enabled=False):  # our kernels run in exactly these dtypes
-            return _SharedPrefixAttention.apply(q, k, v, plan.core, scale, kernels, window, sinks)
-    return _SharedPrefixAttention.apply(q, k, v, plan.core, scale, kernels, window, sinks)
+    return attention_forward(q, k, v, plan.handle, scale, kernels, window, sinks)[0]
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")

@@ -1,12 +1,13 @@
 """Type stubs for the Rust extension ``shared_prefix._core`` (import torch before it). The fields of a plan are
-declared and documented once, on :class:`shared_prefix.Plan`; ``make_plan`` hands them over as a dict."""
+declared and documented once, on :class:`shared_prefix.Plan`; ``make_plan`` hands them over as a dict. A plan
+crosses as its handle (``Plan.handle``: one int64 CPU tensor whose storage owns the Rust plan).
+``tests/test_core_stub.py`` fails when these names or parameters differ from the built extension's."""
 
 from typing import Any, Hashable, Optional, Sequence, Tuple, Union
 
 import torch
 
-class CorePlan:
-    """A plan on its device: the segment tables and kernel tuning its attention calls use (opaque)."""
+TORCH_VERSION: str
 
 def make_plan(
     prompt_ids: torch.Tensor,
@@ -17,7 +18,7 @@ def make_plan(
     group_ids: Optional[Union[torch.Tensor, Sequence[Hashable]]] = None,
     windows: Optional[Sequence[int]] = None,
     tree: Optional[Tuple[int, int]] = None,
-) -> Tuple[CorePlan, dict[str, Any]]: ...
+) -> Tuple[torch.Tensor, dict[str, Any]]: ...
 def make_compat_plan(
     prefix_lens: Sequence[int],
     suffix_lens: Sequence[int],
@@ -25,7 +26,7 @@ def make_compat_plan(
     device: str,
     padding_mask: Optional[torch.Tensor] = None,
     left: bool = False,
-) -> Tuple[CorePlan, dict[str, Any], dict[str, torch.Tensor], Tuple[int, int, int]]:
+) -> Tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor], Tuple[int, int, int]]:
     """The original Prefix Grouper's grouped layout: the plan, its fields, its index tensors (grouped_prefix,
     grouped_suffix, ungrouped_prefix, ungrouped_suffix, sample_group, padding_mask) and (width, max_prefix,
     max_suffix)."""
@@ -35,7 +36,7 @@ def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    plan: CorePlan,
+    plan: torch.Tensor,
     scale: float,
     kernels: Optional[str] = None,
     window: Optional[int] = None,
@@ -48,12 +49,12 @@ def attention_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    plan: CorePlan,
+    plan: torch.Tensor,
     scale: float,
     kernels: Optional[str] = None,
     window: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
-def auto_kernels(plan: CorePlan) -> list[Tuple[str, str]]:
+def auto_kernels(plan: torch.Tensor) -> list[Tuple[str, str]]:
     """(call, "cudnn" | "flash") for each full-attention call under the CUDA fp16/bf16 default, in order."""
 
 # The kernel policy's process-wide settings; each returns the previous value.

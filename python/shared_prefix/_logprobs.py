@@ -230,10 +230,10 @@ def token_logprobs(
 
 def check_token_ids(ids: torch.Tensor, vocab: int, name: str = "targets") -> None:
     """Token ids within ``[0, vocab)``: a ValueError naming ``name`` on CPU, an asynchronous device assert on CUDA
-    (no host sync). The head's slices only gather targets that fall inside them, so an out-of-range id must be
-    caught here rather than by a gather."""
+    and in compiled graphs (no host sync). The head's slices only gather targets that fall inside them, so an
+    out-of-range id must be caught here rather than by a gather."""
     ok = ((ids >= 0) & (ids < vocab)).all()
-    if ids.device.type == "cuda":
+    if ids.device.type == "cuda" or torch.compiler.is_compiling():  # a compiled graph reads no value on the host
         torch._assert_async(ok, f"{name}: token ids must lie in [0, {vocab})")
     elif not bool(ok):
         raise ValueError(f"{name}: token ids must lie in [0, {vocab}) (the model's vocabulary)")

@@ -87,10 +87,10 @@ class Plan:
     every layer, forward and backward, and every forward of its micro-batch (policy, old and reference log-probs).
     """
 
-    __slots__ = ("core", "_rows", "_lp", "_lc", "_src", "_scored", "_scored_tail", "_predictor", "_completion_flat",
+    __slots__ = ("handle", "_rows", "_lp", "_lc", "_src", "_scored", "_scored_tail", "_predictor", "_completion_flat",
                  "_entry_scored", "num_tokens", "stock_tokens", "by_prompt_tokens", "prefix_tokens", "completion_tokens",
-                 "max_seqlen", "min_seqlen", "levels", "_windows", "_group_sizes", "_row_group", "_node_rows",
-                 "_node_tokens", "_node_parent", "position_ids", "input_ids", "attention_mask")
+                 "max_seqlen", "min_seqlen", "levels", "_windows", "_made_for_windows", "_group_sizes", "_row_group",
+                 "_node_rows", "_node_tokens", "_node_parent", "position_ids", "input_ids", "attention_mask")
 
     #: Tokens in the packed stream: each shared prefix once, then every token no other row shares.
     num_tokens: int
@@ -107,8 +107,9 @@ class Plan:
     #: Longest and shortest per-row sequence (prompt + completion) of the stock computation.
     max_seqlen: int
     min_seqlen: int
-    #: The plan's tables on its device, as the attention kernels take them.
-    core: "_core.CorePlan"
+    #: The plan as the attention ops take it: one int64 on the host naming the plan's tables on its device (the
+    #: Rust planner's), whose storage keeps them alive. A tensor, so compiled graphs take each new plan as an input.
+    handle: torch.Tensor
     #: ``[1, T]`` position ids: each completion's positions continue from its prompt's length.
     position_ids: torch.Tensor
     #: ``[1, T]`` packed token ids (plans made for attention alone have none), and an all-ones ``[1, T]`` mask: with
@@ -116,9 +117,9 @@ class Plan:
     input_ids: Optional[torch.Tensor]
     attention_mask: Optional[torch.Tensor]
 
-    def __init__(self, core: "_core.CorePlan", info: dict, input_ids: Optional[tuple] = None):
+    def __init__(self, handle: torch.Tensor, info: dict, input_ids: Optional[tuple] = None):
         put = functools.partial(object.__setattr__, self)
-        put("core", core)
+        put("handle", handle)
         put("_rows", info["rows"])
         put("_lp", info["prompt_width"])
         put("_lc", info["completion_width"])
@@ -126,7 +127,8 @@ class Plan:
                      "min_seqlen", "levels"):
             put(name, info[name])
         put("num_tokens", self.prefix_tokens + self.completion_tokens)
-        for name in ("windows", "group_sizes", "row_group", "node_rows", "node_tokens", "node_parent"):
+        for name in ("windows", "made_for_windows", "group_sizes", "row_group", "node_rows", "node_tokens",
+                     "node_parent"):
             put("_" + name, tuple(info[name]))
         src = info["src_index"]
         if info["prompts_first"]:  # two gathers and a concatenation
@@ -161,6 +163,12 @@ class Plan:
         return list(self._windows)
 
     @property
+    def made_for_windows(self) -> tuple:
+        """The sliding windows the plan was made for (``plan(..., windows=)``), sorted: those among them that cut
+        some row are :attr:`windows`."""
+        return self._made_for_windows
+
+    @property
     def group_sizes(self) -> list:
         """Group sizes in plan order."""
         return list(self._group_sizes)
@@ -193,7 +201,7 @@ class Plan:
         one dense batch of at least 8192 keys whose shape recurred in enough earlier plans (:func:`cudnn_after`),
         as decided when this plan was made. Full-attention layers only: sliding-window layers always run
         flash-attention 2. The self-call mode is read when this is asked."""
-        return dict(_core.auto_kernels(self.core))
+        return dict(_core.auto_kernels(self.handle))
 
     def token_weights(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``[T]``: how many rows each packed token stands for (the rows that hold it). A mean over every row's
@@ -259,8 +267,10 @@ class Plan:
         return self.unpack_completions(self.predictor_rows(hidden))
 
     def completion_targets(self) -> torch.Tensor:
-        """Token ids of the completion tokens in packed order ``[Nc]``."""
-        return self.scored_rows(self.input_ids)
+        """Token ids of the completion tokens in packed order ``[Nc]``: a tensor of its own, never a view (so that a
+        compiled forward taking it sees the same kind of tensor from every plan)."""
+        targets = self.scored_rows(self.input_ids)
+        return targets.clone() if targets._base is not None else targets
 
     def __repr__(self) -> str:
         return (
@@ -335,6 +345,6 @@ def plan(
     depth = _TREE["max_depth"] if max_depth is None else _positive("max_depth", max_depth)
     min_node = _TREE["min_node_tokens"] if min_node_tokens is None else _positive("min_node_tokens", min_node_tokens)
     tree = None if depth == 1 else (depth, min_node)
-    core, info = _core.make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, sizes, group_ids, windows,
-                                 tree)
-    return Plan(core, info, (prompt_ids, completion_ids))
+    handle, info = _core.make_plan(prompt_ids, prompt_mask, completion_ids, completion_mask, sizes, group_ids, windows,
+                                   tree)
+    return Plan(handle, info, (prompt_ids, completion_ids))

@@ -21,8 +21,15 @@ class UnsupportedModelError(NotImplementedError):
 
 
 def window_cuts(window: Any, plan: Plan) -> bool:
-    """Whether a sliding window of ``window`` tokens cuts some row of ``plan`` (an int shorter than its longest)."""
-    return isinstance(window, int) and not isinstance(window, bool) and window < plan.max_seqlen
+    """Whether a sliding window of ``window`` tokens cuts some row of ``plan``: an int shorter than its longest row,
+    the planner's rule (``planner::window_cuts``). A window the plan was made for is answered by the planner's own
+    verdict, its key tables, without reading the plan's lengths (a compiled forward is then not specialized on
+    them)."""
+    if not isinstance(window, int) or isinstance(window, bool):
+        return False
+    if window in plan.made_for_windows:
+        return window in plan.windows
+    return window < plan.max_seqlen
 
 
 def missing_window(window: int, plan: Plan) -> str:
@@ -35,7 +42,8 @@ def attention_refusal(plan: Plan, *, window: Any = None, softcap: Any = None,
     """Why one attention call with these settings cannot take ``plan`` exactly (None if it can), and whether the
     reason belongs to this forward (the micro-batch's lengths; dropout, which train mode applies and eval mode
     does not) rather than to the model."""
-    if window_cuts(window, plan) and window not in plan.windows:
+    # The planner gives every window it was made for that cuts a row its key tables.
+    if window not in plan.made_for_windows and window_cuts(window, plan):
         return missing_window(window, plan), True
     if softcap is not None:
         return "attention logit softcapping is not supported", False

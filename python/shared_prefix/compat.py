@@ -77,7 +77,7 @@ def _forward_refusal(plan: Plan, kwargs: dict) -> Optional[str]:
     if any(kwargs.get(name) is False for name in ("causal", "is_causal")):
         return "non-causal attention (causal=False) is not supported"
     left = (kwargs.get("window_size") or (-1, -1))[0]  # flash-attn's (left, right); right is moot when causal
-    if left >= 0 and left + 1 < plan.max_seqlen:
+    if left >= 0 and window_cuts(left + 1, plan):
         return f"window_size={kwargs['window_size']} is not supported"
     if kwargs.get("alibi_slopes") is not None:
         return "ALiBi slopes are not supported"
@@ -138,9 +138,9 @@ class PrefixGrouper:
             device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._layouts:
             mask, left = self._padding
-            core, info, idx, dims = _core.make_compat_plan(*self._args, str(device), mask, left)
+            handle, info, idx, dims = _core.make_compat_plan(*self._args, str(device), mask, left)
             packed = torch.cat([idx["grouped_prefix"], idx["grouped_suffix"]])
-            self._layouts[device] = (Plan(core, info), idx, packed, dims)
+            self._layouts[device] = (Plan(handle, info), idx, packed, dims)
         self._plan, self._idx, self._packed, (self._width, self._max_prefix, self._max_suffix) = self._layouts[device]
 
     @classmethod

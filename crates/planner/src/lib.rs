@@ -118,6 +118,12 @@ pub struct Plan {
     pub entry_scored: Vec<i64>,
 }
 
+/// The window rule: a sliding window (transformers': each token sees itself and the `window - 1` before it) cuts
+/// a batch iff it is shorter than the batch's longest row; a longer one changes nothing and needs no key tables.
+pub fn window_cuts(window: usize, longest_row: usize) -> bool {
+    window < longest_row
+}
+
 impl Plan {
     pub fn num_tokens(&self) -> usize {
         self.layout.num_tokens()
@@ -131,6 +137,11 @@ impl Plan {
     /// Longest per-row sequence (prompt + completion) the stock computation would see.
     pub fn max_seqlen(&self) -> usize {
         self.row_lens().max().unwrap_or(0)
+    }
+
+    /// Whether a sliding window of `window` tokens cuts some row of this plan (see [`window_cuts`]).
+    pub fn cuts(&self, window: usize) -> bool {
+        window_cuts(window, self.max_seqlen())
     }
 
     /// Shortest per-row sequence (prompt + completion) the stock computation would see.

@@ -32,9 +32,20 @@ from .registry import PLAN_KWARG
 # (log-probs [Nc], entropy [Nc] or None).
 Head = Callable[..., "tuple[torch.Tensor, Optional[torch.Tensor]]"]
 
-_HOOKS = "_shared_prefix_lm_head_hooks"  # on the causal LM: the hooks are registered
-_SAVED = "_shared_prefix_lm_head_saved"  # on the causal LM, during a planned forward: the head's own forward
+_STATE = "_shared_prefix_lm_head"  # on the causal LM: its _HeadState, made by install()
 _MISSING = object()
+
+
+class _HeadState:
+    """Per causal LM: the planned forward running now (None between forwards), the head module its hooks switched
+    and that module's own ``forward`` attribute. One object with one head forward for the model's lifetime, so a
+    compiled forward sees the same objects every step (a new callable each forward would invalidate its guards)."""
+
+    def __init__(self):
+        self.forward = None
+        self.head = None
+        self.own = _MISSING
+        self.selected = functools.partial(_selected_logprobs, self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,30 +82,31 @@ def install(model: torch.nn.Module) -> None:
     """Register the hooks on ``model`` (the causal LM, or a wrapper its planned forwards are called through) that
     turn its head into the requested log-probs during a forward passed a plan with a head request. Idempotent;
     every other forward (generation, the stock computation) is untouched."""
-    if model.__dict__.get(_HOOKS):
+    if _STATE in model.__dict__:
         return
+    model.__dict__[_STATE] = _HeadState()
     model.register_forward_pre_hook(_arm, with_kwargs=True)
     model.register_forward_hook(_disarm, always_call=True)
-    model.__dict__[_HOOKS] = True
 
 
 def _arm(model, args, kwargs):
     forward = kwargs.get(PLAN_KWARG)
-    request = getattr(forward, "head_request", None)
-    if request is None:
+    if getattr(forward, "head_request", None) is None:
         return None
-    if _SAVED in model.__dict__:
+    state = getattr(model, _STATE)
+    if state.forward is not None:
         raise RuntimeError("shared_prefix: a planned forward of this model is already running")
     head = output_linear(model)
-    model.__dict__[_SAVED] = (head, head.__dict__.get("forward", _MISSING))
-    head.forward = functools.partial(_selected_logprobs, head, forward, request)
+    state.forward, state.head, state.own = forward, head, head.__dict__.get("forward", _MISSING)
+    head.forward = state.selected
     return None
 
 
 def _disarm(model, args, output):
-    saved = model.__dict__.pop(_SAVED, None)
-    if saved is not None:
-        head, own = saved
+    state = getattr(model, _STATE)
+    head, own = state.head, state.own
+    if state.forward is not None:
+        state.forward, state.head, state.own = None, None, _MISSING
         if own is _MISSING:
             del head.forward
         else:
@@ -102,9 +114,11 @@ def _disarm(model, args, output):
     return None
 
 
-def _selected_logprobs(head: torch.nn.Module, forward, request: HeadRequest, hidden: torch.Tensor) -> torch.Tensor:
+def _selected_logprobs(state: _HeadState, hidden: torch.Tensor) -> torch.Tensor:
     """The head module's forward during a planned forward: ``[1, Nc, 1]`` log-probs (``[1, Nc, 2]`` with the
     entropies) of the rows the causal LM selected with ``logits_to_keep``."""
+    head, forward = state.head, state.forward
+    request = forward.head_request
     rows = hidden.reshape(-1, hidden.shape[-1])
     n = request.targets.shape[0]
     if rows.shape[0] != n:

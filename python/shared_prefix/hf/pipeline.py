@@ -28,7 +28,7 @@ import torch
 
 from .._logprobs import linear_logprobs
 from .._plan import Plan, plan as make_plan
-from .._refusals import UnsupportedModelError
+from .._refusals import UnsupportedModelError, window_cuts
 from . import lm_head
 from .lm_head import Head, HeadRequest, lm_head_refusal
 from .registry import NAME, PLAN_KWARG, attention_implementation, register
@@ -160,6 +160,9 @@ class PackedForward:
         else:  # this rank's slice, and the predictor rows inside it
             tokens, keep, targets = stream.inputs(), stream.keep, targets.index_select(0, stream.entries)
         self.head_request = HeadRequest(head, targets, float(temperature), bool(entropy), chunk_size)
+        # Every micro-batch has other lengths: a compiled model traces them as sizes, not constants.
+        for t in (*tokens.values(), keep, targets):
+            torch._dynamo.maybe_mark_dynamic(t, t.dim() - 1)
         return {**tokens, "logits_to_keep": keep, PLAN_KWARG: self}
 
     def run(self, call: Optional[Callable] = None, *, temperature: float, entropy: bool = False,
@@ -170,7 +173,7 @@ class PackedForward:
         :meth:`aux_loss`."""
         extra = {"output_router_logits": True} if router_logits else {}
         inputs = self.inputs(temperature, entropy=entropy, chunk_size=chunk_size, head=head)
-        with attention_implementation(self.model, NAME):
+        with attention_implementation(self.model, NAME), _counting_under_checkpoint():
             out = (self.model if call is None else call)(**inputs, use_cache=False, **extra)
         if router_logits:
             self.router_logits = out.router_logits
@@ -221,11 +224,19 @@ class PackedForward:
                 "rows logits_to_keep selects")
 
 
+def _counting_under_checkpoint():
+    """Let a compiled forward keep the layers' reports (``count_layer``, ``refuse``) inside activation-checkpointed
+    layers, which dynamo otherwise refuses as side effects of the checkpoint (a graph break per layer). Eager
+    checkpointing repeats them in backward's recompute, after :meth:`PackedForward.check` has read them; compiled
+    ones skip that repeat, which nothing reads."""
+    return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+
+
 def _check_reused(plan, windows, prompt_ids, completion_ids) -> None:
     """A plan handed to ``prepare`` must have been made for tensors of these shapes and for these windows."""
     if not isinstance(plan, Plan):
         raise TypeError(f"plan: expected a shared_prefix.Plan, got {type(plan).__name__}")
-    if plan.windows != [w for w in sorted(set(windows)) if w < plan.max_seqlen]:
+    if any(w not in plan.windows and window_cuts(w, plan) for w in windows):
         raise ValueError("plan: not a plan made for this model's sliding windows")
     if plan.input_shapes != (tuple(prompt_ids.shape), tuple(completion_ids.shape)):
         raise ValueError(f"plan: made for prompts and completions of shapes {plan.input_shapes}, not "

@@ -93,8 +93,7 @@ def _planned_attention(module, query, key, value, planned: Any, scaling, dropout
         raise ValueError(
             f"{PLAN_KWARG}: the model must run on the packed stream [1, T] (plan.input_ids), got batch {query.shape[0]}"
         )
-    window = layer_window(module, p, kwargs)
-    window = window if window in p.windows else None  # only after a deferred refusal: the result is dropped
+    window = None if why is not None else layer_window(module, kwargs)  # refused: the result is dropped
 
     def run(q, k, v, sinks):
         try:

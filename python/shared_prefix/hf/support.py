@@ -99,7 +99,7 @@ def unsupported_for(model: torch.nn.Module, p: Plan, stock_seq_len: Optional[int
     if why is not None:
         return why
     for window in config_windows(cfg):
-        if window < p.max_seqlen and window not in p.windows:
+        if window not in p.windows and window_cuts(window, p):
             return missing_window(window, p)
     chunk = getattr(cfg, "attention_chunk_size", None)
     if isinstance(chunk, int) and chunk < p.max_seqlen:
@@ -152,11 +152,11 @@ def _rope_refusal(cfg, p: Plan, stock_seq_len: Optional[int]) -> Optional[str]:
     return None
 
 
-def layer_window(module: torch.nn.Module, p: Plan, kwargs: dict) -> Optional[int]:
-    """The sliding window this attention call applies (a ``sliding_window`` keyword, else the module's attribute),
-    if it cuts some row of ``p``; None otherwise."""
+def layer_window(module: torch.nn.Module, kwargs: dict) -> Optional[int]:
+    """The sliding window this attention call applies (a ``sliding_window`` keyword, else the module's attribute):
+    an int, or None. The attention op ignores one that cuts no row."""
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-    return window if window_cuts(window, p) else None
+    return window if isinstance(window, int) and not isinstance(window, bool) else None
 
 
 def layer_refusal(module: Optional[torch.nn.Module], p: Plan, dropout: float,
@@ -164,7 +164,7 @@ def layer_refusal(module: Optional[torch.nn.Module], p: Plan, dropout: float,
     """Why this attention layer cannot take the plan exactly, with the window, softcap and dropout it actually
     applies, and whether the reason is this forward (its micro-batch's lengths, the model's mode) rather than the
     model as configured."""
-    why, per_batch = attention_refusal(p, window=layer_window(module, p, kwargs))
+    why, per_batch = attention_refusal(p, window=layer_window(module, kwargs))
     if why is not None:
         return why, per_batch
     if "sliding_window" not in kwargs and not hasattr(module, "sliding_window"):
