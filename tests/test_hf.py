@@ -261,7 +261,7 @@ class TestUnsupported:
         real = registry.attention
 
         def no_local(*args, window=None, **kw):
-            if window is not None:
+            if window is not None and window < args[3].max_seqlen:  # FA2 is reached for windows that cut
                 raise RuntimeError("This flash attention build does not support local attention.")
             return real(*args, **kw)
 

@@ -531,3 +531,32 @@ def test_trl_refuses_sequence_parallelism_before_our_trainers_run(tmp_path, kind
 
     with pytest.raises(ValueError, match="does not support sequence-dim parallelism"):
         config(tmp_path, getattr(trl, kind), parallelism_config=ParallelismConfig(**sizes))
+
+
+def test_torch_compile_trains_with_sharing_equal_to_stock(tmp_path):
+    """TRL's ``torch_compile=True`` (its default backend, inductor) compiles the model each trainer runs: ours
+    shares prefixes on every batch with shared-prefix attention inside the compiled graphs, breaks them only where
+    the stock trainer breaks too (TRL's own chunked log-prob head), and trains as it does."""
+    from torch._dynamo.utils import counters
+
+    runs = []
+    for cls, sub in ((trl.GRPOTrainer, "stock"), (SharedPrefixGRPOTrainer, "ours")):
+        torch._dynamo.reset()
+        counters.clear()
+        path = tmp_path / sub / "model"
+        model().save_pretrained(path)
+        t = cls(model=str(path), reward_funcs=reward_len, args=config(tmp_path / sub, torch_compile=True),
+                train_dataset=dataset(), processing_class=tokenizer())
+        t.train()
+        assert counters["stats"]["unique_graphs"] >= 1  # the compiled model ran
+        runs.append((torch.cat([p.detach().reshape(-1) for p in t.model.parameters()]),
+                     [h["loss"] for h in t.state.log_history if "loss" in h], t.state.log_history,
+                     dict(counters["graph_break"])))
+    (p_s, l_s, _, breaks_s), (p_o, l_o, hist, breaks_o) = runs
+    # Every break is one the stock trainer has too (TRL's head; ours traces it under more grad modes).
+    first_lines = [{why.splitlines()[0] for why in breaks} for breaks in (breaks_o, breaks_s)]
+    assert first_lines[0] <= first_lines[1], first_lines
+    assert ((p_o - p_s).norm() / p_s.norm()).item() <= 1e-5
+    assert len(l_o) == len(l_s) == 3 and all(abs(a - b) <= 1e-5 * max(1.0, abs(b)) for a, b in zip(l_o, l_s))
+    saved = [h[METRIC] for h in hist if METRIC in h]
+    assert len(saved) == 3 and all(s > 0 for s in saved)
