@@ -3,6 +3,7 @@ graph break in attention, results equal to eager and to each row run alone, one 
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
@@ -88,8 +89,6 @@ def test_a_plan_lives_while_autograd_holds_its_handle():
     copy = handle.clone()
     out, _ = FORWARD(*args)
     del args, handle  # the only other reference is autograd's saved one
-    import gc
-
     gc.collect()
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()

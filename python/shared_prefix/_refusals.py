@@ -32,6 +32,12 @@ def window_cuts(window: Any, plan: Plan) -> bool:
     return window < plan.max_seqlen
 
 
+def lacks_window_tables(window: Any, plan: Plan) -> bool:
+    """Whether ``window`` cuts some row of ``plan`` and the plan holds no key tables for it. The planner gives every
+    window it was made for that cuts a row its tables, so only the others are looked at."""
+    return window not in plan.made_for_windows and window_cuts(window, plan)
+
+
 def missing_window(window: int, plan: Plan) -> str:
     return (f"sliding_window={window} is shorter than the longest sequence ({plan.max_seqlen} tokens) and the plan "
             f"was made without it (shared_prefix.plan(..., windows=[{window}]))")
@@ -42,8 +48,7 @@ def attention_refusal(plan: Plan, *, window: Any = None, softcap: Any = None,
     """Why one attention call with these settings cannot take ``plan`` exactly (None if it can), and whether the
     reason belongs to this forward (the micro-batch's lengths; dropout, which train mode applies and eval mode
     does not) rather than to the model."""
-    # The planner gives every window it was made for that cuts a row its key tables.
-    if window not in plan.made_for_windows and window_cuts(window, plan):
+    if lacks_window_tables(window, plan):
         return missing_window(window, plan), True
     if softcap is not None:
         return "attention logit softcapping is not supported", False

@@ -104,8 +104,8 @@ def _arm(model, args, kwargs):
 
 def _disarm(model, args, output):
     state = getattr(model, _STATE)
-    head, own = state.head, state.own
     if state.forward is not None:
+        head, own = state.head, state.own
         state.forward, state.head, state.own = None, None, _MISSING
         if own is _MISSING:
             del head.forward

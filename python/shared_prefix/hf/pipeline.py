@@ -28,7 +28,7 @@ import torch
 
 from .._logprobs import linear_logprobs
 from .._plan import Plan, plan as make_plan
-from .._refusals import UnsupportedModelError, window_cuts
+from .._refusals import UnsupportedModelError, lacks_window_tables
 from . import lm_head
 from .lm_head import Head, HeadRequest, lm_head_refusal
 from .registry import NAME, PLAN_KWARG, attention_implementation, register
@@ -236,7 +236,7 @@ def _check_reused(plan, windows, prompt_ids, completion_ids) -> None:
     """A plan handed to ``prepare`` must have been made for tensors of these shapes and for these windows."""
     if not isinstance(plan, Plan):
         raise TypeError(f"plan: expected a shared_prefix.Plan, got {type(plan).__name__}")
-    if any(w not in plan.windows and window_cuts(w, plan) for w in windows):
+    if any(lacks_window_tables(w, plan) for w in windows):
         raise ValueError("plan: not a plan made for this model's sliding windows")
     if plan.input_shapes != (tuple(prompt_ids.shape), tuple(completion_ids.shape)):
         raise ValueError(f"plan: made for prompts and completions of shapes {plan.input_shapes}, not "

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from .._plan import Plan
-from .._refusals import attention_refusal, missing_window, window_cuts
+from .._refusals import attention_refusal, lacks_window_tables, missing_window, window_cuts
 
 _SOFTCAPS = ("final_logit_softcapping", "attn_logit_softcapping")
 # Logit multipliers and divisors: Granite/MiniCPM3 `logits_scaling`, Cohere `logit_scale`, Falcon-H1 and others.
@@ -99,7 +99,7 @@ def unsupported_for(model: torch.nn.Module, p: Plan, stock_seq_len: Optional[int
     if why is not None:
         return why
     for window in config_windows(cfg):
-        if window not in p.windows and window_cuts(window, p):
+        if lacks_window_tables(window, p):
             return missing_window(window, p)
     chunk = getattr(cfg, "attention_chunk_size", None)
     if isinstance(chunk, int) and chunk < p.max_seqlen:
