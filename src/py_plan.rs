@@ -25,29 +25,36 @@ pub fn resolve(plan: &Tensor) -> PyResult<Arc<DevicePlan>> {
 fn on_device<'py>(py: Python<'py>, mut host: planner::Plan, device: Device, windows: &[usize], extra: &[&[i64]])
     -> PyResult<(PyTensor, Bound<'py, PyDict>, Vec<Tensor>)> {
     let scored_tail = host.scored_tail();
+    // Packing per-token inputs: where the prompts' tokens lead the stream, two gathers (prompt rows, completion
+    // rows) and a concatenation, else one gather from both.
+    let src = std::mem::take(&mut host.src_index);
+    let from_prompts = (host.rows * host.prompt_width) as i64;
+    let prompt_tokens = src.iter().filter(|&&s| s < from_prompts).count();
+    let gathers = if src[..prompt_tokens].iter().all(|&s| s < from_prompts) {
+        vec![src[..prompt_tokens].to_vec(), src[prompt_tokens..].iter().map(|&s| s - from_prompts).collect()]
+    } else {
+        vec![src]
+    };
     // The per-token maps only Python uses move out of the plan the layers keep.
-    const MAPS: [&str; 6] = ["src_index", "position_ids", "scored", "predictor", "completion_flat", "entry_scored"];
+    const MAPS: [&str; 5] = ["position_ids", "scored", "predictor", "completion_flat", "entry_scored"];
     let maps = [
-        std::mem::take(&mut host.src_index),
         std::mem::take(&mut host.position_ids),
         std::mem::take(&mut host.scored),
         std::mem::take(&mut host.predictor),
         std::mem::take(&mut host.completion_flat),
         std::mem::take(&mut host.entry_scored),
     ];
-    let all: Vec<&[i64]> = maps.iter().map(Vec::as_slice).chain(extra.iter().copied()).collect();
+    let all: Vec<&[i64]> =
+        gathers.iter().chain(maps.iter()).map(Vec::as_slice).chain(extra.iter().copied()).collect();
     let info = PyDict::new(py);
     let h = &host;
     info.set_item("rows", h.rows)?;
     info.set_item("prompt_width", h.prompt_width)?;
     info.set_item("completion_width", h.completion_width)?;
-    // Tokens from completions (all of them scored), and whether the prompts' tokens lead the stream (then packing
-    // per-token inputs is two gathers and a concatenation).
-    let from_prompts = h.rows * h.prompt_width;
-    let prompt_tokens = maps[0].iter().filter(|&&s| (s as usize) < from_prompts).count();
+    info.set_item("num_tokens", h.num_tokens())?;
+    // Packed tokens from the prompts, and from the completions (every one of them scored).
     info.set_item("prefix_tokens", prompt_tokens)?;
     info.set_item("completion_tokens", h.num_tokens() - prompt_tokens)?;
-    info.set_item("prompts_first", maps[0][..prompt_tokens].iter().all(|&s| (s as usize) < from_prompts))?;
     info.set_item("scored_tail", scored_tail)?;
     info.set_item("levels", h.layout.levels())?;
     info.set_item("node_rows", h.node_rows.clone())?;
@@ -67,8 +74,10 @@ fn on_device<'py>(py: Python<'py>, mut host: planner::Plan, device: Device, wind
     made_for.sort_unstable();
     made_for.dedup();
     info.set_item("made_for_windows", made_for)?;
-    let rest = tensors.split_off(maps.len());
-    for (name, t) in MAPS.into_iter().zip(tensors) {
+    let rest = tensors.split_off(gathers.len() + maps.len());
+    let named = tensors.split_off(gathers.len());
+    info.set_item("src_gathers", tensors.into_iter().map(PyTensor).collect::<Vec<_>>())?;
+    for (name, t) in MAPS.into_iter().zip(named) {
         info.set_item(name, PyTensor(t))?;
     }
     Ok((PyTensor(handle::publish(plan).map_err(torch_err)?), info, rest))

@@ -123,18 +123,14 @@ class Plan:
         put("_rows", info["rows"])
         put("_lp", info["prompt_width"])
         put("_lc", info["completion_width"])
-        for name in ("stock_tokens", "by_prompt_tokens", "prefix_tokens", "completion_tokens", "max_seqlen",
-                     "min_seqlen", "levels"):
+        for name in ("num_tokens", "stock_tokens", "by_prompt_tokens", "prefix_tokens", "completion_tokens",
+                     "max_seqlen", "min_seqlen", "levels"):
             put(name, info[name])
-        put("num_tokens", self.prefix_tokens + self.completion_tokens)
         for name in ("windows", "made_for_windows", "group_sizes", "row_group", "node_rows", "node_tokens",
                      "node_parent"):
             put("_" + name, tuple(info[name]))
-        src = info["src_index"]
-        if info["prompts_first"]:  # two gathers and a concatenation
-            put("_src", (src[: self.prefix_tokens], src[self.prefix_tokens:] - self._rows * self._lp))
-        else:  # one gather from both
-            put("_src", (src,))
+        # Packing: (prompt rows, completion rows) to gather and concatenate, or one gather from both.
+        put("_src", tuple(info["src_gathers"]))
         put("_scored", info["scored"])
         put("_scored_tail", info["scored_tail"])
         put("_predictor", info["predictor"])
