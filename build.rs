@@ -1,4 +1,5 @@
-//! Compiles the C++ shim (csrc/shim.cpp) against the headers of the torch installed for the building Python, and
+//! Compiles the C++ sources (csrc/: the shim and the torch ops) against the headers of the torch installed for the
+//! building Python, and
 //! records that torch's version (`SP_TORCH_VERSION`) for the extension to report.
 use std::path::PathBuf;
 use std::process::Command;
@@ -9,19 +10,20 @@ fn python() -> String {
     })
 }
 
-/// `csrc/shim.cpp` of the repository: the build script serves every manifest of the extension (one per tch line),
-/// so it is found from the manifest's directory upwards.
-fn shim() -> PathBuf {
+/// The C++ sources of the repository's `csrc/`: the build script serves every manifest of the extension (one per
+/// tch line), so the directory is found from the manifest's directory upwards.
+fn sources() -> Vec<PathBuf> {
     let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    dir.ancestors()
-        .map(|d| d.join("csrc/shim.cpp"))
-        .find(|p| p.exists())
-        .expect("csrc/shim.cpp above the manifest")
+    let csrc = dir.ancestors().map(|d| d.join("csrc")).find(|p| p.join("shim.cpp").exists());
+    let csrc = csrc.expect("csrc/ above the manifest");
+    ["shim.cpp", "ops.cpp", "guarded.h"].iter().map(|f| csrc.join(f)).collect()
 }
 
 fn main() {
-    let shim = shim();
-    println!("cargo:rerun-if-changed={}", shim.display());
+    let sources = sources();
+    for f in &sources {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
     println!("cargo:rerun-if-env-changed=PYTHON_SYS_EXECUTABLE");
     println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
     let py = python();
@@ -42,7 +44,8 @@ fn main() {
     let abi = lines.next().expect("cxx11 abi flag");
     let mut build = cc::Build::new();
     // C++20: torch 2.14's headers require it, and the shim compiles under it against every supported torch.
-    build.cpp(true).file(&shim).std("c++20").define("_GLIBCXX_USE_CXX11_ABI", abi).warnings(false);
+    let units = sources.iter().filter(|f| f.extension().is_some_and(|e| e == "cpp"));
+    build.cpp(true).files(units).std("c++20").define("_GLIBCXX_USE_CXX11_ABI", abi).warnings(false);
     for inc in lines.filter(|l| !l.is_empty()) {
         build.include(inc);
     }

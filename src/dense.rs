@@ -3,6 +3,7 @@
 //! the packed tensors, with no gather and no padding unless the call's tuning asks for tail padding.
 
 use crate::seam::{Kernels, Result, Saved, Segments};
+use crate::shim;
 use planner::Run;
 use tch::Tensor;
 
@@ -22,20 +23,21 @@ pub trait Dense: Sync {
 
 pub struct Runs<D: Dense>(pub D);
 
-/// `[count * len, H, D]` rows starting at `start` → `[count, H, len, D]` view (two dispatched ops: each one is
-/// host time on every call).
+/// `[count * len, H, D]` rows starting at `start` → `[count, H, len, D]` view (one dispatched op: each one is host
+/// time on every call).
 fn batched(x: &Tensor, start: usize, count: usize, len: usize) -> Result<Tensor> {
     let st = x.stride();
     let (count, len) = (count as i64, len as i64);
-    x.f_narrow(0, start as i64, count * len)?.f_as_strided([count, x.size()[1], len, x.size()[2]],
-                                                             [len * st[0], st[1], st[0], st[2]], None)
+    let offset = shim::storage_offset(x) + start as i64 * st[0];
+    x.f_as_strided([count, x.size()[1], len, x.size()[2]], [len * st[0], st[1], st[0], st[2]], offset)
 }
 
 /// `[count * len, H]` log-sum-exp rows → `[count, H, len]` view.
 fn batched_lse(x: &Tensor, start: usize, count: usize, len: usize) -> Result<Tensor> {
     let st = x.stride();
     let (count, len) = (count as i64, len as i64);
-    x.f_narrow(0, start as i64, count * len)?.f_as_strided([count, x.size()[1], len], [len * st[0], st[1], st[0]], None)
+    let offset = shim::storage_offset(x) + start as i64 * st[0];
+    x.f_as_strided([count, x.size()[1], len], [len * st[0], st[1], st[0]], offset)
 }
 
 /// The length a causal self-attention run is padded to (`Segments::padding`), so that runs of nearby lengths share

@@ -470,16 +470,17 @@ def test_autocast_casts_operands_like_sdpa(kernels):
 
 
 def test_double_backward_refused():
-    """create_graph=True would need the kernels' backward to be differentiable: refused, not silently first-order."""
+    """The kernels' backward is not differentiable: gradients taken with create_graph=True are the first-order
+    ones, and differentiating them again is refused, never silently missing its second-order terms."""
     pid = torch.tensor([[1, 2, 3], [1, 2, 3]])
     cid = torch.tensor([[4, 5], [6, 7]])
     plan = sp.plan(pid, torch.ones_like(pid), cid, torch.ones_like(cid))
     q = torch.randn(plan.num_tokens, 2, 8, dtype=torch.float64, requires_grad=True)
-    out = sp.attention(q, q, q, plan)
+    (first,) = torch.autograd.grad(sp.attention(q, q, q, plan).sum(), [q])
+    (g,) = torch.autograd.grad(sp.attention(q, q, q, plan).sum(), [q], create_graph=True)
+    assert torch.equal(g, first) and g.requires_grad
     with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(out.sum(), [q], create_graph=True)
-    (g,) = torch.autograd.grad(sp.attention(q, q, q, plan).sum(), [q])  # first order is fine
-    assert torch.isfinite(g).all()
+        torch.autograd.grad(g.pow(2).sum(), [q])
 
 
 class TestBadInputs:
@@ -610,6 +611,10 @@ def test_bad_dtype_and_scale():
         sp.attention(q[..., :0], q[..., :0], q[..., :0], plan, scale=0.5)  # D = 0, scale given
     with pytest.raises(ValueError, match="q: expected at least one head"):
         sp.attention(q[:, :0], q[:, :1], q[:, :1], plan)  # Hq = 0
+    with pytest.raises(ValueError, match="sinks: expected a float \\[Hq\\] tensor"):
+        sp.attention(q, q, q, plan, sinks=torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="sinks: expected a tensor or None"):
+        sp.attention(q, q, q, plan, sinks=[0.0, 0.0])
 
 
 def test_layouts_and_devices_other_than_dense_cpu_cuda_are_refused():

@@ -81,6 +81,40 @@ def test_fake_outputs_are_the_kernels(case):
         assert [(t.shape, t.dtype, t.stride()) for t in fake] == [(t.shape, t.dtype, t.stride()) for t in real]
 
 
+def test_the_ops_check_their_inputs_naming_the_argument():
+    """The ops' kernels are the one home of the value checks: called directly (as a compiled graph or another
+    library would), bad values get the Python exception that names the argument."""
+    q, k, v, handle, scale, _, _, sinks = (a.detach() if isinstance(a, torch.Tensor) else a
+                                           for a in op_inputs(torch.float64, sinks=True))
+    out, lse = FORWARD(q, k, v, handle, scale, None, None, sinks)
+    cases = [
+        (ValueError, "q: expected a packed", (q[0], k, v, handle, scale, None, None, None)),
+        (ValueError, "q: has 3 tokens", (q[:3], k, v, handle, scale, None, None, None)),
+        (TypeError, "k: dtype", (q, k.float(), v, handle, scale, None, None, None)),
+        (TypeError, "v: expected float16, bfloat16, float32 or float64", (q, k, v.long(), handle, scale, None,
+                                                                         None, None)),
+        (ValueError, "k: 3 key/value heads", (q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1), handle,
+                                              scale, None, None, None)),
+        (ValueError, "scale: must be a finite positive number", (q, k, v, handle, -1.0, None, None, None)),
+        (ValueError, "scale: must be a finite positive number", (q, k, v, handle, float("nan"), None, None, None)),
+        (ValueError, "window: expected a positive int", (q, k, v, handle, scale, None, 0, None)),
+        (ValueError, "window: the plan holds no key tables for a sliding window of 2", (q, k, v, handle, scale,
+                                                                                        None, 2, None)),
+        (ValueError, "sinks: expected a float \\[Hq\\] tensor", (q, k, v, handle, scale, None, None, sinks[:2])),
+        (ValueError, "sinks: expected a float \\[Hq\\] tensor", (q, k, v, handle, scale, None, None, sinks.long())),
+        (ValueError, "kernels: \"nope\"", (q, k, v, handle, scale, "nope", None, None)),
+    ]
+    for error, match, args in cases:
+        with pytest.raises(error, match=match):
+            FORWARD(*args)
+    with pytest.raises(ValueError, match="lse: expected a float"):
+        BACKWARD(out, q, k, v, out, lse[:, :1], handle, scale, None, None, sinks)
+    with pytest.raises(ValueError, match="dout: expected q's shape"):
+        BACKWARD(out[:, :1], q, k, v, out, lse, handle, scale, None, None, sinks)
+    with pytest.raises(ValueError, match="out: expected q's shape"):
+        BACKWARD(out, q, k, v, out.float(), lse, handle, scale, None, None, sinks)
+
+
 def test_a_plan_lives_while_autograd_holds_its_handle():
     """The handle's storage owns the plan: backward after the plan object is gone still finds it; a tensor that
     merely copies a handle's value is refused once the plan is freed (never a dangling plan)."""

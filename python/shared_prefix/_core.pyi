@@ -1,6 +1,8 @@
 """Type stubs for the Rust extension ``shared_prefix._core`` (import torch before it). The fields of a plan are
 declared and documented once, on :class:`shared_prefix.Plan`; ``make_plan`` hands them over as a dict. A plan
-crosses as its handle (``Plan.handle``: one int64 CPU tensor whose storage owns the Rust plan).
+crosses as its handle (``Plan.handle``: one int64 CPU tensor whose storage owns the Rust plan). Importing the
+module defines the torch ops ``torch.ops.shared_prefix.attention_forward`` / ``attention_backward``
+(:mod:`shared_prefix._ops`).
 ``tests/test_core_stub.py`` fails when these names or parameters differ from the built extension's."""
 
 from typing import Any, Hashable, Optional, Sequence, Tuple, Union
@@ -32,28 +34,6 @@ def make_compat_plan(
     max_suffix)."""
 def mask_positions(mask: torch.Tensor) -> torch.Tensor:
     """Flat row-major positions of a mask's true entries, on the mask's device."""
-def attention_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    plan: torch.Tensor,
-    scale: float,
-    kernels: Optional[str] = None,
-    window: Optional[int] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out [T, Hq, D], lse [T, Hq] fp32, or fp64 for fp64 inputs)."""
-def attention_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    plan: torch.Tensor,
-    scale: float,
-    kernels: Optional[str] = None,
-    window: Optional[int] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def auto_kernels(plan: torch.Tensor) -> list[Tuple[str, str]]:
     """(call, "cudnn" | "flash") for each full-attention call under the CUDA fp16/bf16 default, in order."""
 
