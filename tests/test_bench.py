@@ -47,6 +47,8 @@ def test_bench_writes_results(tmp_path):
     host = by[("48x6x3x2", "shared_prefix")]["host"]
     assert host["tokens"] == 2 * (4 + 3 * 2) and host["levels"] == 2
     assert host["ours_ops"] > host["sdpa_ops"] >= 2 and host["ours_us"] > 0 and host["sdpa_us"] > 0
+    # CPU flash: one forward and one backward call for SDPA; ours per call of the plan (prefix, cross, completions).
+    assert (host["ours_kernels"], host["sdpa_kernels"]) == (6, 2)
     assert "Host cost per attention forward+backward" in table and "| 48x6x3x2 | 20 | 2 |" in table
 
 

@@ -21,14 +21,27 @@ TINY_PROMPT, TINY_COMPLETION = 4, 2
 REPEATS = 50
 
 
-def dispatched_ops(fn) -> int:
+def _is_kernel(e) -> bool:
+    # An attention kernel's ATen entry (CPU flash, FA2, cuDNN, memory-efficient), not SDPA's dispatching wrapper.
+    return e.name.startswith("aten::_") and "attention" in e.name
+
+
+def dispatched_ops(fn) -> tuple[int, int]:
     """ATen ops ``fn`` dispatches from outside ATen (ops they call internally not counted), autograd's included;
-    views (narrow, transpose, reshape) count too: each is a dispatch the host pays for."""
+    views (narrow, transpose, reshape) count too: each is a dispatch the host pays for. And of those, the attention
+    kernel calls (forward and backward; the outermost where one kernel's entry calls another's)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    events = prof.events()
-    return sum(1 for e in events if e.name.startswith("aten::")
-               and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+    ops = kernels = 0
+    for e in prof.events():
+        parent = e.cpu_parent
+        if e.name.startswith("aten::") and not (parent is not None and parent.name.startswith("aten::")):
+            ops += 1
+        if _is_kernel(e):
+            while parent is not None and not _is_kernel(parent):
+                parent = parent.cpu_parent
+            kernels += parent is None
+    return ops, kernels
 
 
 def host_seconds(fn, device: torch.device) -> float:
@@ -46,8 +59,8 @@ def host_seconds(fn, device: torch.device) -> float:
 
 
 def host_cost(model, cfg, device: torch.device, system: int = 0, branches: int = 0) -> dict:
-    """Ops and µs per attention forward+backward: ours on the config's structure at tiny lengths, and one SDPA
-    causal call over as many tokens, with the model's heads, head dim and dtype."""
+    """Ops, attention kernel calls and µs per attention forward+backward: ours on the config's structure at tiny
+    lengths, and one SDPA causal call over as many tokens, with the model's heads, head dim and dtype."""
     _, _, g, b = cfg
     c = model.config
     hq, hkv = c.num_attention_heads, c.num_key_value_heads
@@ -75,7 +88,7 @@ def host_cost(model, cfg, device: torch.device, system: int = 0, branches: int =
 
     result = dict(tokens=t, levels=plan.levels)
     for name, fn in (("ours", ours), ("sdpa", sdpa)):
-        result[f"{name}_ops"] = dispatched_ops(fn)
+        result[f"{name}_ops"], result[f"{name}_kernels"] = dispatched_ops(fn)
         result[f"{name}_us"] = host_seconds(fn, device) * 1e6
     result["us_ratio"] = result["ours_us"] / result["sdpa_us"]
     return result
