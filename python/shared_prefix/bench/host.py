@@ -18,7 +18,7 @@ from shared_prefix.bench.variants import make_batch
 # Tiny lengths: the config's structure (G, B, system prompt, branches) at these prompt and completion lengths, every
 # shared run a node of the prefix tree.
 TINY_PROMPT, TINY_COMPLETION = 4, 2
-REPEATS = 50
+REPEATS = 200
 
 
 def _is_kernel(e) -> bool:
@@ -44,18 +44,21 @@ def dispatched_ops(fn) -> tuple[int, int]:
     return ops, kernels
 
 
-def host_seconds(fn, device: torch.device) -> float:
-    """Median wall time of ``fn`` (synchronized), after warm-up."""
-    for _ in range(3):
-        fn()
+def host_seconds(fns: dict, device: torch.device) -> dict:
+    """Median wall time of each of ``fns`` (synchronized), after warm-up, their calls interleaved so that a slow
+    stretch of the machine weighs on all of them alike."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
     synchronize(device)
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def host_cost(model, cfg, device: torch.device, system: int = 0, branches: int = 0) -> dict:
@@ -87,8 +90,10 @@ def host_cost(model, cfg, device: torch.device, system: int = 0, branches: int =
         torch.autograd.backward(out, dsdpa)
 
     result = dict(tokens=t, levels=plan.levels)
-    for name, fn in (("ours", ours), ("sdpa", sdpa)):
+    fns = {"ours": ours, "sdpa": sdpa}
+    for name, fn in fns.items():
         result[f"{name}_ops"], result[f"{name}_kernels"] = dispatched_ops(fn)
-        result[f"{name}_us"] = host_seconds(fn, device) * 1e6
+    for name, seconds in host_seconds(fns, device).items():
+        result[f"{name}_us"] = seconds * 1e6
     result["us_ratio"] = result["ours_us"] / result["sdpa_us"]
     return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared_prefix.bench.host import TINY_COMPLETION, TINY_PROMPT
+from shared_prefix.bench.host import REPEATS, TINY_COMPLETION, TINY_PROMPT
 from shared_prefix.bench.variants import TREE_PROXIES, VARY_STEP
 
 # The table's note for the limit proxies (their log-probs are wrong by design).
@@ -81,8 +81,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     if hosts:
         lines += ["", f"Host cost per attention forward+backward at tiny lengths (P = {TINY_PROMPT}, doubled with a "
                   f"system prompt; S = {TINY_COMPLETION}; the config's G and B): ATen ops dispatched, attention "
-                  "kernel calls (forward and backward) and median µs, ours against one SDPA causal call over the "
-                  "same packed tokens.", "",
+                  f"kernel calls (forward and backward) and the median µs of {REPEATS} calls, ours against one SDPA "
+                  "causal call over the same packed tokens, their calls interleaved.", "",
                   "| config PxSxGxB | tokens | levels | ours ops | SDPA ops | ours kernels | SDPA kernels | ours µs | "
                   "SDPA µs | µs ratio |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
