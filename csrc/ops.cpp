@@ -31,7 +31,8 @@ struct sp_op_args {
   int64_t window;
 };
 
-// Writes owned at::Tensor pointers into `results`, or returns an error message and its kind.
+// Writes owned at::Tensor pointers into `results`, or returns an error message and its kind (1 TypeError,
+// 2 ValueError, 3 NotImplementedError, else RuntimeError: src/shim.rs's TYPE_ERROR etc.).
 typedef const char* (*sp_op_kernel)(const sp_op_args* args, at::Tensor** results, int32_t* kind);
 
 namespace {

@@ -1,6 +1,6 @@
-//! The kernels of the torch ops `shared_prefix::attention_forward` and `shared_prefix::attention_backward`: the
-//! shim (`csrc/shim.cpp`) defines the ops, registers their CPU and CUDA kernels and their autograd, and its kernels
-//! call `forward` and `backward` here through the C ABI (`shim::OpArgs`). Every input is checked here, each message
+//! The kernels of the torch ops `shared_prefix::attention_forward` and `shared_prefix::attention_backward`:
+//! `csrc/ops.cpp` defines the ops, registers their CPU and CUDA kernels and their autograd, and its kernels call
+//! `forward` and `backward` here through the C ABI (`shim::OpArgs`). Every input is checked here, each message
 //! naming its argument; the sinks' math is here too, so that every caller of the ops gets the same attention.
 
 use crate::device_plan::{device_name, DevicePlan};
@@ -145,22 +145,22 @@ fn check_window(p: &DevicePlan, window: Option<i64>) -> OpResult<Option<usize>> 
     }
 }
 
-/// The plan, the checked window and the kernels of a call on q/k/v.
-fn prepare(q: &Tensor, k: &Tensor, v: &Tensor, plan: &Tensor, o: &Options)
+/// The plan, the checked window and the kernels of a call on q/k/v (and sinks, checked too).
+fn prepare(q: &Tensor, k: &Tensor, v: &Tensor, plan: &Tensor, sinks: Option<&Tensor>, o: &Options)
     -> OpResult<(std::sync::Arc<DevicePlan>, Option<usize>, &'static dyn Kernels)> {
     let p = handle::resolve(plan).map_err(|e| value(format!("plan: {e}")))?;
     check_qkv(q, k, v, &p)?;
     check_scale(o.scale)?;
     let window = check_window(&p, o.window)?;
     let kern = policy::backend(q, o.kernels, window)?;
+    check_sinks(sinks, q)?;
     Ok((p, window, kern))
 }
 
 /// The op's forward: `(out [T, Hq, D], lse [T, Hq])`, both contiguous (as the ops' fake implementations say).
 pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, plan: &Tensor, sinks: Option<&Tensor>, o: &Options)
     -> OpResult<(Tensor, Tensor)> {
-    let (p, window, kern) = prepare(q, k, v, plan, o)?;
-    check_sinks(sinks, q)?;
+    let (p, window, kern) = prepare(q, k, v, plan, sinks, o)?;
     let (out, lse) = executor::forward(kern, &p, q, k, v, o.scale, window, policy::split_self_calls(kern, &p))?;
     let (out, lse) = match sinks {
         None => (out, lse),
@@ -179,8 +179,7 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, plan: &Tensor, sinks: Option<
 #[allow(clippy::too_many_arguments)]
 pub fn backward(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, plan: &Tensor,
                 sinks: Option<&Tensor>, o: &Options) -> OpResult<(Tensor, Tensor, Tensor, Tensor)> {
-    let (p, window, kern) = prepare(q, k, v, plan, o)?;
-    check_sinks(sinks, q)?;
+    let (p, window, kern) = prepare(q, k, v, plan, sinks, o)?;
     for (name, x) in [("dout", dout), ("out", out)] {
         if x.size() != q.size() || float_kind(x) != float_kind(q) || x.device() != q.device() {
             return Err(value(format!(

@@ -1,8 +1,8 @@
-//! The C ABI of the C++ shim (`csrc/shim.cpp`), both ways:
-//! - into C++: the ATen attention entry points tch does not bind, on `at::Tensor` pointers, and the handle tensor.
-//!   Errors come back as a message (a C++ exception never crosses into Rust);
-//! - into Rust: `register_ops` defines the torch ops and registers their kernels, which call `op_forward` and
-//!   `op_backward` here. Errors go back as a message and the kind of Python exception to raise (a Rust panic never
+//! The C ABI of the C++ sources, both ways:
+//! - into C++ (`csrc/shim.cpp`): the ATen attention entry points tch does not bind, on `at::Tensor` pointers, and
+//!   the handle tensor. Errors come back as a message (a C++ exception never crosses into Rust);
+//! - into Rust (`csrc/ops.cpp`): `register_ops` defines the torch ops and registers their kernels, which call
+//!   `op_forward` and `op_backward` here. Errors go back as a message and the kind of Python exception to raise (a Rust panic never
 //!   crosses into C++).
 
 use crate::op::{self, OpError, Options};
@@ -105,7 +105,8 @@ pub struct OpArgs {
     window: i64,
 }
 
-/// The kinds of error the shim raises as Python's TypeError, ValueError, NotImplementedError, RuntimeError.
+/// The kinds of error `csrc/ops.cpp` raises as Python's TypeError, ValueError, NotImplementedError, RuntimeError
+/// (its `run` switches on the same numbers).
 const TYPE_ERROR: i32 = 1;
 const VALUE_ERROR: i32 = 2;
 const NOT_IMPLEMENTED: i32 = 3;
